@@ -1,0 +1,62 @@
+"""The narrow bytes-level backend interface every KV store backend implements.
+
+Backends are synchronous and blocking; ``cache.store.KVStore`` runs them on worker threads so no
+store I/O ever runs on the event loop. A backend raises ``BackendUnavailable`` when it cannot
+answer (connection refused, timeout), which the store turns into a cache miss marked
+"unavailable" rather than an error.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend could not be reached or did not answer in time."""
+
+
+@dataclass
+class EntryInfo:
+    """Backend-side facts about one stored value."""
+
+    nbytes: int
+    last_used_at: float | None = None
+    expires_at: float | None = None
+
+
+class Backend(ABC):
+    """Stores opaque byte values under string keys, each value written atomically.
+
+    ``ttl`` is in seconds (``None`` = no expiry). Implementations own eviction within their byte
+    budget, least recently used first.
+    """
+
+    scheme: str = ""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The value, or None when absent or expired. Counts as a use for LRU."""
+
+    @abstractmethod
+    def set(self, key: str, value: bytes | bytearray | memoryview, ttl: float | None = None) -> None:
+        """Store ``value`` atomically: a reader sees the old value or the whole new one."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove the key; True when it existed."""
+
+    @abstractmethod
+    def info(self, key: str) -> EntryInfo | None:
+        """Size and usage facts without reading the value, or None when absent."""
+
+    @abstractmethod
+    def acquire(self, key: str, token: str, ttl: float) -> bool:
+        """Take the lease ``key`` for ``token`` unless someone holds it; it lapses after ``ttl``."""
+
+    @abstractmethod
+    def release(self, key: str, token: str) -> None:
+        """Give the lease back, only if ``token`` still holds it."""
+
+    def close(self) -> None:
+        """Release connections and file handles."""

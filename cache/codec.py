@@ -1,0 +1,200 @@
+"""KV record codec: one self-checking byte string per request_id.
+
+Layout (all integers little-endian)::
+
+    b"KVBR" | u16 version | u16 reserved | u32 header_len | header (JSON, zero-padded to 64 B)
+    | token ids (int32 × num_tokens) | pad to 64 B | per layer: keys bytes, values bytes
+    | u32 crc32 of everything before it
+
+Tensor bytes are raw (no pickle); decoding returns tensors that view the input buffer, so a load
+costs one checksum pass and no copy until the engine copies the rows into its batch.
+
+Invariant: the KV tensors hold the states of ``token_ids[:-1]``; the last token is the one the
+next decode step feeds, so a continuation computes no old token again.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+MAGIC = b"KVBR"
+VERSION = 1
+_PREFIX = struct.Struct("<4sHHI")
+_CRC = struct.Struct("<I")
+_ALIGN = 64
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class RecordError(ValueError):
+    """The bytes are not a valid record (truncated, corrupt, or another format version)."""
+
+
+@dataclass
+class KVRecord:
+    """The cached state of one request_id.
+
+    Attributes:
+        token_ids: the whole sequence so far (prompt + every generated token).
+        num_prompt_tokens: how many of ``token_ids`` came from the first prompt.
+        fingerprint: identity of the model (and dtype) that produced the tensors.
+        keys / values: per layer, ``[kv_heads, len(token_ids) - 1, head_dim]``.
+        created_at: unix time the request_id was first stored.
+    """
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+    fingerprint: str
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.token_ids) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def _pad(n: int) -> int:
+    return (-n) % _ALIGN
+
+
+def encode(record: KVRecord) -> bytearray:
+    """Serialize ``record`` into one buffer (single copy of the tensor bytes).
+
+    Raises:
+        RecordError: the tensors disagree with the token count or have an unsupported dtype.
+    """
+    n = len(record.token_ids)
+    if n < 1:
+        raise RecordError("a record needs at least one token")
+    if len(record.keys) != len(record.values) or not record.keys:
+        raise RecordError("keys and values must list the same, non-zero number of layers")
+    dtype = record.keys[0].dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    if dtype_name not in _DTYPES:
+        raise RecordError(f"unsupported dtype {dtype_name}")
+    shapes = []
+    for k, v in zip(record.keys, record.values):
+        if k.dim() != 3 or k.shape[1] != n - 1 or v.shape[1] != n - 1:
+            raise RecordError(f"layer shapes {tuple(k.shape)}/{tuple(v.shape)} do not hold {n - 1} tokens")
+        if k.dtype != dtype or v.dtype != dtype:
+            raise RecordError("all tensors of a record share one dtype")
+        shapes.append([list(k.shape), list(v.shape)])
+    header = json.dumps(
+        {
+            "fingerprint": record.fingerprint,
+            "num_tokens": n,
+            "num_prompt_tokens": record.num_prompt_tokens,
+            "dtype": dtype_name,
+            "shapes": shapes,
+            "created_at": record.created_at,
+        },
+        separators=(",", ":"),
+    ).encode()
+    header += b" " * _pad(_PREFIX.size + len(header))
+    tok_bytes = 4 * n
+    tensors = [t for pair in zip(record.keys, record.values) for t in pair]
+    body = sum(t.numel() * t.element_size() for t in tensors)
+    total = _PREFIX.size + len(header) + tok_bytes + _pad(tok_bytes) + body + _CRC.size
+    buf = bytearray(total)
+    _PREFIX.pack_into(buf, 0, MAGIC, VERSION, 0, len(header))
+    off = _PREFIX.size
+    buf[off : off + len(header)] = header
+    off += len(header)
+    torch.frombuffer(buf, dtype=torch.int32, count=n, offset=off).copy_(
+        torch.as_tensor(record.token_ids, dtype=torch.int32)
+    )
+    off += tok_bytes + _pad(tok_bytes)
+    for t in tensors:
+        nb = t.numel() * t.element_size()
+        if nb:
+            dst = torch.frombuffer(buf, dtype=torch.uint8, count=nb, offset=off)
+            dst.view(t.dtype).view(t.shape).copy_(t)
+        off += nb
+    _CRC.pack_into(buf, off, zlib.crc32(memoryview(buf)[:off]))
+    return buf
+
+
+def read_header(data: bytes | bytearray | memoryview) -> dict:
+    """Parse just the JSON header (no checksum pass): for metadata listings.
+
+    Raises:
+        RecordError: not a record of this version.
+    """
+    mv = memoryview(data)
+    if len(mv) < _PREFIX.size + _CRC.size:
+        raise RecordError("record truncated")
+    magic, version, _, hlen = _PREFIX.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise RecordError("not a kvbento record")
+    if version != VERSION:
+        raise RecordError(f"record format version {version}, expected {VERSION}")
+    if _PREFIX.size + hlen > len(mv):
+        raise RecordError("record truncated")
+    try:
+        return json.loads(bytes(mv[_PREFIX.size : _PREFIX.size + hlen]))
+    except ValueError as exc:
+        raise RecordError(f"record header unreadable: {exc}") from None
+
+
+def decode(data: bytes | bytearray | memoryview) -> KVRecord:
+    """Parse and verify a record. Returned tensors view ``data``: keep it alive, do not mutate it.
+
+    Raises:
+        RecordError: truncated, corrupt (checksum), wrong version or inconsistent shapes.
+    """
+    mv = memoryview(data)
+    header = read_header(mv)
+    end = len(mv) - _CRC.size
+    (crc,) = _CRC.unpack_from(mv, end)
+    if zlib.crc32(mv[:end]) != crc:
+        raise RecordError("record checksum mismatch")
+    try:
+        n = int(header["num_tokens"])
+        dtype = _DTYPES[header["dtype"]]
+        shapes = header["shapes"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"record header incomplete: {exc}") from None
+    off = _PREFIX.size + _PREFIX.unpack_from(mv, 0)[3]
+    with warnings.catch_warnings():
+        # frombuffer warns on read-only bytes; the tensors are only ever read (copied into the batch).
+        warnings.simplefilter("ignore", UserWarning)
+        token_ids = torch.frombuffer(mv, dtype=torch.int32, count=n, offset=off).tolist()
+        off += 4 * n + _pad(4 * n)
+        keys, values = [], []
+        esize = torch.empty((), dtype=dtype).element_size()
+        for kshape, vshape in shapes:
+            for shape, out in ((kshape, keys), (vshape, values)):
+                count = 1
+                for d in shape:
+                    count *= d
+                if off + count * esize > end:
+                    raise RecordError("record body truncated")
+                t = torch.frombuffer(mv, dtype=dtype, count=count, offset=off) if count else torch.empty(0, dtype=dtype)
+                out.append(t.view(shape))
+                off += count * esize
+    if off != end:
+        raise RecordError("record body has trailing bytes")
+    return KVRecord(
+        token_ids=token_ids,
+        num_prompt_tokens=int(header.get("num_prompt_tokens", 0)),
+        fingerprint=str(header.get("fingerprint", "")),
+        keys=keys,
+        values=values,
+        created_at=float(header.get("created_at", 0.0)),
+    )

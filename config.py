@@ -1,0 +1,98 @@
+"""The one place that reads configuration: ``KVBENTO_*`` environment variables and a ``.env`` file.
+
+Every field below is settable as ``KVBENTO_<FIELD>`` (upper case). Environment variables win over
+``.env``; ``.env`` wins over the defaults written here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent
+# The tiny default model is created deterministically by `python -m model.bundled` (make setup).
+DEFAULT_MODEL_DIR = ROOT / "var" / "models" / "kvbento-tiny"
+DEFAULT_CACHE_DIR = ROOT / "var" / "kvcache"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KVBENTO_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- model and device -------------------------------------------------------------------
+    # HF model directory or hub id; loaded with from_pretrained.
+    model: str = str(DEFAULT_MODEL_DIR)
+    # "auto" = cuda when available, else cpu.
+    device: str = "auto"
+    # "auto" = bfloat16 (or float16 without bf16 support) on CUDA, float32 on CPU.
+    dtype: str = "auto"
+    # Torch intra-op threads on CPU; 0 = torch's default (one per core).
+    num_threads: int = Field(default=0, ge=0)
+
+    # --- engine -----------------------------------------------------------------------------
+    # Sequences decoded together in one step (the running batch).
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    # Requests allowed to wait beyond the running batch; past it new requests get 429.
+    max_queue: int = Field(default=64, ge=0)
+    # Prompt tokens prefilled per engine step, so long prompts do not stall running streams.
+    prefill_chunk: int = Field(default=512, ge=16)
+    # Longest context (prompt + generated) a request may reach; 0 = the model's own limit.
+    max_context: int = Field(default=0, ge=0)
+    # Largest request body accepted, in bytes.
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)
+
+    # --- KV-cache store ---------------------------------------------------------------------
+    # disk:///path (diskcache, the default) or redis://[:password@]host:port/db (also rediss://).
+    cache_url: str = f"disk://{DEFAULT_CACHE_DIR}"
+    # Seconds a record lives after its last write; 0 = no expiry.
+    cache_ttl: float = Field(default=0, ge=0)
+    # Byte budget of the store; least recently used records are evicted past it. 0 = unbounded.
+    cache_max_bytes: int = Field(default=0, ge=0)
+    # Seconds a store call may take before the store counts as unavailable.
+    cache_timeout: float = Field(default=5.0, gt=0)
+
+    # --- auth -------------------------------------------------------------------------------
+    # Comma-separated bearer keys; empty = no auth. Request ids are scoped per key.
+    api_keys: str = ""
+
+    # --- generation_config defaults (one per field of the request-id API) -------------------
+    num_beams: int = Field(default=1, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=50, ge=0)
+    max_new_tokens: int = Field(default=128, ge=1)
+    min_new_tokens: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    length_penalty: float = 1.0
+
+    @field_validator("cache_url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.split("://", 1)[0] in {"disk", "redis", "rediss"}:
+            raise ValueError("KVBENTO_CACHE_URL must start with disk://, redis:// or rediss://")
+        return v
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def generation_defaults(self) -> dict:
+        """The generation_config defaults, as a dict keyed like the request-id API."""
+        return {
+            name: getattr(self, name)
+            for name in (
+                "num_beams", "do_sample", "temperature", "top_p", "top_k", "max_new_tokens",
+                "min_new_tokens", "repetition_penalty", "length_penalty",
+            )
+        }
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process."""
+    return Settings()

@@ -1,0 +1,185 @@
+"""The running batch's KV cache: one preallocated slab per layer, rows are sequences.
+
+Layout: per layer ``keys[l]`` / ``values[l]`` of shape ``[rows, kv_heads, capacity, head_dim]``.
+Rows are left-padded so every row's newest token sits at column ``end - 1``; a decode step writes
+column ``end`` for all rows in place (no concatenation, no copy of the past). A sequence joins by
+writing its KV into a free row, and leaves by freeing its row; neither touches the other rows.
+The slab is re-laid out (one copy) only when it runs out of columns or rows, with headroom so
+that happens rarely. The forward sees ``[:num_rows, :, start:end + 1]`` views through
+``SlabCache``, a transformers ``Cache`` whose layers write into the slab.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class _SlabLayer(DynamicLayer):
+    """One layer's view of the slab for one forward pass."""
+
+    def __init__(self, slab: "BatchKV", layer_idx: int) -> None:
+        super().__init__()
+        self.slab = slab
+        self.layer_idx = layer_idx
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        s = self.slab
+        n, q = key_states.shape[0], key_states.shape[2]
+        k, v = s.keys[self.layer_idx], s.values[self.layer_idx]
+        k[:n, :, s.end : s.end + q] = key_states
+        v[:n, :, s.end : s.end + q] = value_states
+        return k[:n, :, s.start : s.end + q], v[:n, :, s.start : s.end + q]
+
+    def get_seq_length(self) -> int:
+        return self.slab.end - self.slab.start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slab.end - self.slab.start + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SlabCache(Cache):
+    def __init__(self, slab: "BatchKV") -> None:
+        super().__init__(layers=[_SlabLayer(slab, i) for i in range(slab.num_layers)])
+
+
+class BatchKV:
+    """Row/column bookkeeping of the slab. Not thread-safe: owned by the engine thread."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, max_rows: int, column_chunk: int = 256) -> None:
+        self.num_layers = num_layers
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        self.max_rows = max_rows
+        self.chunk = column_chunk
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        self.start = self.end = 0
+        self.row_len: list[int] = []  # tokens in each row's KV; -1 = free row
+        self.num_relayouts = 0
+
+    # -- geometry --------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows the forward must cover: up to the last occupied row."""
+        for i in range(len(self.row_len) - 1, -1, -1):
+            if self.row_len[i] >= 0:
+                return i + 1
+        return 0
+
+    @property
+    def active_rows(self) -> list[int]:
+        return [i for i, n in enumerate(self.row_len) if n >= 0]
+
+    def _relayout(self, rows: int, capacity: int, end: int) -> None:
+        """Move every row's live span to end at column ``end`` of a fresh [rows, capacity] slab."""
+        old_rows = len(self.row_len)
+        span = self.end - self.start
+        new_start = end - span
+        assert new_start >= 0 and end <= capacity and rows >= old_rows
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        keep = min(old_rows, rows)
+        new_k, new_v = [], []
+        for old in (self.keys, self.values):
+            for t in old:
+                # zeros, not empty: masked columns still enter the attention matmul, and
+                # uninitialised memory may hold NaN (0 * NaN = NaN).
+                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if span and keep:
+                    fresh[:keep, :, new_start:end] = t[:keep, :, self.start : self.end]
+                (new_k if old is self.keys else new_v).append(fresh)
+        if not self.keys:
+            new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+            new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        mask = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
+        if span and keep:
+            mask[:keep, new_start:end] = self.mask[:keep, self.start : self.end]
+        self.keys, self.values, self.mask = new_k, new_v, mask
+        self.row_len += [-1] * (rows - old_rows)
+        self.start, self.end = new_start, end
+        self.num_relayouts += 1
+
+    def _round(self, n: int) -> int:
+        return -(-n // self.chunk) * self.chunk
+
+    # -- join / leave ----------------------------------------------------------------------
+    def can_insert(self) -> bool:
+        return any(n < 0 for n in self.row_len) or len(self.row_len) < self.max_rows
+
+    def insert(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> int:
+        """Place one sequence's KV (per layer ``[kv_heads, n, head_dim]``) in a free row.
+
+        Returns:
+            The row index, stable until ``remove``.
+        """
+        n = keys[0].shape[1] if keys else 0
+        if not self.active_rows:
+            self.start = self.end = 0
+        free = [i for i, ln in enumerate(self.row_len) if ln < 0]
+        rows = len(self.row_len) if free else min(self.max_rows, max(1, 2 * len(self.row_len)))
+        need_left = max(0, n - self.end)
+        if need_left or rows != len(self.row_len) or self.end + 1 > self.capacity:
+            span = self.end - self.start
+            new_end = max(self.end, n)
+            new_end = max(new_end, span)
+            capacity = self._round(new_end + self.chunk)
+            self._relayout(rows, capacity, new_end)
+        row = next(i for i, ln in enumerate(self.row_len) if ln < 0)
+        lo = self.end - n
+        for l in range(self.num_layers):
+            if n:
+                self.keys[l][row, :, lo : self.end] = keys[l]
+                self.values[l][row, :, lo : self.end] = values[l]
+        self.mask[row].zero_()
+        self.mask[row, lo : self.end] = True
+        self.row_len[row] = n
+        self.start = min(self.start, lo) if len(self.active_rows) > 1 else lo
+        return row
+
+    def remove(self, row: int) -> None:
+        """Free ``row``; its columns are simply masked out."""
+        self.row_len[row] = -1
+        self.mask[row].zero_()
+        active = self.active_rows
+        if active:
+            self.start = min(self.end - self.row_len[i] for i in active)
+        else:
+            self.start = self.end
+
+    def extract(self, row: int, length: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copy out the first ``length`` (default all) KV columns of ``row``, per layer contiguous."""
+        n = self.row_len[row] if length is None else min(length, self.row_len[row])
+        lo = self.end - self.row_len[row]
+        ks = [self.keys[l][row, :, lo : lo + n].contiguous() for l in range(self.num_layers)]
+        vs = [self.values[l][row, :, lo : lo + n].contiguous() for l in range(self.num_layers)]
+        return ks, vs
+
+    # -- decode ----------------------------------------------------------------------------
+    def prepare_step(self) -> tuple[SlabCache, torch.Tensor, int]:
+        """Make room for one more column and return (cache, 2D attention mask, num_rows)."""
+        if self.end + 1 > self.capacity:
+            span = self.end - self.start
+            self._relayout(len(self.row_len), self._round(span + self.chunk + 1), span)
+        rows = self.num_rows
+        self.mask[:rows, self.end] = True  # free rows attend to their own slot: no empty softmax
+        return SlabCache(self), self.mask[:rows, self.start : self.end + 1], rows
+
+    def finish_step(self) -> None:
+        for i, n in enumerate(self.row_len):
+            if n >= 0:
+                self.row_len[i] = n + 1
+            else:
+                self.mask[i, self.end] = False
+        self.end += 1

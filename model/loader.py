@@ -1,0 +1,90 @@
+"""Loading any HF causal LM (directory or hub id) onto the right device, and its fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("kvbento.model")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+    name: str
+    max_context: int
+    eos_token_ids: list[int]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
+    """Identity of a model's weights and dtype, cheap enough for large models.
+
+    Hashes the config and, per parameter, its name, shape and a strided sample of its values, so
+    two models of one architecture with different weights (or dtypes) never share KV records.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(str(dtype).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 256)
+            sample = flat[::step][:256].float().cpu()
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_context: int = 0) -> LoadedModel:
+    """Load model and tokenizer with ``from_pretrained``.
+
+    Raises:
+        OSError: the directory or hub id cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt)
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    cfg = model.config
+    limit = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 4096
+    if max_context:
+        limit = min(limit, max_context)
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    fp = fingerprint(model, dt)
+    log.info("loaded %s on %s (%s), context %d, fingerprint %s", name_or_path, dev, dt, limit, fp[:12])
+    return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids)

@@ -1,0 +1,132 @@
+"""Plain request/response types of the engine, and the errors it raises. No HTTP here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EngineError(Exception):
+    """Base of the typed errors the protocol layer maps to HTTP answers."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(EngineError):
+    """The request cannot be served as asked (bad parameter, prompt too long)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class QueueFull(EngineError):
+    """The waiting queue is full; the client should retry after ``retry_after`` seconds."""
+
+    status = 429
+    type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestBusy(EngineError):
+    """Another request with the same request_id is running; requests per request_id are serial."""
+
+    status = 409
+    type = "conflict_error"
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down or failed."""
+
+    status = 503
+    type = "unavailable_error"
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (the request-id API's generation_config, plus extras)."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def validate(self, max_new_tokens_limit: int) -> None:
+        """Check ranges. Raises InvalidRequest naming the field."""
+
+        def bad(name: str, why: str) -> InvalidRequest:
+            return InvalidRequest(f"generation_config.{name} {why}", param=name)
+
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise bad("max_new_tokens", f"must be between 1 and {max_new_tokens_limit}, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise bad("min_new_tokens", f"must be between 0 and max_new_tokens, got {self.min_new_tokens}")
+        if self.temperature < 0 or self.temperature > 100:
+            raise bad("temperature", f"must be between 0 and 100, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise bad("top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.repetition_penalty <= 100:
+            raise bad("repetition_penalty", f"must be in (0, 100], got {self.repetition_penalty}")
+        if not 1 <= self.num_beams <= 16:
+            raise bad("num_beams", f"must be between 1 and 16, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise bad("num_beams", "beam search runs without sampling: set do_sample to false")
+        if not -100 <= self.length_penalty <= 100:
+            raise bad("length_penalty", f"must be between -100 and 100, got {self.length_penalty}")
+        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
+            raise bad("stop", "allows at most 16 non-empty strings of at most 256 characters")
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass
+class GenerateRequest:
+    """One generation: a prompt (token ids or text) under a cache key, with its sampling params."""
+
+    request_id: str
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    tenant: str = "public"
+    # False: generate without reading or writing the store (one-off requests of stateless dialects).
+    use_cache: bool = True
+
+
+@dataclass
+class Delta:
+    """What one engine step produced for one request.
+
+    ``text`` is new, complete UTF-8 text (never half a character); ``finish_reason`` is set on the
+    last delta only: "stop" (EOS or stop string), "length", "abort" or "error".
+    """
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
