@@ -69,6 +69,7 @@ class RequestStream:
         self.cache_status = cache_status
         self.prompt_text = prompt_text
         self.num_delivered = 0
+        self.base_token_ids = list(seq.token_ids)  # snapshot: the engine thread appends to seq.token_ids
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.text = ""
@@ -102,6 +103,11 @@ class RequestStream:
                 self._engine.abort(self._seq, self.num_delivered)
             else:
                 self._engine.observer.on_finished(self)
+
+    def cancel(self) -> None:
+        """Abort a stream that will not be consumed (e.g. a sibling in a failed batch)."""
+        if self.finish_reason is None:
+            self._engine.abort(self._seq, self.num_delivered)
 
     async def collect(self) -> str:
         """Drain the stream; return all generated text."""

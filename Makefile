@@ -1,0 +1,41 @@
+# kvbento — the two quick-start commands are `make serve` and `make test`.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test test-fast bench-model model clean
+
+# (Re)create .venv when pyproject.toml changes. torch is pinned first so pip never resolves an
+# unpinned torch (which would pull gigabytes of CUDA wheels).
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP) model
+
+# The tiny default model, created deterministically (no model hub needed).
+model: $(STAMP)
+	@$(BIN)/python -m model.bundled >/dev/null
+
+serve: setup
+	$(BIN)/bentoml serve --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/unit tests/integration
+
+# The ~100M-parameter benchmark model; its directory is the last line printed.
+bench-model: setup
+	@$(BIN)/python -m model.bundled --bench
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

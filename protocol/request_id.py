@@ -1,0 +1,93 @@
+"""The request-id cache API (seed: request-id-cache-api.txt): /api/generate and /api/generate-batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model.engine import RequestStream
+from model.types import GenerateRequest
+from protocol.common import sampling_params
+
+
+class GenerationConfig(BaseModel):
+    """Every field of the seed's generation_config; None = the KVBENTO_<FIELD> default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_beams: int | None = Field(default=None, ge=1, le=16)
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, ge=0, le=100)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    min_new_tokens: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
+    length_penalty: float | None = Field(default=None, ge=-100, le=100)
+    stop: list[str] | str | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+RequestId = Field(min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
+
+
+class GenerateBody(BaseModel):
+    request_id: str = RequestId
+    prompt: str = Field(max_length=1_000_000)
+    only_new_tokens: bool = True
+    stream_response: bool = True
+    generation_config: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class BatchItem(BaseModel):
+    request_id: str = RequestId
+    prompt: str = Field(max_length=1_000_000)
+
+
+class BatchBody(BaseModel):
+    prompts: list[BatchItem] = Field(min_length=1, max_length=256)
+    only_new_tokens: bool = True
+    generation_config: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+def to_engine(request_id: str, prompt: str, config: GenerationConfig, defaults: dict[str, Any],
+              tenant: str) -> GenerateRequest:
+    params = sampling_params(defaults, config.model_dump())
+    return GenerateRequest(request_id=request_id, prompt=prompt, params=params, tenant=tenant)
+
+
+def from_engine(stream: RequestStream, only_new_tokens: bool, full_text: str) -> dict[str, Any]:
+    """The non-streaming answer for one finished stream."""
+    out: dict[str, Any] = {"request_id": stream.request_id}
+    if not only_new_tokens:
+        out["prompt"] = stream.prompt_text
+        out["response"] = full_text
+    else:
+        out["response"] = stream.text
+    out["finish_reason"] = stream.finish_reason
+    usage = stream.usage
+    out["usage"] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+    }
+    if stream.error:
+        out["error"] = {"type": "internal_error", "message": stream.error}
+    return out
+
+
+def batch_item(stream: RequestStream, only_new_tokens: bool, full_text: str) -> dict[str, Any]:
+    """One element of the batch answer: exactly the seed's shape (prompt only when asked)."""
+    item: dict[str, Any] = {"request_id": stream.request_id}
+    if not only_new_tokens:
+        item["prompt"] = stream.prompt_text
+        item["response"] = full_text
+    else:
+        item["response"] = stream.text
+    return item

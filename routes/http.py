@@ -1,0 +1,58 @@
+"""HTTP helpers shared by the routers: bounded body reading, auth, JSON errors, streaming."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from model.types import EngineError, QueueFull
+from protocol.common import PayloadTooLarge, error_body, parse_json
+from routes.runtime import Runtime
+
+M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("kvbento.http")
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+async def read_body(request: Request, model: type[M]) -> M:
+    """Read at most KVBENTO_MAX_BODY_BYTES and validate it as ``model``."""
+    limit = runtime(request).settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes, the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return parse_json(b"".join(chunks), model)
+
+
+def authenticate(request: Request) -> str:
+    """The caller's tenant; raises Unauthorized when keys are configured and not met."""
+    return runtime(request).tenant(request.headers.get("authorization"))
+
+
+def error_response(exc: EngineError, shape: Callable[[EngineError], Any] = error_body) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, QueueFull):
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(shape(exc), status_code=exc.status, headers=headers)
+
+
+def stream(body: AsyncIterator[bytes], media_type: str, headers: dict[str, str] | None = None) -> StreamingResponse:
+    """A streaming answer that is never buffered by proxies."""
+    h = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    h.update(headers or {})
+    return StreamingResponse(body, media_type=media_type, headers=h)

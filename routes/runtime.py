@@ -1,0 +1,72 @@
+"""Wiring: settings -> model -> store -> engine, built once per server process."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from cache.factory import open_backend
+from cache.store import KVStore, tenant_of
+from config import Settings
+from model import bundled, loader
+from model.engine import Engine, EngineConfig, EngineObserver
+from protocol.common import Unauthorized
+
+log = logging.getLogger("kvbento")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    model: loader.LoadedModel
+    store: KVStore
+    engine: Engine
+
+    @classmethod
+    def start(cls, settings: Settings, observer: EngineObserver | None = None) -> "Runtime":
+        """Load the model, open the store and start the engine thread."""
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        if settings.model == str(bundled.MODELS_DIR / "kvbento-tiny"):
+            bundled.ensure("kvbento-tiny")  # the default works with no set-up at all
+        m = loader.load(settings.model, settings.device, settings.dtype, settings.max_context)
+        backend = open_backend(settings.cache_url, max_bytes=settings.cache_max_bytes,
+                               timeout=settings.cache_timeout)
+        store = KVStore(backend, m.fingerprint, ttl=settings.cache_ttl, timeout=settings.cache_timeout)
+        engine = Engine(
+            m, store,
+            EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                         prefill_chunk=settings.prefill_chunk),
+            observer,
+        )
+        log.info("kvbento ready: model %s, cache %s, batch %d, queue %d", settings.model,
+                 backend.scheme, settings.max_batch_size, settings.max_queue)
+        return cls(settings, m, store, engine)
+
+    def tenant(self, authorization: str | None) -> str:
+        """The tenant of a request: checks the bearer key when keys are configured.
+
+        Raises:
+            Unauthorized: keys are configured and the header is missing or wrong.
+        """
+        keys = self.settings.api_key_list
+        if not keys:
+            return tenant_of(None)
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <key>'")
+        given_b = given.strip().encode()
+        match = None
+        for key in keys:  # compare against every key, in constant time each
+            if hmac.compare_digest(given_b, key.encode()):
+                match = key
+        if match is None:
+            raise Unauthorized("invalid API key")
+        return tenant_of(match)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.store.close()
