@@ -23,6 +23,9 @@ class EntryInfo:
     nbytes: int
     last_used_at: float | None = None
     expires_at: float | None = None
+    # The value's first bytes (at least its record header when the backend can read a prefix
+    # cheaply); None when the backend cannot, and the store then reads the whole value.
+    head: bytes | None = None
 
 
 class Backend(ABC):
@@ -48,7 +51,10 @@ class Backend(ABC):
 
     @abstractmethod
     def info(self, key: str) -> EntryInfo | None:
-        """Size and usage facts without reading the value, or None when absent."""
+        """Size and usage facts (plus the value's head) without reading it all; None when absent.
+
+        Does not count as a use for LRU.
+        """
 
     @abstractmethod
     def acquire(self, key: str, token: str, ttl: float) -> bool:

@@ -1,12 +1,17 @@
 """diskcache backend: the embedded default (``disk:///path``).
 
-diskcache writes each large value to its own file and commits the row in SQLite only after the
-file is complete, so a process killed mid-write leaves no readable entry. SQLite makes the
-directory safe to share between processes (replicas on one host or a shared volume).
+diskcache writes each value to its own file and commits the row in SQLite only after the file is
+complete, so a process killed mid-write leaves no readable entry. SQLite makes the directory safe
+to share between processes (replicas on one host or a shared volume).
+
+The byte budget is enforced here rather than by diskcache's ``size_limit``: diskcache counts its
+SQLite pages against the limit and would cull lease rows like records. Here only record bytes
+count, leases are never evicted, and the budget holds after every write.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import diskcache
@@ -14,6 +19,22 @@ import diskcache
 from cache.base import Backend, EntryInfo
 
 _UNBOUNDED = 1 << 62
+_LEASE_PREFIX = "lease:"
+_HEAD_BYTES = 64 << 10
+
+
+class _Reader:
+    """A file-like view of a buffer: diskcache streams it to the value file without a copy."""
+
+    def __init__(self, value: bytes | bytearray | memoryview) -> None:
+        self._mv = memoryview(value).cast("B")
+        self._off = 0
+
+    def read(self, size: int = -1) -> memoryview:
+        end = len(self._mv) if size < 0 else min(len(self._mv), self._off + size)
+        chunk = self._mv[self._off:end]
+        self._off = end
+        return chunk
 
 
 class DiskBackend(Backend):
@@ -22,12 +43,9 @@ class DiskBackend(Backend):
     def __init__(self, directory: str, max_bytes: int = 0, timeout: float = 5.0) -> None:
         self._cache = diskcache.Cache(
             directory,
-            size_limit=max_bytes or _UNBOUNDED,
-            eviction_policy="least-recently-used",
-            # Cull more than one entry per write so a big record makes room in one pass.
-            cull_limit=64,
+            size_limit=_UNBOUNDED,  # see the module docstring: the budget is kept by _enforce_budget
+            eviction_policy="least-recently-used",  # keeps access_time (and its index) up to date
             timeout=timeout,
-            disk_min_file_size=1 << 15,
         )
         self._max_bytes = max_bytes
 
@@ -36,26 +54,56 @@ class DiskBackend(Backend):
         return bytes(value) if value is not None and not isinstance(value, bytes) else value
 
     def set(self, key: str, value: bytes | bytearray | memoryview, ttl: float | None = None) -> None:
-        # diskcache stores bytes raw in a file (no pickle); a bytearray would be pickled.
-        data = value if isinstance(value, bytes) else bytes(value)
-        self._cache.set(key, data, expire=ttl or None, retry=True)
+        # read=True streams the buffer into the value file (raw bytes, no pickle, no copy).
+        self._cache.set(key, _Reader(value), expire=ttl or None, read=True, retry=True)
         if self._max_bytes:
-            # diskcache culls only on write and only down to its limit; keep the budget strict.
-            while self._cache.volume() > self._max_bytes and self._cache.cull(retry=True):
-                pass
+            self._enforce_budget()
+
+    def _record_bytes(self) -> int:
+        sql = ("SELECT COALESCE(SUM(CASE WHEN filename IS NULL THEN length(value) ELSE size END), 0) "
+               "FROM Cache WHERE raw = 1 AND substr(key, 1, 6) != ? AND (expire_time IS NULL OR expire_time > ?)")
+        return int(self._cache._sql(sql, (_LEASE_PREFIX, time.time())).fetchone()[0])
+
+    def _enforce_budget(self) -> None:
+        """Delete least recently used whole records until the records fit the budget."""
+        self._cache.expire(retry=True)
+        oldest = ("SELECT key FROM Cache WHERE raw = 1 AND substr(key, 1, 6) != ? "
+                  "ORDER BY access_time LIMIT 1")
+        for _ in range(100_000):  # bounded: each round deletes one record
+            if self._record_bytes() <= self._max_bytes:
+                return
+            row = self._cache._sql(oldest, (_LEASE_PREFIX,)).fetchone()
+            if row is None:
+                return
+            self._cache.delete(row[0], retry=True)  # a record bigger than the budget goes too
+
+    def total_bytes(self) -> int:
+        """Bytes of all live records (for tests and metrics)."""
+        return self._record_bytes()
 
     def delete(self, key: str) -> bool:
         return bool(self._cache.delete(key, retry=True))
 
     def info(self, key: str) -> EntryInfo | None:
-        sql = "SELECT size, access_time, expire_time FROM Cache WHERE key = ? AND raw = 1"
-        row = self._cache._sql(sql, (key,)).fetchone()  # diskcache keeps these per row
+        # Read the row directly: Cache.get would count as a use and read the whole value.
+        sql = ("SELECT size, access_time, expire_time, filename, value FROM Cache "
+               "WHERE key = ? AND raw = 1")
+        row = self._cache._sql(sql, (key,)).fetchone()
         if row is None:
             return None
-        size, access_time, expire_time = row
+        size, access_time, expire_time, filename, value = row
         if expire_time is not None and expire_time < time.time():
             return None
-        return EntryInfo(nbytes=int(size), last_used_at=access_time, expires_at=expire_time)
+        if filename is not None:
+            try:
+                with open(os.path.join(self._cache.directory, filename), "rb") as f:
+                    head = f.read(_HEAD_BYTES)
+            except FileNotFoundError:  # deleted or replaced since the row was read
+                return None
+        else:
+            head = bytes(value)[:_HEAD_BYTES] if isinstance(value, (bytes, memoryview)) else None
+            size = len(value) if head is not None else size
+        return EntryInfo(nbytes=int(size), last_used_at=access_time, expires_at=expire_time, head=head)
 
     def acquire(self, key: str, token: str, ttl: float) -> bool:
         return bool(self._cache.add(key, token, expire=ttl, retry=True))

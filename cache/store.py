@@ -148,6 +148,11 @@ class KVStore:
             entry = self.backend.info(key)
             if entry is None:
                 return None
+            if entry.head is not None:
+                try:
+                    return entry, read_header(entry.head)
+                except RecordError:
+                    pass  # a header longer than the head, or not a record: check the whole value
             data = self.backend.get(key)
             if data is None:
                 return None

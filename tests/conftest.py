@@ -112,3 +112,88 @@ def server_factory(tiny_model_dir, tmp_path_factory):
 def server(server_factory) -> Server:
     """One default server per test module."""
     return server_factory()
+
+
+# --- Redis (issue 3) ---------------------------------------------------------------------------
+REDIS_HINT = ("no Redis: run one on 127.0.0.1:6379 or put redis-server on PATH "
+              "(apt-get install redis-server / brew install redis)")
+
+
+def _redis_answers(port: int, timeout: float = 0.5) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout,
+                                socket_connect_timeout=timeout).ping())
+    except redis.RedisError:
+        return False
+
+
+def _no_redis(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true needs Redis: {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server subprocess of our own (no persistence), killed and restarted by PID."""
+
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10) -> "RedisServer":
+        import shutil
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            _no_redis(REDIS_HINT)
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _redis_answers(self.port):
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout}s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis URL: 127.0.0.1:6379 when it answers, else a redis-server we start; skips without one
+    (fails under CI=true). Shared: tests must use their own key names / namespaces."""
+    if _redis_answers(6379):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    own = RedisServer().start()
+    try:
+        yield own.url
+    finally:
+        own.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_server_factory():
+    """Start private redis-servers (for tests that kill Redis or need a clean budget)."""
+    started: list[RedisServer] = []
+
+    def make(port: int | None = None) -> RedisServer:
+        server = RedisServer(port) if port else RedisServer()
+        started.append(server)
+        return server.start()
+
+    yield make
+    for s in started:
+        s.kill()

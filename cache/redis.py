@@ -1,0 +1,186 @@
+"""Redis backend (``redis://[:password@]host:port/db``, ``rediss://`` for TLS): the shared store
+that lets replicas continue each other's request_ids.
+
+Each record is ONE Redis string, written by a single ``SET ... PX`` inside MULTI/EXEC together with
+its accounting, so a reader sees the old record or the whole new one and eviction can never split
+a record. The byte budget is kept by this backend, not by Redis' ``maxmemory``: an index per
+namespace (``<ns>:index:lru`` sorted set key -> last use in µs, ``:size`` hash key -> bytes,
+``:exp`` sorted set key -> expiry in µs, ``:total`` bytes) is updated by Lua scripts, which Redis
+runs atomically, so concurrent replicas keep it consistent. Times come from the Redis server's
+clock (``TIME``) so replicas with skewed clocks agree on "least recently used".
+
+Not for Redis Cluster: the scripts touch record keys that are not declared in ``KEYS``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from cache.base import Backend, BackendUnavailable, EntryInfo
+
+T = TypeVar("T")
+# Enough for the JSON header of any record (shapes of ~1000 layers), so info() never reads tensors.
+HEAD_BYTES = 64 << 10
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
+
+# Drop one key from the index (and Redis); KEYS = lru, size, exp, total.
+_FORGET = """
+local function forget(k)
+  local s = tonumber(redis.call('HGET', KEYS[2], k) or '0')
+  redis.call('HDEL', KEYS[2], k)
+  redis.call('ZREM', KEYS[1], k)
+  redis.call('ZREM', KEYS[3], k)
+  if s ~= 0 then redis.call('DECRBY', KEYS[4], s) end
+  return redis.call('DEL', k)
+end
+local function purge_expired(now)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 256)
+  for _, k in ipairs(gone) do forget(k) end
+end
+"""
+
+# After SET in the same MULTI: account ARGV = key, nbytes, ttl_ms (0 = none), max_bytes (0 = none).
+# Evicts least recently used whole records while over budget; returns the number evicted.
+_ACCOUNT = _NOW + _FORGET + """
+local key, n, ttl, maxb = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+purge_expired(now)
+local old = tonumber(redis.call('HGET', KEYS[2], key) or '0')
+redis.call('HSET', KEYS[2], key, n)
+redis.call('ZADD', KEYS[1], now, key)
+if ttl > 0 then redis.call('ZADD', KEYS[3], now + ttl * 1000, key) else redis.call('ZREM', KEYS[3], key) end
+local total = redis.call('INCRBY', KEYS[4], n - old)
+local evicted = 0
+while maxb > 0 and total > maxb do
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+  if not oldest then break end
+  forget(oldest)  -- a record bigger than the whole budget is not kept either
+  evicted = evicted + 1
+  total = tonumber(redis.call('GET', KEYS[4]) or '0')
+end
+return evicted
+"""
+
+# A read: mark ARGV[1] as used now (only when it still exists and is indexed).
+_TOUCH = _NOW + """
+if redis.call('EXISTS', ARGV[1]) == 1 then redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1]) end
+return now
+"""
+
+_DELETE = _NOW + _FORGET + """
+purge_expired(now)
+return forget(ARGV[1])
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisBackend(Backend):
+    """A ``Backend`` on one Redis database; safe to share between any number of replicas."""
+
+    scheme = "redis"
+
+    def __init__(self, url: str, max_bytes: int = 0, timeout: float = 5.0, namespace: str = "kvbento") -> None:
+        """Connect lazily to ``url``.
+
+        Args:
+            url: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://`` (TLS).
+            max_bytes: byte budget over all records of ``namespace`` (0 = unbounded).
+            timeout: socket timeout per command, so an outage fails fast instead of hanging.
+            namespace: prefix of the index keys (deployments sharing one database need their own).
+        """
+        self._r = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=min(timeout, 2.0),
+            # One immediate retry: a pooled connection that died with a Redis restart is replaced
+            # at once. No backoff: the store treats a failure as a miss, it must not wait.
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+        )
+        self._max_bytes = max_bytes
+        self._index = [f"{namespace}:index:{name}" for name in ("lru", "size", "exp", "total")]
+        self._account = self._r.register_script(_ACCOUNT)
+        self._touch = self._r.register_script(_TOUCH)
+        self._delete = self._r.register_script(_DELETE)
+        self._release = self._r.register_script(_RELEASE)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        # Any Redis failure (refused, timeout, OOM, read-only replica) means "no cache now".
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        with self._guard():
+            return fn()
+
+    def get(self, key: str) -> bytes | None:
+        def work() -> bytes | None:
+            pipe = self._r.pipeline(transaction=True)
+            pipe.get(key)
+            self._touch(keys=self._index[:1], args=[key], client=pipe)
+            value, _ = pipe.execute()
+            return value
+
+        return self._run(work)
+
+    def set(self, key: str, value: bytes | bytearray | memoryview, ttl: float | None = None) -> None:
+        ttl_ms = int(ttl * 1000) if ttl else 0
+        nbytes = memoryview(value).nbytes
+
+        def work() -> None:
+            pipe = self._r.pipeline(transaction=True)
+            # redis-py sends bytes-like values as their own chunk: no copy of a large record.
+            pipe.set(key, value, px=ttl_ms or None)
+            self._account(keys=self._index, args=[key, nbytes, ttl_ms, self._max_bytes], client=pipe)
+            pipe.execute()
+
+        self._run(work)
+
+    def delete(self, key: str) -> bool:
+        return bool(self._run(lambda: self._delete(keys=self._index, args=[key])))
+
+    def info(self, key: str) -> EntryInfo | None:
+        def work() -> EntryInfo | None:
+            pipe = self._r.pipeline(transaction=True)
+            pipe.strlen(key)
+            pipe.pttl(key)
+            pipe.zscore(self._index[0], key)
+            pipe.getrange(key, 0, HEAD_BYTES - 1)  # the header only, never the tensors
+            nbytes, pttl, score, head = pipe.execute()
+            if not nbytes:
+                return None
+            expires = time.time() + pttl / 1000 if pttl and pttl > 0 else None
+            return EntryInfo(nbytes=int(nbytes), last_used_at=score / 1e6 if score else None,
+                             expires_at=expires, head=head)
+
+        return self._run(work)
+
+    def acquire(self, key: str, token: str, ttl: float) -> bool:
+        return bool(self._run(lambda: self._r.set(key, token, nx=True, px=max(1, int(ttl * 1000)))))
+
+    def release(self, key: str, token: str) -> None:
+        self._run(lambda: self._release(keys=[key], args=[token]))
+
+    def total_bytes(self) -> int:
+        """Bytes of all records in the budget's account (for tests and metrics)."""
+        return int(self._run(lambda: self._r.get(self._index[3])) or 0)
+
+    def close(self) -> None:
+        self._r.close()

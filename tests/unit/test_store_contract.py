@@ -1,0 +1,231 @@
+"""One contract, every backend: the same assertions run on diskcache and on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import torch
+
+from cache.base import Backend, BackendUnavailable
+from cache.codec import KVRecord, encode
+from cache.store import CacheStatus, KVStore
+
+FP = "fingerprint-test"
+
+
+def record(num_tokens: int, fill: float = 1.0, fingerprint: str = FP, layers: int = 2) -> KVRecord:
+    n = num_tokens - 1
+    keys = [torch.full((2, n, 8), fill + i, dtype=torch.float32) for i in range(layers)]
+    values = [torch.full((2, n, 8), -fill - i, dtype=torch.float32) for i in range(layers)]
+    return KVRecord(list(range(num_tokens)), 3, fingerprint, keys, values)
+
+
+@pytest.fixture(params=["disk", "redis"])
+def make_backend(request, tmp_path):
+    """A factory of fresh backends (own directory / own Redis namespace) of one kind."""
+    made: list[Backend] = []
+    ns = f"kvtest-{uuid.uuid4().hex[:8]}"
+
+    def make(max_bytes: int = 0) -> Backend:
+        if request.param == "disk":
+            from cache.disk import DiskBackend
+
+            b = DiskBackend(str(tmp_path / f"c{len(made)}"), max_bytes=max_bytes)
+        else:
+            from cache.redis import RedisBackend
+
+            url = request.getfixturevalue("redis_url")
+            b = RedisBackend(url, max_bytes=max_bytes, timeout=2.0, namespace=f"{ns}-{len(made)}")
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
+def key() -> str:
+    return f"kvtest:{uuid.uuid4().hex}"
+
+
+def test_get_set_delete(make_backend, key):
+    b = make_backend()
+    assert b.get(key) is None
+    b.set(key, bytearray(b"abc" * 1000))
+    assert b.get(key) == b"abc" * 1000
+    b.set(key, memoryview(b"second"))  # overwrite replaces the whole value
+    assert b.get(key) == b"second"
+    assert b.delete(key) is True
+    assert b.get(key) is None
+    assert b.delete(key) is False
+
+
+def test_info_reports_size_and_head_without_counting_as_use(make_backend, key):
+    b = make_backend()
+    assert b.info(key) is None
+    data = encode(record(20))
+    b.set(key, data, ttl=60)
+    info = b.info(key)
+    assert info is not None and info.nbytes == len(data)
+    assert info.head is not None and bytes(data).startswith(info.head) and len(info.head) > 64
+    assert info.expires_at is not None and time.time() + 50 < info.expires_at < time.time() + 61
+    assert info.last_used_at is not None
+
+
+def test_ttl_expiry(make_backend, key):
+    b = make_backend()
+    b.set(key, b"short-lived", ttl=0.3)
+    b.set(key + "-forever", b"stays")
+    assert b.get(key) == b"short-lived"
+    time.sleep(0.6)
+    assert b.get(key) is None
+    assert b.info(key) is None
+    assert b.get(key + "-forever") == b"stays"
+
+
+def test_lease_acquire_release(make_backend, key):
+    b = make_backend()
+    lease = "lease:" + key
+    assert b.acquire(lease, "t1", 30) is True
+    assert b.acquire(lease, "t2", 30) is False
+    b.release(lease, "t2")  # not the holder: no effect
+    assert b.acquire(lease, "t2", 30) is False
+    b.release(lease, "t1")
+    assert b.acquire(lease, "t2", 30) is True
+    b.release(lease, "t2")
+
+
+def test_lease_lapses(make_backend, key):
+    b = make_backend()
+    lease = "lease:" + key
+    assert b.acquire(lease, "t1", 0.3) is True
+    time.sleep(0.6)
+    assert b.acquire(lease, "t2", 30) is True
+
+
+def test_byte_budget_evicts_least_recently_used_whole_records(make_backend, key):
+    value = bytes(range(256)) * 400  # 100 KiB
+    b = make_backend(max_bytes=int(len(value) * 3.5))
+    lease = "lease:" + key
+    assert b.acquire(lease, "holder", 60)
+    keys = [f"{key}:{i}" for i in range(3)]
+    for k in keys:
+        b.set(k, value)
+    assert b.get(keys[0]) == value  # key 0 is now more recently used than key 1
+    b.set(f"{key}:3", value)
+    b.set(f"{key}:4", value)  # over budget twice: the two least recently used go (1, then 2)
+    assert b.get(keys[1]) is None and b.get(keys[2]) is None
+    for k in (keys[0], f"{key}:3", f"{key}:4"):
+        assert b.get(k) == value  # survivors are whole, never cut
+    assert b.total_bytes() <= int(len(value) * 3.5)
+    assert b.acquire(lease, "other", 60) is False  # a lease is never evicted as a record
+
+
+def test_budget_accounting_survives_overwrite_delete_and_expiry(make_backend, key):
+    value = b"x" * 50_000
+    b = make_backend(max_bytes=10 * len(value))
+    b.set(key + ":a", value)
+    b.set(key + ":a", value)  # overwrite counts once
+    b.set(key + ":b", value, ttl=0.2)
+    b.set(key + ":c", value)
+    b.delete(key + ":c")
+    time.sleep(0.4)
+    b.set(key + ":d", b"y" * 10)  # a write settles expired entries
+    assert b.total_bytes() == len(value) + 10
+
+
+def test_unreachable_redis_is_unavailable(key):
+    from cache.redis import RedisBackend
+    from tests.conftest import free_port
+
+    b = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    with pytest.raises(BackendUnavailable):
+        b.get(key)
+    with pytest.raises(BackendUnavailable):
+        b.set(key, b"v")
+
+
+# -- through the store: codec, fingerprints, tenants ------------------------------------------------
+@pytest.fixture
+def store(make_backend):
+    s = KVStore(make_backend(), FP, timeout=5)
+    yield s
+    s._pool.shutdown(wait=True)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_store_round_trip_and_info(store):
+    rid = uuid.uuid4().hex
+    rec = record(30, fill=0.5)
+    assert run(store.load("t", rid)).status is CacheStatus.MISS
+    assert run(store.save("t", rid, rec)) is True
+    got = run(store.load("t", rid))
+    assert got.status is CacheStatus.HIT
+    assert got.record.token_ids == rec.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(got.record.keys, rec.keys))
+    assert all(torch.equal(a, b) for a, b in zip(got.record.values, rec.values))
+    info = run(store.info("t", rid))
+    assert info.num_tokens == 30 and info.num_prompt_tokens == 3 and info.fingerprint == FP
+    assert info.nbytes == got.nbytes
+    assert run(store.delete("t", rid)) is True
+    assert run(store.info("t", rid)) is None
+    assert run(store.load("t", rid)).status is CacheStatus.MISS
+
+
+def test_store_atomic_overwrite(store):
+    rid = uuid.uuid4().hex
+    run(store.save("t", rid, record(10, fill=1.0)))
+    run(store.save("t", rid, record(40, fill=2.0)))
+    got = run(store.load("t", rid))
+    assert got.status is CacheStatus.HIT and len(got.record.token_ids) == 40
+    assert float(got.record.keys[0][0, 0, 0]) == 2.0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_store_damaged_record_is_a_miss(store, damage):
+    rid = uuid.uuid4().hex
+    data = bytearray(encode(record(25)))
+    if damage == "truncate":  # as if the writer died mid-write
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = bytearray()
+    store.backend.set(KVStore.key("t", rid), bytes(data) or b"\0")
+    assert run(store.load("t", rid)).status is CacheStatus.MISS
+
+
+def test_store_foreign_fingerprint_is_a_miss(store):
+    rid = uuid.uuid4().hex
+    store.backend.set(KVStore.key("t", rid), encode(record(12, fingerprint="another-model")))
+    assert run(store.load("t", rid)).status is CacheStatus.MISS
+
+
+def test_store_tenants_are_isolated(store):
+    rid = uuid.uuid4().hex
+    run(store.save("tenant-a", rid, record(15)))
+    assert run(store.load("tenant-b", rid)).status is CacheStatus.MISS
+    assert run(store.info("tenant-b", rid)) is None
+    assert run(store.delete("tenant-b", rid)) is False
+    assert run(store.load("tenant-a", rid)).status is CacheStatus.HIT
+
+
+def test_store_leases_are_per_tenant_and_request_id(store):
+    rid = uuid.uuid4().hex
+    token = run(store.acquire("a", rid))
+    assert token is not None
+    assert run(store.acquire("a", rid)) is None
+    other = run(store.acquire("b", rid))
+    assert other is not None
+    run(store.release("a", rid, token))
+    run(store.release("b", rid, other))
+    again = run(store.acquire("a", rid))
+    assert again is not None
+    run(store.release("a", rid, again))
