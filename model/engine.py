@@ -292,7 +292,9 @@ class Engine:
                 if msg[0] == "add":
                     self.scheduler.add(msg[1])
                 else:
-                    self._abort(msg[1], msg[2])
+                    # The slab tensors are inference tensors: freeing a row in place needs the mode.
+                    with torch.inference_mode():
+                        self._abort(msg[1], msg[2])
             try:
                 with torch.inference_mode():
                     self._step()
