@@ -20,6 +20,9 @@ def build_app() -> FastAPI:
 
     app = FastAPI(title="kvbento", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.include_router(request_id.router)
+    from routes import generic_v1, openai, takeoff, together, truss  # the stateless dialects (issue 4)
+    for dialect in (openai, takeoff, together, truss, generic_v1):
+        app.include_router(dialect.router)
 
     @app.exception_handler(EngineError)
     async def _engine_error(_: Request, exc: EngineError):

@@ -1,0 +1,52 @@
+"""Routes of the generic v1 dialect: POST /v1/generate and POST /v1/generate/stream (SSE)."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from model.types import EngineError
+from protocol import generic_v1 as g
+from protocol.adapter import pump, renamed
+from protocol.common import SSE_DONE, sse
+from routes.http import authenticate, error_response, read_body, runtime, stream
+
+router = APIRouter()
+
+
+async def _start(request: Request):
+    rt = runtime(request)
+    tenant = authenticate(request)
+    body = await read_body(request, g.GenerateBody)
+    return await rt.engine.generate(g.to_engine(body, rt.settings.generation_defaults(), tenant))
+
+
+@router.post("/v1/generate")
+async def generate(request: Request):
+    try:
+        s = await _start(request)
+    except EngineError as exc:
+        return error_response(renamed(exc, g.PARAM_NAMES), g.error_body)
+    await s.collect()
+    if s.error:
+        return error_response(EngineError(s.error), g.error_body)
+    return JSONResponse(g.from_engine(f"gen_{uuid.uuid4().hex[:24]}", s),
+                        headers={"X-KV-Cache": s.cache_status.value})
+
+
+@router.post("/v1/generate/stream")
+async def generate_stream(request: Request):
+    try:
+        s = await _start(request)
+    except EngineError as exc:
+        return error_response(renamed(exc, g.PARAM_NAMES), g.error_body)
+    framer = g.Framer(f"gen_{uuid.uuid4().hex[:24]}")
+
+    def on_delta(d):
+        ev = framer.event(d)
+        return sse(ev) if ev else None
+
+    frames = pump(s, on_delta, lambda m: sse(g.stream_error(m)), SSE_DONE, cancel=s.cancel)
+    return stream(frames, "text/event-stream", {"X-KV-Cache": s.cache_status.value})
