@@ -25,9 +25,12 @@ logging.getLogger("kvbento").setLevel(logging.INFO)
 @bentoml.asgi_app(app, path="/")
 class KVBento:
     def __init__(self) -> None:
+        from routes.metrics import PrometheusObserver
         from routes.runtime import Runtime
 
-        self.runtime = Runtime.start(get_settings())
+        observer = PrometheusObserver()  # here, not at import: see routes/metrics.py
+        self.runtime = Runtime.start(get_settings(), observer)
+        observer.bind(self.runtime.engine)
         app.state.runtime = self.runtime
 
     @bentoml.on_shutdown

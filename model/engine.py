@@ -40,6 +40,7 @@ class EngineObserver:
     def on_cache(self, status: CacheStatus, seconds: float, nbytes: int) -> None: ...
     def on_store_write(self, seconds: float, nbytes: int, ok: bool) -> None: ...
     def on_finished(self, stream: "RequestStream") -> None: ...
+    def on_delta(self, stream: "RequestStream", delta: Delta, now: float) -> None: ...
 
 
 @dataclass
@@ -73,6 +74,7 @@ class RequestStream:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.text = ""
+        self.arrival = time.perf_counter()  # Engine.generate sets the true arrival (for TTFT)
 
     @property
     def usage(self) -> Usage:
@@ -96,6 +98,7 @@ class RequestStream:
                     self.finish_reason = delta.finish_reason
                     self.error = delta.error
                 self.text += delta.text
+                self._engine.observer.on_delta(self, delta, time.perf_counter())
                 yield delta
                 self.num_delivered += len(delta.token_ids)
         finally:
@@ -166,6 +169,7 @@ class Engine:
             RequestBusy: the request_id stayed busy with another request past the lease wait.
             EngineClosed: the engine is shutting down.
         """
+        arrival = time.perf_counter()
         if self._closed:
             raise EngineClosed("the engine is shutting down")
         params = req.params
@@ -225,7 +229,9 @@ class Engine:
             raise
         prompt_text = self.decode(token_ids[:num_prompt])
         self._post(("add", seq))
-        return RequestStream(self, seq, status, prompt_text)
+        stream = RequestStream(self, seq, status, prompt_text)
+        stream.arrival = arrival
+        return stream
 
     async def _acquire(self, tenant: str, request_id: str) -> tuple[str | None, CacheStatus]:
         from cache.base import BackendUnavailable

@@ -1,0 +1,149 @@
+"""Prometheus metrics of the engine and the KV store, served by BentoML's own ``/metrics``.
+
+BentoML runs prometheus_client in multiprocess mode: each worker writes its samples to files under
+``PROMETHEUS_MULTIPROC_DIR``, which BentoML sets while the worker starts, and ``/metrics`` merges
+them. prometheus_client picks its value class when it is first imported, so this module imports it
+only inside ``PrometheusObserver.__init__`` (called from the service's ``__init__``, after the
+variable is set); importing it at module import time would leave the metrics invisible.
+
+Names follow vLLM's (``vllm:time_to_first_token_seconds`` -> ``kvbento_time_to_first_token_seconds``)
+with an underscore: a colon is legal but reserved by Prometheus for recording rules.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from cache.store import CacheStatus
+from model.engine import EngineObserver
+from model.types import Delta
+
+if TYPE_CHECKING:
+    from model.engine import Engine, RequestStream
+
+PREFIX = "kvbento_"
+# Latency buckets (seconds) shaped like vLLM's: fine below a second, coarse up to minutes.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+               0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0)
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _Timing:
+    """Per-stream timing state: when its last token arrived, and whether one has yet."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+
+class PrometheusObserver(EngineObserver):
+    """An ``EngineObserver`` that records vLLM-style metrics with prometheus_client.
+
+    Create one per process (metric names are registered once); call ``bind(engine)`` after the
+    engine exists so the running/waiting gauges can be read from its scheduler.
+    """
+
+    def __init__(self) -> None:
+        # Deferred on purpose: see the module docstring.
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self._engine: Engine | None = None
+        self._timings: weakref.WeakKeyDictionary[RequestStream, _Timing] = weakref.WeakKeyDictionary()
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                              "Seconds from accepting a request to its first generated token.",
+                              buckets=TTFT_BUCKETS)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
+                             "Seconds between consecutive generated tokens of one request.",
+                             buckets=ITL_BUCKETS)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
+                             "Seconds from accepting a request to its last token.", buckets=E2E_BUCKETS)
+        # One worker per process: the live process's latest value is the truth.
+        self.running = Gauge(PREFIX + "num_requests_running",
+                             "Requests prefilling or decoding in the running batch.",
+                             multiprocess_mode="livemostrecent")
+        self.waiting = Gauge(PREFIX + "num_requests_waiting",
+                             "Requests waiting for a place in the running batch.",
+                             multiprocess_mode="livemostrecent")
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens",
+                                     "Prompt tokens of finished requests (cached ones included).")
+        self.cached_tokens = Counter(PREFIX + "cached_prompt_tokens",
+                                     "Prompt tokens restored from the KV store instead of prefilled.")
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens of finished requests.")
+        self.finished = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
+                                ["finished_reason"])
+        self.rejected = Counter(PREFIX + "request_rejected",
+                                "Requests answered 429 because the waiting queue was full.")
+        self.lookups = Counter(PREFIX + "kv_store_lookups",
+                               "KV store lookups by result: hit, miss or unavailable.", ["result"])
+        for status in CacheStatus:  # every series exists from the start, at zero
+            self.lookups.labels(result=status.value)
+        self.read_seconds = Histogram(PREFIX + "kv_store_read_seconds", "Seconds to read one KV record.",
+                                      buckets=STORE_BUCKETS)
+        self.write_seconds = Histogram(PREFIX + "kv_store_write_seconds",
+                                       "Seconds to encode and write one KV record.", buckets=STORE_BUCKETS)
+        self.read_bytes = Counter(PREFIX + "kv_store_read_bytes", "Bytes of KV records read.")
+        self.write_bytes = Counter(PREFIX + "kv_store_write_bytes", "Bytes of KV records written.")
+        self.write_failures = Counter(PREFIX + "kv_store_write_failures",
+                                      "KV record writes lost because the store was unavailable.")
+
+    def bind(self, engine: "Engine") -> None:
+        """Read the running/waiting gauges from ``engine`` from now on."""
+        self._engine = engine
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        if self._engine is not None:
+            self.running.set(self._engine.num_running)
+            self.waiting.set(self._engine.num_waiting)
+
+    # -- EngineObserver hooks (event loop thread) -------------------------------------------
+    def on_rejected(self) -> None:
+        self.rejected.inc()
+        self._update_gauges()
+
+    def on_cache(self, status: CacheStatus, seconds: float, nbytes: int) -> None:
+        self.lookups.labels(result=status.value).inc()
+        if status is not CacheStatus.UNAVAILABLE:
+            self.read_seconds.observe(seconds)
+            self.read_bytes.inc(nbytes)
+
+    def on_store_write(self, seconds: float, nbytes: int, ok: bool) -> None:
+        if ok:
+            self.write_seconds.observe(seconds)
+            self.write_bytes.inc(nbytes)
+        else:
+            self.write_failures.inc()
+
+    def on_delta(self, stream: "RequestStream", delta: Delta, now: float) -> None:
+        n = len(delta.token_ids)
+        if n:
+            timing = self._timings.get(stream)
+            if timing is None:
+                timing = self._timings[stream] = _Timing()
+            if timing.last is None:
+                self.ttft.observe(now - stream.arrival)
+            else:
+                # Several tokens can arrive in one delta (held back until a character completes):
+                # spread the gap over them, one sample per token, as vLLM counts per token.
+                gap = (now - timing.last) / n
+                for _ in range(n):
+                    self.itl.observe(gap)
+            timing.last = now
+        self._update_gauges()
+
+    def on_finished(self, stream: "RequestStream") -> None:
+        self.e2e.observe(time.perf_counter() - stream.arrival)
+        usage = stream.usage
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.cached_tokens.inc(usage.cached_tokens)
+        self.generation_tokens.inc(usage.completion_tokens)
+        self.finished.labels(finished_reason=stream.finish_reason or "unknown").inc()
+        self._timings.pop(stream, None)
+        self._update_gauges()
