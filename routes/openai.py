@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -40,8 +41,12 @@ async def _frames(s: RequestStream, framer: oa.Framer) -> AsyncIterator[bytes]:
         return sse({"error": {"message": message, "type": "internal_error", "param": None,
                               "code": "internal_error"}})
 
-    async for frame in pump(s, on_delta, on_error, cancel=s.cancel):
-        yield frame
+    try:
+        async for frame in pump(s, on_delta, on_error, cancel=s.cancel):
+            yield frame
+    except (asyncio.CancelledError, GeneratorExit):  # client gone: stop generating now, not at GC
+        s.cancel()
+        raise
     if framer.include_usage and s.finish_reason not in (None, "error"):
         yield sse(framer.usage_chunk(s.usage))
     yield SSE_DONE
