@@ -1,0 +1,87 @@
+"""/metrics (served by BentoML, multiprocess) carries kvbento's metrics, and they move as requests
+are served: cache misses then hits, prompt and generated tokens, latency histograms, store bytes."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every kvbento sample as ``name{label=value,...}`` -> value."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("kvbento_"):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
+                if "le" in s.labels:
+                    continue  # buckets: the _count and _sum samples are enough here
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def generate(url: str, request_id: str, n: int) -> dict:
+    r = requests.post(url + "/api/generate", timeout=60, json={
+        "request_id": request_id, "prompt": "metrics move", "stream_response": False,
+        "only_new_tokens": True, "generation_config": {"max_new_tokens": n, "min_new_tokens": n}})
+    assert r.status_code == 200, r.text[:300]
+    return r.json()
+
+
+def test_metrics_are_exposed_with_zero_series(server):
+    m = scrape(server.url)
+    for name in ("kvbento_kv_store_lookups_total{result=hit}", "kvbento_kv_store_lookups_total{result=miss}",
+                 "kvbento_kv_store_lookups_total{result=unavailable}", "kvbento_request_rejected_total",
+                 "kvbento_num_requests_running", "kvbento_num_requests_waiting",
+                 "kvbento_time_to_first_token_seconds_count", "kvbento_inter_token_latency_seconds_count",
+                 "kvbento_e2e_request_latency_seconds_count", "kvbento_prompt_tokens_total",
+                 "kvbento_generation_tokens_total", "kvbento_kv_store_read_seconds_count",
+                 "kvbento_kv_store_write_seconds_count", "kvbento_kv_store_write_bytes_total"):
+        assert name in m, (name, sorted(m))
+
+
+def test_metrics_move_as_requests_are_served(server):
+    before = scrape(server.url)
+    generate(server.url, "metrics-1", 6)  # a new request_id: miss, then a write
+    mid = scrape(server.url)
+    generate(server.url, "metrics-1", 5)  # the same request_id: hit, continued
+    after = scrape(server.url)
+
+    def d(a: dict, b: dict, name: str) -> float:
+        return b.get(name, 0.0) - a.get(name, 0.0)
+
+    assert d(before, mid, "kvbento_kv_store_lookups_total{result=miss}") == 1
+    assert d(before, mid, "kvbento_kv_store_lookups_total{result=hit}") == 0
+    assert d(mid, after, "kvbento_kv_store_lookups_total{result=hit}") == 1
+    assert d(mid, after, "kvbento_kv_store_lookups_total{result=miss}") == 0
+    assert d(before, mid, "kvbento_generation_tokens_total") == 6
+    assert d(mid, after, "kvbento_generation_tokens_total") == 5
+    assert d(before, mid, "kvbento_prompt_tokens_total") >= 1
+    # The continuation's prompt is the whole stored sequence, and it was restored, not prefilled.
+    assert d(mid, after, "kvbento_prompt_tokens_total") > d(before, mid, "kvbento_prompt_tokens_total")
+    assert d(mid, after, "kvbento_cached_prompt_tokens_total") >= 1
+    assert d(before, after, "kvbento_time_to_first_token_seconds_count") == 2
+    assert d(before, after, "kvbento_e2e_request_latency_seconds_count") == 2
+    assert d(before, after, "kvbento_inter_token_latency_seconds_count") == (6 - 1) + (5 - 1)
+    assert d(before, after, "kvbento_request_success_total{finished_reason=length}") == 2
+    assert d(before, mid, "kvbento_kv_store_write_bytes_total") > 0
+    assert d(mid, after, "kvbento_kv_store_read_bytes_total") > 0
+    assert d(before, after, "kvbento_kv_store_write_seconds_count") == 2
+    assert after["kvbento_num_requests_running"] == 0
+    assert after["kvbento_num_requests_waiting"] == 0
+
+
+def test_stateless_dialect_counts_tokens_without_store_lookups(server):
+    before = scrape(server.url)
+    r = requests.post(server.url + "/v1/completions", timeout=60,
+                      json={"prompt": "metrics move", "max_tokens": 3, "stream": False})
+    assert r.status_code == 200, r.text[:300]
+    after = scrape(server.url)
+    completion = r.json()["usage"]["completion_tokens"]
+    assert after["kvbento_generation_tokens_total"] - before["kvbento_generation_tokens_total"] == completion
+    lookups = [k for k in after if k.startswith("kvbento_kv_store_lookups_total")]
+    assert all(after[k] == before.get(k, 0.0) for k in lookups)
