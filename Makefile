@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast bench-model model clean
+.PHONY: setup serve test test-fast bench-model model clean image image-test image-check
 
 # (Re)create .venv when pyproject.toml changes. torch is pinned first so pip never resolves an
 # unpinned torch (which would pull gigabytes of CUDA wheels).
@@ -36,6 +36,20 @@ test-fast: setup
 # The ~100M-parameter benchmark model; its directory is the last line printed.
 bench-model: setup
 	@$(BIN)/python -m model.bundled --bench
+
+# The OCI image kvbento:latest, built with buildah from the bento (no Docker engine, no registry):
+# tools from apt, a cached debootstrap base image, the CPU torch wheel. See deploy/image/.
+image: setup
+	$(BIN)/pip install -q ".[image]"
+	deploy/image/build.sh
+
+# Runs the image with podman, waits for /readyz, generates (plain, streamed, continued), stops it.
+image-test:
+	deploy/image/smoke.sh
+
+# Both of the above as the marked test tests/image (what .ci/run's image step runs).
+image-check: setup
+	KVBENTO_IMAGE_TEST=1 $(BIN)/python -m pytest -q -m image tests/image
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
