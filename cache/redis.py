@@ -20,7 +20,9 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import redis
+from redis._parsers import Encoder
 from redis.backoff import NoBackoff
+from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from cache.base import Backend, BackendUnavailable, EntryInfo
@@ -110,6 +112,9 @@ class RedisBackend(Backend):
             # at once. No backoff: the store treats a failure as a miss, it must not wait.
             retry=Retry(NoBackoff(), 1),
             health_check_interval=30,
+            # hiredis (when installed) parses replies fast but packs commands into one new bytes;
+            # the Python packer sends a large value as its own chunk, i.e. without copying it.
+            command_packer=PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode),
         )
         self._max_bytes = max_bytes
         self._index = [f"{namespace}:index:{name}" for name in ("lru", "size", "exp", "total")]
