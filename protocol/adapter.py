@@ -49,9 +49,10 @@ def sampling_switch(temperature: float | None) -> bool | None:
 
 def renamed(exc: EngineError, names: dict[str, str]) -> EngineError:
     """``exc`` with the engine's field name (``max_new_tokens``) replaced by the dialect's own
-    (``max_tokens``), in ``param`` and in the message, so clients see the name they sent."""
-    own = names.get(exc.param or "")
-    if own:
+    (``max_tokens``), in ``param`` and in the message, so clients see the name they sent. Fields not
+    in ``names`` keep their name but lose the request-id API's ``generation_config.`` prefix."""
+    if exc.param:
+        own = names.get(exc.param, exc.param)
         exc.message = exc.message.replace(f"generation_config.{exc.param}", own)
         exc.param = own
     return exc

@@ -13,7 +13,7 @@ from model.types import GenerateRequest
 from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
 
 # Engine field name -> Takeoff's name (for error messages).
-PARAM_NAMES = {"max_new_tokens": "max_new_tokens", "temperature": "sampling_temperature",
+PARAM_NAMES = {"prompt": "text", "temperature": "sampling_temperature",
                "top_p": "sampling_topp", "top_k": "sampling_topk"}
 
 

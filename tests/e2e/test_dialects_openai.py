@@ -51,7 +51,8 @@ def test_chat_uses_template_and_streams_the_same_text(client, srv, tiny_model_di
     assert msg.role == "assistant" and full.object == "chat.completion"
     # The ChatML template wraps each message, so the prompt is longer than the raw words.
     assert full.usage.prompt_tokens > 10
-    stream = client.chat.completions.create(model="m", messages=msgs, max_tokens=10, temperature=0, stream=True)
+    stream = client.chat.completions.create(model="m", messages=msgs, max_tokens=10, temperature=0,
+                                            stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
@@ -98,7 +99,8 @@ def test_errors_have_openai_shape(client, srv):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=2)
     err = exc.value.body
-    assert err["param"] == "n" and "n=1" in err["message"] and set(err) >= {"message", "type", "param", "code"}
+    assert err["param"] == "n" and "n=1" in err["message"]
+    assert set(err) >= {"message", "type", "param", "code"}
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model="m", prompt="x", max_tokens=10**6, stream=True)
     assert exc.value.body["param"] == "max_tokens"

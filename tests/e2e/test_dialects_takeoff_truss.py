@@ -76,8 +76,8 @@ def test_takeoff_seed_clients_print_the_same_text(srv):
 
 def test_takeoff_stream_is_raw_and_token_by_token(srv):
     auth = {"Authorization": f"Bearer {KEY}"}
-    with requests.post(srv.url + "/generate_stream", json={"text": PROMPT, "max_new_tokens": 12}, headers=auth,
-                       stream=True, timeout=60) as r:
+    with requests.post(srv.url + "/generate_stream", json={"text": PROMPT, "max_new_tokens": 12},
+                       headers=auth, stream=True, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         assert r.headers["X-KV-Cache"] == "miss"
         chunks = [c for c in r.iter_content(chunk_size=None) if c]
@@ -92,8 +92,9 @@ def test_takeoff_stream_is_raw_and_token_by_token(srv):
 def test_takeoff_curl_line_streams(srv):
     # The seed's curl line (URL and key adapted).
     out = subprocess.run(
-        ["curl", "-sS", "-X", "POST", srv.url + "/generate_stream", "-N", "-H", "Content-Type: application/json",
-         "-H", f"Authorization: Bearer {KEY}", "-d", '{"text":"List 3 things to do in London", "max_new_tokens": 8}'],
+        ["curl", "-sS", "-X", "POST", srv.url + "/generate_stream", "-N",
+         "-H", "Content-Type: application/json", "-H", f"Authorization: Bearer {KEY}",
+         "-d", '{"text":"List 3 things to do in London", "max_new_tokens": 8}'],
         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout and "error" not in out.stdout
 

@@ -93,8 +93,8 @@ def test_together_stream_matches_json(srv):
     assert plain.status_code == 200 and plain.headers["X-KV-Cache"] == "miss"
     j = plain.json()
     assert j["choices"][0]["text"] == j["output"]["choices"][0]["text"]
-    with requests.post(srv.url + "/inference", json={**body, "stream_tokens": True}, headers=AUTH, stream=True,
-                       timeout=60) as r:
+    with requests.post(srv.url + "/inference", json={**body, "stream_tokens": True}, headers=AUTH,
+                       stream=True, timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -108,7 +108,8 @@ def test_together_errors_before_stream(srv):
     r = requests.post(srv.url + "/inference", json={"prompt": "x", "top_p": 3, "stream_tokens": True},
                       headers=AUTH, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
-    r = requests.post(srv.url + "/inference", json={"prompt": "x", "max_tokens": 10**6}, headers=AUTH, timeout=10)
+    r = requests.post(srv.url + "/inference", json={"prompt": "x", "max_tokens": 10**6}, headers=AUTH,
+                      timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     assert requests.post(srv.url + "/inference", json={"prompt": "x"}, timeout=10).status_code == 401
 
@@ -121,7 +122,8 @@ def test_together_request_id_continues(srv):
                        headers=AUTH, stream=True, timeout=60) as second:
         cache = second.headers["X-KV-Cache"]
         events = sse_events(second)
-    whole = requests.post(srv.url + "/inference", json={**body, "max_tokens": 24}, headers=AUTH, timeout=60).json()
+    whole = requests.post(srv.url + "/inference", json={**body, "max_tokens": 24}, headers=AUTH,
+                          timeout=60).json()
     assert (first.headers["X-KV-Cache"], cache) == ("miss", "hit")
     cont = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
     assert whole["usage"]["completion_tokens"] == 24
@@ -150,7 +152,8 @@ def test_generic_v1_node_reader(srv):
     plain = requests.post(srv.url + "/v1/generate", json=body, headers=AUTH, timeout=60).json()
     assert "".join(seen["deltas"]) == plain["text"] == seen["texts"][-1]
     # text is everything so far: each event's text extends the previous one by its delta
-    assert all(seen["texts"][i] == seen["texts"][i - 1] + seen["deltas"][i] for i in range(1, len(seen["texts"])))
+    texts, deltas = seen["texts"], seen["deltas"]
+    assert all(texts[i] == texts[i - 1] + deltas[i] for i in range(1, len(texts)))
     assert seen["finishReasons"] == [plain["finishReason"]] == ["length"]  # only in the final event
     assert len(set(seen["ids"])) == 1 and seen["ids"][0].startswith("gen_")
 
@@ -163,7 +166,8 @@ def test_generic_v1_sampling_runs_in_node(srv):
 def test_generic_v1_errors(srv):
     seen = run_reader(srv, {"prompt": "x", "maxTokens": 0})
     assert seen["status"] == 400 and seen["errors"][0]["type"] == "invalid_request_error"
-    r = requests.post(srv.url + "/v1/generate", json={"prompt": "x", "maxTokens": 10**6}, headers=AUTH, timeout=10)
+    r = requests.post(srv.url + "/v1/generate", json={"prompt": "x", "maxTokens": 10**6}, headers=AUTH,
+                      timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "maxTokens"
     r = requests.post(srv.url + "/v1/generate/stream", json={"prompt": "x"}, timeout=10)
     assert r.status_code == 401 and set(r.json()["error"]) >= {"type", "message"}
@@ -174,7 +178,7 @@ def test_generic_v1_request_id_continues(srv):
     body = {"prompt": PROMPT, "maxTokens": 8, "temperature": 0, "request_id": rid}
     a = requests.post(srv.url + "/v1/generate", json=body, headers=AUTH, timeout=60)
     b = run_reader(srv, body)
-    whole = requests.post(srv.url + "/v1/generate", json={"prompt": PROMPT, "maxTokens": 16, "temperature": 0},
-                          headers=AUTH, timeout=60).json()
+    whole = requests.post(srv.url + "/v1/generate", headers=AUTH, timeout=60,
+                          json={"prompt": PROMPT, "maxTokens": 16, "temperature": 0}).json()
     assert a.headers["X-KV-Cache"] == "miss"
     assert a.json()["text"] + "".join(b["deltas"]) == whole["text"]

@@ -44,7 +44,8 @@ def test_request_id_is_checked(bad):
 
 
 def test_renamed_uses_the_dialect_field_name():
-    exc = InvalidRequest("generation_config.max_new_tokens must be between 1 and 9, got 99", param="max_new_tokens")
+    exc = InvalidRequest("generation_config.max_new_tokens must be between 1 and 9, got 99",
+                         param="max_new_tokens")
     renamed(exc, oa.PARAM_NAMES)
     assert exc.param == "max_tokens" and exc.message.startswith("max_tokens must be")
 
@@ -97,12 +98,14 @@ def test_openai_chat_chunks():
     assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
     assert oa.finish_reason("abort") == "stop"
     err = oa.error_body(InvalidRequest("bad", param="n"))["error"]
-    assert err == {"message": "bad", "type": "invalid_request_error", "param": "n", "code": "invalid_request_error"}
+    assert err == {"message": "bad", "type": "invalid_request_error", "param": "n",
+                   "code": "invalid_request_error"}
 
 
 # --- the others --------------------------------------------------------------------------------
 def test_takeoff_truss_together_generic_map_their_fields():
-    t = takeoff.to_engine(body(takeoff.TakeoffBody, text="x", sampling_topk=3, max_new_tokens=4), DEFAULTS, "t")
+    t = takeoff.to_engine(body(takeoff.TakeoffBody, text="x", sampling_topk=3, max_new_tokens=4),
+                          DEFAULTS, "t")
     assert (t.prompt, t.params.top_k, t.params.max_new_tokens) == ("x", 3, 4)
     r = truss.to_engine(body(truss.TrussBody, prompt="y", stream=True, max_new_tokens=5), DEFAULTS, "t")
     assert (r.prompt, r.params.max_new_tokens) == ("y", 5)
@@ -146,8 +149,9 @@ def test_pump_turns_an_exception_into_an_error_event_then_ends():
 
 
 def test_pump_turns_an_engine_error_delta_into_an_error_event():
-    frames = drain(pump(deltas_then(None, Delta(text="a"), Delta(text="b", finish_reason="error", error="oom")),
-                        lambda d: d.text.encode(), takeoff.error_line))
+    failed = Delta(text="b", finish_reason="error", error="oom")
+    frames = drain(pump(deltas_then(None, Delta(text="a"), failed), lambda d: d.text.encode(),
+                        takeoff.error_line))
     assert frames[:2] == [b"a", b"b"] and b'"message": "oom"' in frames[2] and len(frames) == 3
 
 
