@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast bench-model model clean image image-test image-check
+.PHONY: setup serve test test-fast bench-model model clean image image-test image-check loadtest
 
 # (Re)create .venv when pyproject.toml changes. torch is pinned first so pip never resolves an
 # unpinned torch (which would pull gigabytes of CUDA wheels).
@@ -50,6 +50,11 @@ image-test:
 # Both of the above as the marked test tests/image (what .ci/run's image step runs).
 image-check: setup
 	KVBENTO_IMAGE_TEST=1 $(BIN)/python -m pytest -q -m image tests/image
+
+# Load test: starts a server (or targets LOADTEST_HOST), runs locust headless, prints a summary;
+# CSV + HTML reports under loadtests/reports/. Knobs: LOADTEST_USERS, LOADTEST_DURATION, ...
+loadtest: setup
+	$(BIN)/python loadtests/run.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,136 @@
+"""`make loadtest`: start a server (or target LOADTEST_HOST), run locust headless, print a summary.
+
+Environment (besides the locustfile's LOADTEST_* variables):
+  LOADTEST_HOST        target this server instead of starting one
+  LOADTEST_USERS       concurrent users (16)
+  LOADTEST_SPAWN_RATE  users started per second (8)
+  LOADTEST_DURATION    seconds of load (30)
+  LOADTEST_CLASSES     space-separated user classes (default: all by weight)
+  LOADTEST_PORT        port of the server started here (3999)
+  LOADTEST_REPORTS     report folder (loadtests/reports)
+A server started here uses the KVBENTO_* environment as `make serve` would, with a fresh
+temporary disk cache unless KVBENTO_CACHE_URL is set; it is stopped by PID at the end.
+
+Reports go to loadtests/reports/<UTC stamp>_{stats,stats_history,failures,exceptions}.csv and
+<stamp>.html. Exit status: locust's (non-zero when any request failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = Path(os.environ.get("LOADTEST_REPORTS", ROOT / "loadtests" / "reports"))
+BIN = Path(sys.executable).parent
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
+def start_server(port: int, timeout: float = 300) -> subprocess.Popen:
+    """Start `bentoml serve` in its own process group and wait for /readyz (bounded)."""
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+    env.setdefault("KVBENTO_CACHE_URL", "disk://" + tempfile.mkdtemp(prefix="kvbento-loadtest-"))
+    log = open(REPORTS / "server.log", "wb")
+    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early; see {REPORTS / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"server not ready after {timeout}s; see {REPORTS / 'server.log'}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the process group we started (bentoml and its worker), by PID."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def summarize(summary: dict, users: int) -> str:
+    ttft = summary["ttft_ms"]
+    secs = summary["seconds"] or float("nan")
+    lines = [
+        f"users               {users}",
+        f"duration            {secs:.1f} s",
+        f"requests            {summary['num_requests']}",
+        f"failures            {summary['num_failures']}",
+        f"generations         {summary['generations']}",
+        f"TTFT p50 / p99      {percentile(ttft, 50):.0f} / {percentile(ttft, 99):.0f} ms",
+        f"output tokens       {summary['output_tokens']}",
+        f"aggregate tok/s     {summary['output_tokens'] / secs:.1f}",
+    ]
+    lines += [f"  failure: {f}" for f in summary.get("failures", [])]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    users = _env_int("LOADTEST_USERS", 16)
+    spawn = _env_int("LOADTEST_SPAWN_RATE", 8)
+    duration = _env_int("LOADTEST_DURATION", 30)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    prefix = REPORTS / stamp
+    host = os.environ.get("LOADTEST_HOST", "")
+    proc = None
+    if not host:
+        port = _env_int("LOADTEST_PORT", 3999)
+        print(f"starting a server on 127.0.0.1:{port} ...", flush=True)
+        proc = start_server(port)
+        host = f"http://127.0.0.1:{port}"
+    try:
+        summary_path = Path(f"{prefix}_summary.json")
+        env = {**os.environ, "LOADTEST_HOST": host, "LOADTEST_SUMMARY": str(summary_path)}
+        cmd = [str(BIN / "locust"), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
+               "--host", host, "-u", str(users), "-r", str(spawn), "-t", f"{duration}s",
+               "--stop-timeout", "30", "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
+               *os.environ.get("LOADTEST_CLASSES", "").split()]
+        print(f"locust: {users} users for {duration}s against {host}", flush=True)
+        # Bounded: locust stops itself after -t plus --stop-timeout; the timeout is a backstop.
+        rc = subprocess.run(cmd, env=env, timeout=duration + 180).returncode
+        summary = json.loads(summary_path.read_text())
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    print("\n=== kvbento load test ===")
+    print(summarize(summary, users))
+    print(f"reports: {prefix}_stats.csv, {prefix}.html")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
