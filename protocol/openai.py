@@ -4,6 +4,7 @@ wire format, including stream chunks, ``stream_options.include_usage`` and the e
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -219,6 +220,12 @@ def error_body(exc: EngineError) -> dict[str, Any]:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
                       "code": getattr(exc, "code", None) or exc.type}}
+
+
+def model_id(name: str) -> str:
+    """The id clients see: a local model directory's own name (no server paths), else the hub id."""
+    path = Path(name)
+    return path.name if path.is_dir() else name
 
 
 def models(model_id: str, created: int) -> dict[str, Any]:

@@ -66,7 +66,7 @@ async def _answer(request: Request, chat: bool):
         s = await rt.engine.generate(req)
     except EngineError as exc:
         return error_response(renamed(exc, oa.PARAM_NAMES), oa.error_body)
-    framer = oa.Framer(chat, rt.model.name, body.include_usage)
+    framer = oa.Framer(chat, oa.model_id(rt.model.name), body.include_usage)
     headers = {"X-KV-Cache": s.cache_status.value}
     if body.stream:
         return stream(_frames(s, framer), "text/event-stream", headers)
@@ -92,4 +92,4 @@ async def list_models(request: Request):
         authenticate(request)
     except EngineError as exc:
         return error_response(exc, oa.error_body)
-    return JSONResponse(oa.models(runtime(request).model.name, _STARTED))
+    return JSONResponse(oa.models(oa.model_id(runtime(request).model.name), _STARTED))

@@ -29,6 +29,7 @@ def client(srv) -> openai.OpenAI:
 def test_models_lists_the_served_model(client):
     models = client.models.list()
     assert len(models.data) == 1 and models.data[0].object == "model"
+    assert models.data[0].id == "kvbento-tiny"  # the directory's name, not the server's path
 
 
 def test_completions_stream_matches_non_stream(client):
@@ -125,3 +126,20 @@ def test_request_id_continues_a_cached_sequence(srv):
     # Without request_id nothing was stored: the same call is a miss again.
     again = requests.post(url, headers=AUTH, json={**body, "max_tokens": 24}, timeout=60)
     assert again.headers["X-KV-Cache"] == "miss"
+
+
+def test_client_disconnect_stops_generation(srv):
+    """A stream the client drops is aborted at once: the record keeps only what was delivered."""
+    rid = f"oa-drop-{uuid.uuid4().hex}"
+    url = srv.url + "/v1/completions"
+    with requests.post(url, headers=AUTH, stream=True, timeout=60,
+                       json={"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True,
+                             "request_id": rid}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]  # three events (each is a data line + a blank line)
+    assert sum(1 for g in got if g.startswith(b"data: {")) == 3
+    after = requests.post(url, headers=AUTH, timeout=60,
+                          json={"prompt": PROMPT, "max_tokens": 2, "request_id": rid, "temperature": 0})
+    assert after.status_code == 200 and after.headers["X-KV-Cache"] == "hit"
+    # The continuation starts from prompt + the few delivered tokens, far from 1500 generated ones.
+    assert after.json()["usage"]["prompt_tokens"] < 200
