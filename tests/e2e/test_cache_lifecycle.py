@@ -19,8 +19,11 @@ PROMPT = "import os\nimport sys\n"
 @pytest.fixture(scope="module")
 def server(server_factory, redis_server_factory):
     redis_srv = redis_server_factory()  # its own Redis: the budget counts only this test's records
-    return server_factory({"KVBENTO_CACHE_URL": redis_srv.url, "KVBENTO_CACHE_TTL": str(TTL),
-                           "KVBENTO_CACHE_MAX_BYTES": str(BUDGET)})
+    s = server_factory({"KVBENTO_CACHE_URL": redis_srv.url, "KVBENTO_CACHE_TTL": str(TTL),
+                        "KVBENTO_CACHE_MAX_BYTES": str(BUDGET)})
+    yield s
+    s.stop()
+    redis_srv.kill()
 
 
 def gen(url: str, rid: str, n: int = 4) -> requests.Response:

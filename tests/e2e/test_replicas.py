@@ -35,7 +35,10 @@ def env(redis_srv) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def replicas(server_factory, env):
-    return [server_factory(env), server_factory(env)]
+    servers = [server_factory(env), server_factory(env)]
+    yield servers
+    for s in servers:  # free the CPU and memory for the modules that follow
+        s.stop()
 
 
 def gen(url: str, rid: str, n: int, headers: dict = A, prompt: str = PROMPT) -> requests.Response:
