@@ -119,6 +119,17 @@ class Message(BaseModel):
 class ChatBody(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Declared only to refuse them: silently ignoring tools or a JSON schema would mislead clients.
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _no_tools(self) -> "ChatBody":
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format other than text is not supported")
+        return self
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -58,6 +58,10 @@ def test_openai_body_rules():
         body(oa.CompletionBody, prompt=["a", "b"])
     with pytest.raises(BodyError, match="presence_penalty"):
         body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], presence_penalty=1)
+    with pytest.raises(BodyError, match="tools"):
+        body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}])
+    with pytest.raises(BodyError, match="response_format"):
+        body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"})
     b = body(oa.CompletionBody, prompt=["only"], stop="\n", temperature=0)
     req = oa.completion_to_engine(b, DEFAULTS, "t")
     assert req.prompt == "only" and req.params.stop == ["\n"] and req.params.max_new_tokens == 16
