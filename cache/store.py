@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from cache.base import Backend, BackendUnavailable
-from cache.codec import KVRecord, RecordError, decode, encode, read_header
+from cache.codec import KVRecord, RecordError, decode, encoded, read_header
 
 log = logging.getLogger("kvbento.cache")
 
@@ -126,9 +126,10 @@ class KVStore:
         key = self.key(tenant, request_id)
 
         def work() -> int:
-            data = encode(record)
-            self.backend.set(key, data, self.ttl)
-            return len(data)
+            # A pooled buffer: Backend.set is synchronous, so the bytes are not needed after it.
+            with encoded(record) as data:
+                self.backend.set(key, data, self.ttl)
+                return len(data)
 
         try:
             await self._call(work)
