@@ -123,7 +123,9 @@ def _write(record: KVRecord, header: bytes, tensors: list[torch.Tensor], buf: by
     torch.frombuffer(buf, dtype=torch.int32, count=n, offset=off).copy_(
         torch.as_tensor(record.token_ids, dtype=torch.int32)
     )
-    off += 4 * n + _pad(4 * n)
+    off += 4 * n
+    buf[off : off + _pad(4 * n)] = bytes(_pad(4 * n))  # a reused buffer holds stale bytes here
+    off += _pad(4 * n)
     mv = memoryview(buf)
     crc = zlib.crc32(mv[:off])
     for t in tensors:
