@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast bench-model model clean image image-test image-check loadtest
+.PHONY: setup serve test test-fast bench-model bench model clean image image-test image-check loadtest
 
 # (Re)create .venv when pyproject.toml changes. torch is pinned first so pip never resolves an
 # unpinned torch (which would pull gigabytes of CUDA wheels).
@@ -36,6 +36,13 @@ test-fast: setup
 # The ~100M-parameter benchmark model; its directory is the last line printed.
 bench-model: setup
 	@$(BIN)/python -m model.bundled --bench
+
+# Side-by-side benchmark (kvbento vs `transformers serve --continuous-batching` vs naive generate);
+# rewrites BENCHMARKS.md. `make bench BENCH_ARGS=--quick` is the seconds-long smoke run.
+bench: setup
+	$(BIN)/pip install -q ".[bench]"
+	@$(BIN)/python -m model.bundled --bench >/dev/null
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # The OCI image kvbento:latest, built with buildah from the bento (no Docker engine, no registry):
 # tools from apt, a cached debootstrap base image, the CPU torch wheel. See deploy/image/.

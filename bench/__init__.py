@@ -1,0 +1,1 @@
+"""`make bench`: kvbento side by side with its peers; results go to BENCHMARKS.md."""

@@ -1,0 +1,108 @@
+"""In-process measurements: memory bandwidth, KV record codec, backend save/load, engine ITL."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+
+import torch
+
+from cache.codec import KVRecord, decode, encode, encoded
+from cache.factory import open_backend
+
+
+def memory_bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
+    """Best-of copy bandwidth (bytes read + bytes written per second), in GB/s."""
+    src = torch.ones(mb * (1 << 20) // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def make_record(num_layers: int, kv_heads: int, head_dim: int, num_tokens: int) -> KVRecord:
+    g = torch.Generator().manual_seed(0)
+    shape = (kv_heads, num_tokens - 1, head_dim)
+    keys = [torch.randn(shape, generator=g) for _ in range(num_layers)]
+    values = [torch.randn(shape, generator=g) for _ in range(num_layers)]
+    return KVRecord(list(range(num_tokens)), num_tokens, "bench", keys, values)
+
+
+def codec_gbs(record: KVRecord, reps: int = 5) -> dict:
+    """Median encode (fresh buffer and pooled buffer, the store's path) and decode throughput, GB/s of
+    tensor bytes; ``roundtrip_gbs`` is pooled encode + decode, what one save and one load cost."""
+    enc, pooled, dec = [], [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        data = encode(record)
+        enc.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with encoded(record):
+            pass
+        pooled.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        decode(data)
+        dec.append(time.perf_counter() - t)
+        del data
+    nb = record.nbytes
+    e, p, d = statistics.median(enc), statistics.median(pooled), statistics.median(dec)
+    return {"mb": nb / 1e6, "encode_gbs": nb / e / 1e9, "pooled_encode_gbs": nb / p / 1e9,
+            "decode_gbs": nb / d / 1e9, "roundtrip_gbs": nb / (p + d) / 1e9}
+
+
+def backend_latency(url: str, record: KVRecord, reps: int = 5) -> dict:
+    """Median save (encode + set) and load (get + decode) latency in ms through the backend."""
+    backend = open_backend(url, timeout=30)
+    key = f"kvbento:bench:{uuid.uuid4().hex}"
+    save, load = [], []
+    try:
+        for _ in range(reps):
+            t = time.perf_counter()
+            with encoded(record) as data:  # the store's save path
+                backend.set(key, data)
+            save.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            decode(backend.get(key))
+            load.append(time.perf_counter() - t)
+        backend.delete(key)
+    finally:
+        backend.close()
+    return {"save_ms": 1000 * statistics.median(save), "load_ms": 1000 * statistics.median(load)}
+
+
+def engine_itl(model_dir: str, prompt_ids: list[int], n: int, threads: int, reps: int = 3) -> dict:
+    """Drive the engine in-process (no HTTP, no store): per-token ITL and batch-1 decode tok/s."""
+    from model import loader
+    from model.engine import Engine, EngineConfig
+    from model.types import GenerateRequest, SamplingParams
+
+    torch.set_num_threads(threads)
+    m = loader.load(model_dir, "cpu", "auto", 0)
+    engine = Engine(m, None, EngineConfig(max_batch_size=32))
+
+    async def one(i: int) -> list[float]:
+        req = GenerateRequest(request_id=f"inproc-{i}", prompt_ids=list(prompt_ids),
+                              params=SamplingParams(max_new_tokens=n, min_new_tokens=n), use_cache=False)
+        s = await engine.generate(req)
+        times = []
+        async for d in s:
+            if d.token_ids:
+                times.append(time.perf_counter())
+        return times
+
+    try:
+        itls = []
+        for i in range(reps):
+            t = asyncio.run(one(i))
+            itls += [b - a for a, b in zip(t, t[1:])]
+        params = sum(p.numel() * p.element_size() for p in m.model.parameters())
+    finally:
+        engine.close()
+    mean = statistics.fmean(itls)
+    return {"itl_ms_mean": 1000 * mean, "itl_ms_median": 1000 * statistics.median(itls),
+            "decode_tok_s": 1 / mean, "model_bytes": params}

@@ -1,0 +1,186 @@
+"""`make bench`: run kvbento, `transformers serve --continuous-batching` and a naive generate server
+side by side (interleaved, same model, same run), plus in-process store/engine figures; print the
+tables and write BENCHMARKS.md. ``--quick``: tiny model, few requests (a smoke run of seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from bench import micro, servers
+from bench.client import HFServe, Kvbento, Naive, run_load, summarize
+from bench.report import write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_prompt(tok, num_tokens: int, seed: int) -> str:
+    """Text that tokenizes to about ``num_tokens`` tokens (random ordinary tokens, re-encoded)."""
+    rng = random.Random(seed)
+    special = set(tok.all_special_ids)
+    pool = [i for i in range(len(tok)) if i not in special]
+    text = tok.decode([rng.choice(pool) for _ in range(num_tokens * 2)], skip_special_tokens=True)
+    ids = tok(text, add_special_tokens=False).input_ids[: num_tokens - 1]
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+async def continuation(kv: Kvbento, hf: HFServe | None, tok, ctx: int, reps: int) -> dict:
+    """TTFT of a request_id continuation (store read included) vs a fresh prefill of the same context,
+    and vs `transformers serve` sent the full context twice (its prefix pages reused the 2nd time)."""
+    import aiohttp
+
+    fresh, cont, hf_first, hf_again = [], [], [], []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for i in range(reps):
+            prompt = make_prompt(tok, ctx, 1000 + 7 * ctx + i)
+            rid = f"bench-cont-{ctx}-{i}-{time.time_ns()}"
+            r1 = await kv.send(session, prompt, 1, rid)  # fresh prefill; stores the record
+            r2 = await kv.send(session, prompt, 1, rid)  # continuation of the stored context
+            if r1.ok and r2.ok:
+                fresh.append(r1.ttft)
+                cont.append(r2.ttft)
+            if hf is not None:
+                h1 = await hf.send(session, prompt, 1, rid)
+                h2 = await hf.send(session, prompt, 1, rid)
+                if h1.ok and h2.ok:
+                    hf_first.append(h1.ttft)
+                    hf_again.append(h2.ttft)
+    med = lambda xs: 1000 * statistics.median(xs) if xs else float("nan")  # noqa: E731
+    return {"ctx": ctx, "fresh_ms": med(fresh), "cont_ms": med(cont), "hf_first_ms": med(hf_first),
+            "hf_again_ms": med(hf_again)}
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import os
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    pkgs = {p: version(p) for p in ("torch", "transformers", "bentoml", "tokenizers", "redis", "diskcache",
+                                    "aiohttp")}
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
+            "platform": platform.platform(), "packages": pkgs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, few requests: a smoke run")
+    p.add_argument("--model", help="model directory (default: the bench model; the tiny one with --quick)")
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per server (0: half the cores, at least 1: the HTTP side, the "
+                        "event loop and this client need a core; on a shared 2-core box 2 threads "
+                        "oversubscribe and every contender's decode slows ~10x)")
+    p.add_argument("--no-hf", action="store_true", help="skip `transformers serve`")
+    a = p.parse_args(argv)
+
+    from model import bundled
+    from transformers import AutoConfig, AutoTokenizer
+
+    import os
+
+    threads = a.threads or max(1, (os.cpu_count() or 1) // 2)
+    model_dir = a.model or str(bundled.ensure("kvbento-tiny" if a.quick else "kvbento-bench-100m"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    levels = [1, 4] if a.quick else [1, 4, 16, 32]
+    n_out = 8 if a.quick else 64
+    prompt_len = 32 if a.quick else 64
+    ctxs = [256] if a.quick else [256, 1024, 2048]
+    started = time.time()
+    res: dict = {"quick": a.quick, "model_dir": model_dir, "machine": machine(), "threads": threads,
+                 "n_out": n_out, "prompt_len": prompt_len, "argv": " ".join(sys.argv),
+                 "model_params": None}
+
+    # -- in-process: bandwidth, codec, backends, engine ITL ------------------------------------------
+    print("memory bandwidth ...", flush=True)
+    res["bandwidth_gbs"] = micro.memory_bandwidth_gbs(64 if a.quick else 256)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    record = micro.make_record(cfg.num_hidden_layers, heads, head_dim, 256 if a.quick else 2048)
+    print("codec ...", flush=True)
+    res["codec"] = micro.codec_gbs(record, 3 if a.quick else 5)
+    res["backends"] = {}
+    with tempfile.TemporaryDirectory(prefix="kvbento-bench-") as tmp:
+        for name, url in (("disk", f"disk://{tmp}/store"), ("redis", a.redis)):
+            try:
+                res["backends"][name] = micro.backend_latency(url, record, 3 if a.quick else 5)
+            except Exception as exc:  # Redis down: say so in the report, go on
+                res["backends"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print("engine in-process ...", flush=True)
+        prompt_ids = tok(make_prompt(tok, prompt_len, 1)).input_ids
+        res["inproc"] = micro.engine_itl(model_dir, prompt_ids, n_out, threads, 2 if a.quick else 5)
+
+        # -- HTTP contenders, interleaved --------------------------------------------------------------
+        procs = [servers.kvbento(model_dir, f"disk://{tmp}/kv", threads)]
+        if not a.no_hf:
+            procs.append(servers.hf_serve(model_dir, num_blocks=2048, max_batch_tokens=1024, threads=threads))
+        procs.append(servers.naive(model_dir, threads))
+        try:
+            for pr in procs:
+                print(f"starting {pr.name} ...", flush=True)
+                pr.start()
+            kv = Kvbento(procs[0].url)
+            contenders = [kv] + ([HFServe(procs[1].url, model_dir)] if not a.no_hf else []) + [Naive(procs[-1].url)]
+            hf = contenders[1] if not a.no_hf else None
+            # warm-up: one short request each (first-call allocations, lazy init)
+            for c in contenders:
+                asyncio.run(run_load(c, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
+            res["load"] = {}
+            for li, conc in enumerate(levels):
+                num = max(conc, 4)
+                prompts = [make_prompt(tok, prompt_len, 100 * conc + i) for i in range(num)]
+                order = contenders[li % len(contenders):] + contenders[: li % len(contenders)]
+                for c in order:
+                    print(f"load c={conc} {c.name} ...", flush=True)
+                    r, wall = asyncio.run(run_load(c, prompts, n_out, concurrency=conc, tag=f"c{conc}"))
+                    res["load"].setdefault(str(conc), {})[c.name] = summarize(r, wall)
+            rate = 4.0 if a.quick else 1.5
+            num = 4 if a.quick else 16
+            prompts = [make_prompt(tok, prompt_len, 9000 + i) for i in range(num)]
+            res["poisson"] = {"rate": rate, "num": num}
+            for c in contenders:
+                print(f"poisson {c.name} ...", flush=True)
+                r, wall = asyncio.run(run_load(c, prompts, n_out, rate=rate, seed=7, tag="poisson"))
+                res["poisson"][c.name] = summarize(r, wall)
+            print("continuation (disk) ...", flush=True)
+            res["continuation"] = {"disk": [asyncio.run(continuation(kv, hf, tok, ctx, 1 if a.quick else 2))
+                                            for ctx in ctxs]}
+        finally:
+            for pr in procs:
+                pr.stop()
+        if "error" not in res["backends"].get("redis", {"error": 1}):
+            rp = servers.kvbento(model_dir, a.redis, threads)
+            try:
+                print("continuation (redis) ...", flush=True)
+                rp.start()
+                rkv = Kvbento(rp.url)
+                asyncio.run(run_load(rkv, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
+                res["continuation"]["redis"] = [asyncio.run(continuation(rkv, None, tok, ctx, 1 if a.quick else 2))
+                                                for ctx in ctxs]
+            finally:
+                rp.stop()
+    res["seconds"] = time.time() - started
+    text = write_report(res, a.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The benchmark's quick mode runs end to end and writes a report (timings are never asserted)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_report(tmp_path: Path) -> None:
+    """Runs kvbento and the naive server (and `transformers serve` when installed) on the tiny model."""
+    out = tmp_path / "BENCH.md"
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)]
+    if shutil.which("transformers", path=str(Path(sys.executable).parent)) is None:
+        cmd.append("--no-hf")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    for heading in ("## Machine and software", "### concurrency 1", "## Continuation", "## KV store",
+                    "## Targets (same run)"):
+        assert heading in text
+    # every contender answered every request of the concurrency-1 run
+    section = text.split("### concurrency 1", 1)[1].split("###", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| kvbento") or line.startswith("| naive")]
+    assert len(rows) == 2 and all("| 4/0 |" in r for r in rows), section
