@@ -28,7 +28,9 @@ buildah add "$ctr" "$rootfs.tar" /
 buildah copy --chmod 0755 "$ctr" "$UV_BIN" /usr/local/bin/uv
 # uv's bundled root store would not trust the TLS proxy's CA that the build mounts; read the
 # system bundle instead (the file the build mounts over).
-buildah config --env LANG=C.UTF-8 --env UV_SYSTEM_CERTS=1 --cmd /bin/bash \
+# UV_NO_CACHE: buildah has no BuildKit cache mounts, so uv's cache (~1.7 GB here) would stay in the
+# install layer of every image built on top.
+buildah config --env LANG=C.UTF-8 --env UV_SYSTEM_CERTS=1 --env UV_NO_CACHE=1 --cmd /bin/bash \
     --label org.opencontainers.image.description="kvbento base: debian bookworm minbase, python3.11, uv" \
     "$ctr"
 buildah commit --rm "$ctr" "$KVBENTO_BASE_IMAGE"
