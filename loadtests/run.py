@@ -40,6 +40,9 @@ def start_server(port: int, timeout: float = 300) -> subprocess.Popen:
     """Start `bentoml serve` in its own process group and wait for /readyz (bounded)."""
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
     env.setdefault("KVBENTO_CACHE_URL", "disk://" + tempfile.mkdtemp(prefix="kvbento-loadtest-"))
+    # bentoml serve wipes $BENTOML_HOME/prometheus_multiproc_dir at start: a home of our own keeps
+    # other servers on this host from erasing this one's /metrics (and this one theirs).
+    env.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="kvbento-loadtest-home-"))
     log = open(REPORTS / "server.log", "wb")
     proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -79,6 +82,36 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
     return ordered[rank - 1]
+
+
+SERVER_SAMPLES = ("kvbento_time_to_first_token_seconds_sum", "kvbento_time_to_first_token_seconds_count",
+                  "kvbento_inter_token_latency_seconds_sum", "kvbento_inter_token_latency_seconds_count",
+                  "kvbento_generation_tokens_total", "kvbento_request_rejected_total")
+
+
+def scrape(host: str) -> dict[str, float]:
+    """The server's own counters from /metrics (empty when it cannot be read)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(host + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name in SERVER_SAMPLES and not s.labels}
+
+
+def server_side(before: dict[str, float], after: dict[str, float]) -> str:
+    """What the server measured during the run: its TTFT/ITL means exclude client-side delays."""
+    if not after:
+        return "server /metrics     unavailable"
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in SERVER_SAMPLES}
+    ttft = d["kvbento_time_to_first_token_seconds_sum"] / max(d["kvbento_time_to_first_token_seconds_count"], 1)
+    itl = d["kvbento_inter_token_latency_seconds_sum"] / max(d["kvbento_inter_token_latency_seconds_count"], 1)
+    return (f"server mean TTFT    {ttft * 1000:.0f} ms (from /metrics)\n"
+            f"server mean ITL     {itl * 1000:.1f} ms\n"
+            f"server 429s         {d['kvbento_request_rejected_total']:.0f}")
 
 
 def summarize(summary: dict, users: int) -> str:
@@ -121,13 +154,16 @@ def main() -> int:
                *os.environ.get("LOADTEST_CLASSES", "").split()]
         print(f"locust: {users} users for {duration}s against {host}", flush=True)
         # Bounded: locust stops itself after -t plus --stop-timeout; the timeout is a backstop.
+        before = scrape(host)
         rc = subprocess.run(cmd, env=env, timeout=duration + 180).returncode
+        after = scrape(host)
         summary = json.loads(summary_path.read_text())
     finally:
         if proc is not None:
             stop_server(proc)
     print("\n=== kvbento load test ===")
     print(summarize(summary, users))
+    print(server_side(before, after))
     print(f"reports: {prefix}_stats.csv, {prefix}.html")
     return rc
 

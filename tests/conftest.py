@@ -98,6 +98,9 @@ def server_factory(tiny_model_dir, tmp_path_factory):
             "KVBENTO_CACHE_URL": f"disk://{cache_dir}",
             "KVBENTO_API_KEYS": "",
             "KVBENTO_NUM_THREADS": "1",
+            # bentoml serve wipes $BENTOML_HOME/prometheus_multiproc_dir when it starts: servers
+            # sharing a home would erase each other's /metrics. One home per server.
+            "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home")),
         }
         server = Server({**base, **(env or {})})
         started.append(server)
