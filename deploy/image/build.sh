@@ -27,4 +27,7 @@ chmod -R a+rX var/models/kvbento-tiny
 "$BIN/bentoml" build --output tag >/dev/null
 "$BIN/bentoml" containerize kvbento:latest --backend buildah -t "$KVBENTO_IMAGE" \
     --opt "volume=$KVBENTO_HOST_CA:/etc/ssl/certs/ca-certificates.crt:ro"
+# Each rebuild leaves the previous image untagged; drop those (layers a tagged image still uses,
+# i.e. the build cache, stay).
+podman image prune -f >/dev/null
 buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep -F "${KVBENTO_IMAGE%%:*}" || true
