@@ -294,15 +294,14 @@ class Engine:
                     msgs, self._inbox = self._inbox, []
                     break
                 msgs, self._inbox = self._inbox, []
-            for msg in msgs:
-                if msg[0] == "add":
-                    self.scheduler.add(msg[1])
-                else:
-                    # The slab tensors are inference tensors: freeing a row in place needs the mode.
-                    with torch.inference_mode():
-                        self._abort(msg[1], msg[2])
             try:
+                # Slab tensors are inference tensors: freeing a row in place needs the mode too.
                 with torch.inference_mode():
+                    for msg in msgs:
+                        if msg[0] == "add":
+                            self.scheduler.add(msg[1])
+                        else:
+                            self._abort(msg[1], msg[2])
                     self._step()
             except Exception as exc:  # a failed step fails its sequences, never the server
                 log.exception("engine step failed")
