@@ -63,13 +63,8 @@ def to_engine(request_id: str, prompt: str, config: GenerationConfig, defaults: 
 
 
 def from_engine(stream: RequestStream, only_new_tokens: bool, full_text: str) -> dict[str, Any]:
-    """The non-streaming answer for one finished stream."""
-    out: dict[str, Any] = {"request_id": stream.request_id}
-    if not only_new_tokens:
-        out["prompt"] = stream.prompt_text
-        out["response"] = full_text
-    else:
-        out["response"] = stream.text
+    """The non-streaming answer for one finished stream: the batch item plus finish reason and usage."""
+    out = batch_item(stream, only_new_tokens, full_text)
     out["finish_reason"] = stream.finish_reason
     usage = stream.usage
     out["usage"] = {
