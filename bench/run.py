@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     threads = a.threads or max(1, (os.cpu_count() or 1) // 2)
+    import torch
+
+    torch.set_num_threads(threads)  # the codec copies and the in-process engine, same as the servers
     model_dir = a.model or str(bundled.ensure("kvbento-tiny" if a.quick else "kvbento-bench-100m"))
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ctxs = [256] if a.quick else [256, 1024, 2048]
     started = time.time()
     res: dict = {"quick": a.quick, "model_dir": model_dir, "machine": machine(), "threads": threads,
-                 "n_out": n_out, "prompt_len": prompt_len, "argv": " ".join(sys.argv),
+                 "n_out": n_out, "prompt_len": prompt_len, "argv": " ".join(["python -m bench.run", *sys.argv[1:]]),
                  "model_params": None}
 
     # -- in-process: bandwidth, codec, backends, engine ITL ------------------------------------------
@@ -123,14 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                 res["backends"][name] = micro.backend_latency(url, record, 3 if a.quick else 5)
             except Exception as exc:  # Redis down: say so in the report, go on
                 res["backends"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-        print("engine in-process ...", flush=True)
-        prompt_ids = tok(make_prompt(tok, prompt_len, 1)).input_ids
-        res["inproc"] = micro.engine_itl(model_dir, prompt_ids, n_out, threads, 2 if a.quick else 5)
 
         # -- HTTP contenders, interleaved --------------------------------------------------------------
         procs = [servers.kvbento(model_dir, f"disk://{tmp}/kv", threads)]
         if not a.no_hf:
-            procs.append(servers.hf_serve(model_dir, num_blocks=2048, max_batch_tokens=1024, threads=threads))
+            procs.append(servers.hf_serve(model_dir, num_blocks=64, max_batch_tokens=1024, threads=threads))
         procs.append(servers.naive(model_dir, threads))
         try:
             for pr in procs:
@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             # warm-up: one short request each (first-call allocations, lazy init)
             for c in contenders:
                 asyncio.run(run_load(c, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
+            # Continuation first, while the disk store is fresh: the load runs below store ~1.5 GB of
+            # records, and afterwards the disk store's sqlite commits queue behind that writeback.
+            print("continuation (disk) ...", flush=True)
+            res["continuation"] = {"disk": [asyncio.run(continuation(kv, hf, tok, ctx, 1 if a.quick else 2))
+                                            for ctx in ctxs]}
             res["load"] = {}
             for li, conc in enumerate(levels):
                 num = max(conc, 4)
@@ -150,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                 for c in order:
                     print(f"load c={conc} {c.name} ...", flush=True)
                     r, wall = asyncio.run(run_load(c, prompts, n_out, concurrency=conc, tag=f"c{conc}"))
-                    res["load"].setdefault(str(conc), {})[c.name] = summarize(r, wall)
+                    res["load"].setdefault(str(conc), {})[c.name] = sm = summarize(r, wall)
+                    print(f"  ok {sm['num_ok']} failed {sm['num_failed']} out tok/s {sm['out_tok_per_s']:.1f} "
+                          f"{sm['errors'][:1]}", flush=True)
+                if conc == 1:  # in-process ITL right next to the HTTP one (servers idle meanwhile)
+                    print("engine in-process ...", flush=True)
+                    prompt_ids = tok(prompts[0]).input_ids
+                    res["inproc"] = micro.engine_itl(model_dir, prompt_ids, n_out, threads, 2 if a.quick else 4)
             rate = 4.0 if a.quick else 1.5
             num = 4 if a.quick else 16
             prompts = [make_prompt(tok, prompt_len, 9000 + i) for i in range(num)]
@@ -159,9 +170,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"poisson {c.name} ...", flush=True)
                 r, wall = asyncio.run(run_load(c, prompts, n_out, rate=rate, seed=7, tag="poisson"))
                 res["poisson"][c.name] = summarize(r, wall)
-            print("continuation (disk) ...", flush=True)
-            res["continuation"] = {"disk": [asyncio.run(continuation(kv, hf, tok, ctx, 1 if a.quick else 2))
-                                            for ctx in ctxs]}
         finally:
             for pr in procs:
                 pr.stop()
@@ -177,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 rp.stop()
     res["seconds"] = time.time() - started
+    res["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     text = write_report(res, a.out)
     print(text)
     return 0

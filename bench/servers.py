@@ -84,10 +84,14 @@ def kvbento(model_dir: str, cache_url: str, threads: int, max_batch: int = 32) -
 
 
 def hf_serve(model_dir: str, num_blocks: int, max_batch_tokens: int, threads: int) -> Proc:
-    """`transformers serve --continuous-batching` with a sized paged cache (else it claims most memory)."""
+    """`transformers serve --continuous-batching` with a sized paged cache (else it claims most memory).
+
+    Blocks hold 256 tokens (the prefix-reuse page size): 64 blocks = 16k tokens, enough for 32
+    requests of 128 tokens and a 2048-token continuation; 2048 blocks asked for ~52 GB and its CB
+    worker died on the first request."""
     port = free_port()
     argv = [str(BIN / "transformers"), "serve", model_dir, "--continuous-batching", "--device", "cpu",
-            "--cb-num-blocks", str(num_blocks), "--cb-max-batch-tokens", str(max_batch_tokens),
+            "--cb-block-size", "256", "--cb-num-blocks", str(num_blocks), "--cb-max-batch-tokens", str(max_batch_tokens),
             "--host", "127.0.0.1", "--port", str(port)]
     return Proc("hf-serve", argv, "/health", {"OMP_NUM_THREADS": str(threads)}, port)
 
