@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from cache.base import BackendUnavailable
 from model.engine import RequestStream
 from model.types import EngineClosed
+from protocol.adapter import pump
 from protocol.common import BodyError, NotFound
 from protocol.request_id import BatchBody, GenerateBody, batch_item, from_engine, to_engine
 from routes.http import authenticate, read_body, runtime, stream
@@ -25,19 +26,11 @@ def _error_line(kind: str, message: str) -> bytes:
 
 
 async def _text_stream(request: Request, s: RequestStream, only_new_tokens: bool) -> AsyncIterator[bytes]:
-    engine = runtime(request).engine
-    try:
-        if not only_new_tokens:
-            yield engine.decode(s.base_token_ids).encode()
-        async for delta in s:
-            if delta.text:
-                yield delta.text.encode()
-            if delta.error:
-                yield _error_line("internal_error", delta.error)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # an exception must not end the stream silently
-        yield _error_line("internal_error", f"{type(exc).__name__}: {exc}")
+    if not only_new_tokens:
+        yield runtime(request).engine.decode(s.base_token_ids).encode()
+    async for frame in pump(s, lambda d: d.text.encode() if d.text else None,
+                            lambda message: _error_line("internal_error", message), cancel=s.cancel):
+        yield frame
 
 
 @router.post("/api/generate")
