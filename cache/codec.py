@@ -4,7 +4,7 @@ Layout (all integers little-endian)::
 
     b"KVBR" | u16 version | u16 reserved | u32 header_len | header (JSON, zero-padded to 64 B)
     | token ids (int32 × num_tokens) | pad to 64 B | per layer: keys bytes, values bytes
-    | u32 crc32 of everything before it
+    | u64 XXH3-64 checksum of everything before it
 
 Tensor bytes are raw (no pickle); decoding returns tensors that view the input buffer, so a load
 costs one checksum pass and no copy until the engine copies the rows into its batch.
@@ -20,17 +20,18 @@ import struct
 import threading
 import time
 import warnings
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import xxhash
 
 MAGIC = b"KVBR"
-VERSION = 1
+# 2: XXH3-64 checksum (crc32 in 1 ran at ~3.6 GB/s and was a third of a record load).
+VERSION = 2
 _PREFIX = struct.Struct("<4sHHI")
-_CRC = struct.Struct("<I")
+_CRC = struct.Struct("<Q")
 _ALIGN = 64
 
 _DTYPES = {
@@ -127,16 +128,16 @@ def _write(record: KVRecord, header: bytes, tensors: list[torch.Tensor], buf: by
     buf[off : off + _pad(4 * n)] = bytes(_pad(4 * n))  # a reused buffer holds stale bytes here
     off += _pad(4 * n)
     mv = memoryview(buf)
-    crc = zlib.crc32(mv[:off])
+    digest = xxhash.xxh3_64(mv[:off])
     for t in tensors:
         nb = t.numel() * t.element_size()
         if nb:
             dst = torch.frombuffer(buf, dtype=torch.uint8, count=nb, offset=off)
             dst.view(t.dtype).view(t.shape).copy_(t)
             # Checksum each tensor right after its copy, while its bytes are still in cache.
-            crc = zlib.crc32(mv[off : off + nb], crc)
+            digest.update(mv[off : off + nb])
         off += nb
-    _CRC.pack_into(buf, off, crc)
+    _CRC.pack_into(buf, off, digest.intdigest())
     mv.release()
     return off + _CRC.size
 
@@ -219,7 +220,7 @@ def decode(data: bytes | bytearray | memoryview) -> KVRecord:
     header = read_header(mv)
     end = len(mv) - _CRC.size
     (crc,) = _CRC.unpack_from(mv, end)
-    if zlib.crc32(mv[:end]) != crc:
+    if xxhash.xxh3_64_intdigest(mv[:end]) != crc:
         raise RecordError("record checksum mismatch")
     try:
         n = int(header["num_tokens"])
