@@ -11,16 +11,13 @@ from model.types import EngineError
 from protocol import generic_v1 as g
 from protocol.adapter import pump, renamed
 from protocol.common import SSE_DONE, sse
-from routes.http import authenticate, error_response, read_body, runtime, stream
+from routes.http import error_response, start, stream
 
 router = APIRouter()
 
 
 async def _start(request: Request):
-    rt = runtime(request)
-    tenant = authenticate(request)
-    body = await read_body(request, g.GenerateBody)
-    return await rt.engine.generate(g.to_engine(body, rt.settings.generation_defaults(), tenant))
+    return await start(request, g.GenerateBody, g.to_engine)
 
 
 @router.post("/v1/generate")

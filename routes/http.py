@@ -42,6 +42,18 @@ def authenticate(request: Request) -> str:
     return runtime(request).tenant(request.headers.get("authorization"))
 
 
+async def start(request: Request, model: type[M], to_engine: Callable[..., Any]):
+    """Authenticate, read the body as ``model``, and start its generation.
+
+    ``to_engine(body, generation_defaults, tenant)`` builds the engine request. Returns the
+    engine's RequestStream; raises the engine's typed errors.
+    """
+    rt = runtime(request)
+    tenant = authenticate(request)
+    body = await read_body(request, model)
+    return await rt.engine.generate(to_engine(body, rt.settings.generation_defaults(), tenant))
+
+
 def error_response(exc: EngineError, shape: Callable[[EngineError], Any] = error_body) -> JSONResponse:
     headers = {}
     if isinstance(exc, QueueFull):

@@ -8,16 +8,13 @@ from fastapi.responses import JSONResponse
 from model.types import EngineError
 from protocol import takeoff
 from protocol.adapter import pump, renamed
-from routes.http import authenticate, error_response, read_body, runtime, stream
+from routes.http import error_response, start, stream
 
 router = APIRouter()
 
 
 async def _start(request: Request):
-    rt = runtime(request)
-    tenant = authenticate(request)
-    body = await read_body(request, takeoff.TakeoffBody)
-    return await rt.engine.generate(takeoff.to_engine(body, rt.settings.generation_defaults(), tenant))
+    return await start(request, takeoff.TakeoffBody, takeoff.to_engine)
 
 
 @router.post("/generate")
