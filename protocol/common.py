@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
-from model.types import EngineError, InvalidRequest, SamplingParams
+from model.types import EngineError, InvalidRequest, SamplingParams, Usage
 
 M = TypeVar("M", bound=BaseModel)
+
+# A ``stop`` field as every dialect sends it: one string or a list of strings.
+Stop = Annotated[list[str] | None, BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+
+
+def usage_body(u: Usage) -> dict[str, int]:
+    """Token counts as the request-id, Takeoff and Truss answers report them."""
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "cached_tokens": u.cached_tokens}
 
 
 class BodyError(InvalidRequest):

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from model.engine import RequestStream
 from model.types import Delta, EngineError, GenerateRequest
 from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
+from protocol.common import Stop
 
 PARAM_NAMES = {"max_new_tokens": "maxTokens", "temperature": "temperature", "top_p": "topP",
                "top_k": "topK", "stop": "stop"}
@@ -24,14 +25,9 @@ class GenerateBody(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=100)
     topP: float | None = Field(default=None, gt=0, le=1)
     topK: int | None = Field(default=None, ge=0)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     request_id: str | None = OptionalRequestId  # kvbento: continue this cached sequence
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
-        return [v] if isinstance(v, str) else v
 
 
 def to_engine(body: GenerateBody, defaults: dict[str, Any], tenant: str) -> GenerateRequest:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from model.engine import RequestStream
 from model.types import Delta, EngineError, GenerateRequest, InvalidRequest, Usage
 from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
+from protocol.common import Stop
 
 # Engine field name -> the OpenAI field a client sent (for error messages).
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "top_p": "top_p", "temperature": "temperature",
@@ -34,7 +35,7 @@ class _Common(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Stop = None
     max_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -49,11 +50,6 @@ class _Common(BaseModel):
         if v != 1:
             raise ValueError(f"only n=1 is supported, got {v}")
         return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
-        return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _unsupported(self) -> "_Common":

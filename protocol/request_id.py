@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from model.engine import RequestStream
 from model.types import GenerateRequest
-from protocol.common import sampling_params
+from protocol.common import Stop, sampling_params, usage_body
 
 
 class GenerationConfig(BaseModel):
@@ -25,13 +25,8 @@ class GenerationConfig(BaseModel):
     min_new_tokens: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0, le=100)
     length_penalty: float | None = Field(default=None, ge=-100, le=100)
-    stop: list[str] | str | None = None
+    stop: Stop = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v):
-        return [v] if isinstance(v, str) else v
 
 
 RequestId = Field(min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
@@ -66,12 +61,7 @@ def from_engine(stream: RequestStream, only_new_tokens: bool, full_text: str) ->
     """The non-streaming answer for one finished stream: the batch item plus finish reason and usage."""
     out = batch_item(stream, only_new_tokens, full_text)
     out["finish_reason"] = stream.finish_reason
-    usage = stream.usage
-    out["usage"] = {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "cached_tokens": usage.cached_tokens,
-    }
+    out["usage"] = usage_body(stream.usage)
     if stream.error:
         out["error"] = {"type": "internal_error", "message": stream.error}
     return out

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from model.engine import RequestStream
 from model.types import GenerateRequest
 from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
+from protocol.common import usage_body
 
 # Engine field name -> Takeoff's name (for error messages).
 PARAM_NAMES = {"prompt": "text", "temperature": "sampling_temperature",
@@ -40,10 +41,8 @@ def to_engine(body: TakeoffBody, defaults: dict[str, Any], tenant: str) -> Gener
 
 def from_engine(s: RequestStream) -> dict[str, Any]:
     """The /generate answer: the seed reads ``message``; the rest is kvbento's extra."""
-    u = s.usage
     return {"message": s.text, "request_id": s.request_id, "finish_reason": s.finish_reason,
-            "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                      "cached_tokens": u.cached_tokens}}
+            "usage": usage_body(s.usage)}
 
 
 def error_line(message: str) -> bytes:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from model.engine import RequestStream
 from model.types import Delta, GenerateRequest, Usage
 from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
+from protocol.common import Stop
 
 RESULT_TYPE = "language-model-inference"
 
@@ -20,7 +21,7 @@ class InferenceBody(BaseModel):
     model: str | None = None  # accepted: this server serves one model
     prompt: str = Field(max_length=1_000_000)
     max_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     temperature: float | None = Field(default=None, ge=0, le=100)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
@@ -29,11 +30,6 @@ class InferenceBody(BaseModel):
     stream: bool = False  # the newer Together name for the same switch
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     request_id: str | None = OptionalRequestId  # kvbento: continue this cached sequence
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
-        return [v] if isinstance(v, str) else v
 
     @property
     def is_stream(self) -> bool:

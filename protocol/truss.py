@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.engine import RequestStream
 from model.types import GenerateRequest
+from protocol.common import Stop, usage_body
 from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
 from protocol.takeoff import error_line  # the same raw-text error line
 
@@ -26,7 +27,7 @@ class TrussBody(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0, le=100)
-    stop: list[str] | None = None
+    stop: Stop = None
     request_id: str | None = OptionalRequestId  # kvbento: continue this cached sequence
 
 
@@ -39,10 +40,8 @@ def to_engine(body: TrussBody, defaults: dict[str, Any], tenant: str) -> Generat
 
 def from_engine(s: RequestStream) -> dict[str, Any]:
     """The non-streaming answer: ``output`` is the generated text."""
-    u = s.usage
     return {"output": s.text, "request_id": s.request_id, "finish_reason": s.finish_reason,
-            "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                      "cached_tokens": u.cached_tokens}}
+            "usage": usage_body(s.usage)}
 
 
 def authorization(header: str | None) -> str | None:
