@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +33,8 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     # Torch intra-op threads on CPU; 0 = torch's default (one per core).
     num_threads: int = Field(default=0, ge=0)
+    # CPU matmul kernels: "onednn" (weights re-packed once at load, faster) or "torch" (defaults).
+    cpu_kernels: Literal["onednn", "torch"] = "onednn"
 
     # --- engine -----------------------------------------------------------------------------
     # Sequences decoded together in one step (the running batch).

@@ -100,7 +100,7 @@ def engine_itl(model_dir: str, prompt_ids: list[int], n: int, threads: int, reps
         for i in range(reps):
             t = asyncio.run(one(i))
             itls += [b - a for a, b in zip(t, t[1:])]
-        params = sum(p.numel() * p.element_size() for p in m.model.parameters())
+        params = m.weight_bytes
     finally:
         engine.close()
     mean = statistics.fmean(itls)

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from cache.codec import KVRecord
 from cache.store import CacheStatus, KVStore
+from model import kernels
 from model.kv import BatchKV
 from model.loader import LoadedModel
 from model.sampling import sample
@@ -132,6 +133,8 @@ class Engine:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self._kv_geometry = (loaded.num_layers, kv_heads, head_dim)
         self.kv = self._new_kv()
+        # model.kernels.attention reads each row's first live column from the forward's kwargs.
+        self._native_attention = getattr(cfg, "_attn_implementation", None) == kernels.ATTENTION_NAME
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self._cond = threading.Condition()
         self._inbox: list[tuple] = []
@@ -143,7 +146,10 @@ class Engine:
 
     def _new_kv(self) -> BatchKV:
         layers, heads, dim = self._kv_geometry
-        return BatchKV(layers, heads, dim, self.m.dtype, self.m.device, self.config.max_batch_size)
+        kv = BatchKV(layers, heads, dim, self.m.dtype, self.m.device, self.config.max_batch_size)
+        # Rows for a full batch and two column chunks, touched now rather than by the first burst.
+        kv.reserve(self.config.max_batch_size, 2 * kv.chunk)
+        return kv
 
     # ====================================================================== event-loop side
     @property
@@ -359,19 +365,21 @@ class Engine:
     # -- decode --------------------------------------------------------------------------
     def _decode(self) -> None:
         running = list(self.scheduler.running)
-        cache, mask, rows = self.kv.prepare_step()
+        cache, mask, rows, lo = self.kv.prepare_step()
         ids = [self.pad_id] * rows
         pos = [0] * rows
         for seq in running:
             ids[seq.row] = seq.token_ids[-1]
             pos[seq.row] = self.kv.row_len[seq.row]
         dev = self.m.device
+        extra = {"kvbento_lo": lo} if self._native_attention else {}
         out = self.m.model(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev).unsqueeze(1),
             position_ids=torch.tensor(pos, dtype=torch.long, device=dev).unsqueeze(1),
             attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
+            **extra,
         )
         self.kv.finish_step()
         self.num_steps += 1

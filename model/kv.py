@@ -5,14 +5,43 @@ Rows are left-padded so every row's newest token sits at column ``end - 1``; a d
 column ``end`` for all rows in place (no concatenation, no copy of the past). A sequence joins by
 writing its KV into a free row, and leaves by freeing its row; neither touches the other rows.
 The slab is re-laid out (one copy) only when it runs out of columns or rows, with headroom so
-that happens rarely. The forward sees ``[:num_rows, :, start:end + 1]`` views through
+that happens rarely, and it is kept across idle periods (its size is the high-water mark of the
+running batch, as with any preallocated KV pool). The forward sees ``[:num_rows, :, start:end + 1]`` views through
 ``SlabCache``, a transformers ``Cache`` whose layers write into the slab.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` that asks Linux for transparent huge pages on a large CPU slab.
+
+    A fresh slab is touched page by page on its first write; with 4 KiB pages that fault storm
+    costs ~1 s per GB on a VM (measured here), more than copying the data. With THP in
+    ``madvise`` mode (the common default) 2 MiB pages cut it by an order of magnitude.
+    """
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if device.type == "cpu" and t.nbytes >= _HUGE and _libc is not None:
+        addr = t.data_ptr()
+        lo = -(-addr // _HUGE) * _HUGE
+        hi = (addr + t.nbytes) // _HUGE * _HUGE
+        if hi > lo:
+            _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 14)  # MADV_HUGEPAGE
+    return t
+
+
+_HUGE = 2 << 20
+try:
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):
+    _libc = None
 
 
 class _SlabLayer(DynamicLayer):
@@ -84,20 +113,33 @@ class BatchKV:
         return [i for i, n in enumerate(self.row_len) if n >= 0]
 
     def _relayout(self, rows: int, capacity: int, end: int) -> None:
-        """Move every row's live span to end at column ``end`` of a fresh [rows, capacity] slab."""
+        """Move every row's live span to end at column ``end`` of a [rows, capacity] slab.
+
+        The same shape compacts in place (through a copy of the live window only); a new shape
+        allocates a fresh slab whose columns outside the live spans are zeroed: masked columns
+        still enter the fallback attention matmul, and uninitialised memory may hold NaN.
+        """
         old_rows = len(self.row_len)
         span = self.end - self.start
         new_start = end - span
         assert new_start >= 0 and end <= capacity and rows >= old_rows
-        shape = (rows, self.kv_heads, capacity, self.head_dim)
         keep = min(old_rows, rows)
+        if self.keys and rows == old_rows and capacity == self.capacity:
+            if span and new_start != self.start:
+                for t in (*self.keys, *self.values):
+                    live = t[:, :, self.start : self.end].clone()
+                    t[:, :, new_start:end] = live
+                live = self.mask[:, self.start : self.end].clone()
+                self.mask.zero_()
+                self.mask[:, new_start:end] = live
+            self.start, self.end = new_start, end
+            self.num_relayouts += 1
+            return
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
         new_k, new_v = [], []
         for i in range(self.num_layers):
             for old, out in ((self.keys, new_k), (self.values, new_v)):
-                fresh = torch.empty(shape, dtype=self.dtype, device=self.device)
-                # Every column not copied below is zeroed: masked columns still enter the
-                # attention matmul, and uninitialised memory may hold NaN (0 * NaN = NaN).
-                # Zeroing only those (not the whole slab first) halves the cost of a relayout.
+                fresh = _alloc(shape, self.dtype, self.device)
                 fresh[:, :, :new_start].zero_()
                 fresh[:, :, end:].zero_()
                 if span and keep and old:
@@ -114,6 +156,13 @@ class BatchKV:
         self.start, self.end = new_start, end
         self.num_relayouts += 1
 
+    def reserve(self, rows: int, capacity: int) -> None:
+        """Allocate (and touch) the slab up front, as a server does with its KV pool at start."""
+        if not self.active_rows and (rows > len(self.row_len) or capacity > self.capacity):
+            self.start = self.end = 0
+            self._relayout(min(max(rows, len(self.row_len)), self.max_rows),
+                           self._round(max(capacity, self.capacity)), 0)
+
     def _round(self, n: int) -> int:
         return -(-n // self.chunk) * self.chunk
 
@@ -129,10 +178,12 @@ class BatchKV:
         """
         n = keys[0].shape[1] if keys else 0
         if not self.active_rows:
-            # An idle slab starts over at one row: a lone request must not pay for (zero and
-            # attend over) the rows a past burst needed.
-            self.start = self.end = 0
-            self.row_len = []
+            # An idle slab starts over at its first row and column: a lone request attends over
+            # row 0 only. The tensors stay allocated (a burst's high-water mark): on CPU a fresh
+            # slab costs first-touch page faults on every byte, more than the copies it saves.
+            self.row_len = [-1] * len(self.row_len)
+            self.mask.zero_()
+            self.start = self.end = n if n + 1 <= self.capacity else 0
         free = [i for i, ln in enumerate(self.row_len) if ln < 0]
         rows = len(self.row_len) if free else min(self.max_rows, max(1, 2 * len(self.row_len)))
         need_left = max(0, n - self.end)
@@ -141,6 +192,8 @@ class BatchKV:
             new_end = max(self.end, n)
             new_end = max(new_end, span)
             capacity = self._round(new_end + self.chunk)
+            if rows == len(self.row_len) and capacity <= self.capacity:
+                capacity = self.capacity  # fits: compact in place, no new slab
             self._relayout(rows, capacity, new_end)
         row = next(i for i, ln in enumerate(self.row_len) if ln < 0)
         lo = self.end - n
@@ -173,14 +226,24 @@ class BatchKV:
         return ks, vs
 
     # -- decode ----------------------------------------------------------------------------
-    def prepare_step(self) -> tuple[SlabCache, torch.Tensor, int]:
-        """Make room for one more column and return (cache, 2D attention mask, num_rows)."""
+    def prepare_step(self) -> tuple[SlabCache, torch.Tensor, int, torch.Tensor]:
+        """Make room for one more column; return (cache, additive mask [rows, 1, 1, kv], num_rows,
+        first live column per row [rows] (CPU int64, for the native decode kernel))."""
         if self.end + 1 > self.capacity:
             span = self.end - self.start
-            self._relayout(len(self.row_len), self._round(span + self.chunk + 1), span)
+            need = self._round(span + self.chunk + 1)
+            self._relayout(len(self.row_len), need if need > self.capacity else self.capacity, span)
         rows = self.num_rows
         self.mask[:rows, self.end] = True  # free rows attend to their own slot: no empty softmax
-        return SlabCache(self), self.mask[:rows, self.start : self.end + 1], rows
+        # A 4D additive mask is used as is by the model: HF does not rebuild it per layer or step.
+        live = self.mask[:rows, self.start : self.end + 1]
+        bias = torch.zeros(live.shape, dtype=self.dtype, device=self.device)
+        bias.masked_fill_(~live, float("-inf"))
+        # First live column of each row in the window (free rows: their own slot, the last one).
+        width = self.end + 1 - self.start
+        lo = torch.tensor([self.end - n - self.start if n >= 0 else width - 1 for n in self.row_len[:rows]],
+                          dtype=torch.int64)
+        return SlabCache(self), bias[:, None, None, :], rows, lo
 
     def finish_step(self) -> None:
         for i, n in enumerate(self.row_len):

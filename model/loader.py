@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model import kernels
+
 log = logging.getLogger("kvbento.model")
 
 
@@ -22,6 +24,7 @@ class LoadedModel:
     name: str
     max_context: int
     eos_token_ids: list[int]
+    weight_bytes: int = 0  # parameter bytes as loaded (packed kernels hold them outside parameters())
 
     @property
     def num_layers(self) -> int:
@@ -62,8 +65,12 @@ def fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
     return h.hexdigest()
 
 
-def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_context: int = 0) -> LoadedModel:
+def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_context: int = 0,
+         cpu_kernels: str = "onednn") -> LoadedModel:
     """Load model and tokenizer with ``from_pretrained``.
+
+    ``cpu_kernels="onednn"`` swaps a CPU model's linear layers for oneDNN-packed ones
+    (``model.kernels``); ``"torch"`` keeps torch's defaults.
 
     Raises:
         OSError: the directory or hub id cannot be loaded.
@@ -86,5 +93,12 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_conte
         eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     fp = fingerprint(model, dt)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if dev.type == "cpu" and cpu_kernels == "onednn":
+        packed = kernels.pack_linears(model)
+        attn = kernels.install_attention(model)
+        if packed or attn:
+            # Other kernels sum in another order: records stay exact only between equal kernels.
+            fp = hashlib.sha256(f"{fp}:onednn={packed}:attn={attn}".encode()).hexdigest()
     log.info("loaded %s on %s (%s), context %d, fingerprint %s", name_or_path, dev, dt, limit, fp[:12])
-    return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids)
+    return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids, weight_bytes)

@@ -32,7 +32,8 @@ class Runtime:
             torch.set_num_threads(settings.num_threads)
         if settings.model == str(bundled.MODELS_DIR / "kvbento-tiny"):
             bundled.ensure("kvbento-tiny")  # the default works with no set-up at all
-        m = loader.load(settings.model, settings.device, settings.dtype, settings.max_context)
+        m = loader.load(settings.model, settings.device, settings.dtype, settings.max_context,
+                        settings.cpu_kernels)
         backend = open_backend(settings.cache_url, max_bytes=settings.cache_max_bytes,
                                timeout=settings.cache_timeout)
         store = KVStore(backend, m.fingerprint, ttl=settings.cache_ttl, timeout=settings.cache_timeout)

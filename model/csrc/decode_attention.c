@@ -1,0 +1,96 @@
+/* Decode attention over the KV slab: one query token per row, fp32, CPU.
+ *
+ * q, out: [B, H, D] contiguous. k, v: views of the slab, [B, Hkv, S, D] with strides
+ * (s_row, s_head, s_col, 1) in elements; row b attends to columns [lo[b], S), the live span of
+ * its (left-padded) sequence, so padding columns are never read. Query heads are grouped
+ * (H = g * Hkv): the g heads that share a KV head are scored in one pass over that head's keys.
+ *
+ * Each (row, kv head) task streams its keys once and its values once; tasks are split over
+ * OpenMP threads (the process's libgomp: the one torch already loaded). Built and loaded by
+ * model/kernels.py; nothing here is Python-specific.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KVB_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVB_CLONES
+#endif
+
+#define KVB_MAX_GROUP 16
+#define KVB_MAX_DIM 256
+
+KVB_CLONES
+static void attend(const float *restrict q, const float *restrict k, const float *restrict v,
+                   float *restrict out, float *restrict scores, int64_t n, int64_t g, int64_t d,
+                   int64_t s_col, float scale) {
+    /* scores[j * g + i] = scale * <q_i, k_j> */
+    for (int64_t j = 0; j < n; j++) {
+        const float *kj = k + j * s_col;
+        for (int64_t i = 0; i < g; i++) {
+            const float *qi = q + i * d;
+            float acc[KVB_MAX_DIM];
+            for (int64_t t = 0; t < d; t++) acc[t] = qi[t] * kj[t];
+            /* pairwise halving keeps the sum vectorised without -ffast-math */
+            int64_t w = d;
+            while (w > 1 && (w & 1) == 0) {
+                w >>= 1;
+                for (int64_t t = 0; t < w; t++) acc[t] += acc[t + w];
+            }
+            float s = 0.f;
+            for (int64_t t = 0; t < w; t++) s += acc[t];
+            scores[j * g + i] = s * scale;
+        }
+    }
+    for (int64_t i = 0; i < g; i++) {
+        float m = -INFINITY;
+        for (int64_t j = 0; j < n; j++) m = scores[j * g + i] > m ? scores[j * g + i] : m;
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+            float e = expf(scores[j * g + i] - m);
+            scores[j * g + i] = e;
+            sum += e;
+        }
+        float inv = 1.f / sum;
+        for (int64_t j = 0; j < n; j++) scores[j * g + i] *= inv;
+        memset(out + i * d, 0, sizeof(float) * d);
+    }
+    for (int64_t j = 0; j < n; j++) {
+        const float *vj = v + j * s_col;
+        for (int64_t i = 0; i < g; i++) {
+            float p = scores[j * g + i];
+            float *oi = out + i * d;
+            for (int64_t t = 0; t < d; t++) oi[t] += p * vj[t];
+        }
+    }
+}
+
+/* Returns 0, or -1 when a shape is outside what this kernel handles (the caller falls back). */
+int kvb_decode_attention(const float *q, const float *k, const float *v, float *out, const int64_t *lo,
+                         int64_t b, int64_t h, int64_t hkv, int64_t d, int64_t s, int64_t s_row,
+                         int64_t s_head, int64_t s_col, float scale, int nthreads) {
+    if (hkv <= 0 || h % hkv != 0 || h / hkv > KVB_MAX_GROUP || d > KVB_MAX_DIM || d <= 0) return -1;
+    for (int64_t r = 0; r < b; r++)
+        if (lo[r] < 0 || lo[r] >= s) return -1;
+    const int64_t g = h / hkv;
+    const int64_t tasks = b * hkv;
+    int failed = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) reduction(| : failed)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t r = t / hkv, kh = t % hkv;
+        const int64_t n = s - lo[r];
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(n * g));
+        if (!scores) {
+            failed |= 1;
+            continue;
+        }
+        const int64_t base = r * s_row + kh * s_head + lo[r] * s_col;
+        attend(q + (r * h + kh * g) * d, k + base, v + base, out + (r * h + kh * g) * d, scores, n, g, d,
+               s_col, scale);
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}

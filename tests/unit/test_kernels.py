@@ -1,0 +1,188 @@
+"""The CPU kernels (model/kernels.py) and the slab they read: same numbers as the torch reference."""
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import kernels
+from model.kv import BatchKV
+
+
+class _Module:  # attention functions only read attributes they need from the module
+    pass
+
+
+def reference_attention(q, k, v, lo):
+    """Float64 softmax(q k^T / sqrt(d)) v per row over columns [lo[b], S), heads grouped as HF repeats them."""
+    b, h, _, d = q.shape
+    g = h // k.shape[1]
+    k = k.double().repeat_interleave(g, dim=1)
+    v = v.double().repeat_interleave(g, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) / d ** 0.5  # [b, h, 1, S]
+    cols = torch.arange(k.shape[2])
+    scores = scores.masked_fill((cols[None, :] < lo[:, None])[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # [b, 1, h, d]
+
+
+def slab_views(rows, kv_heads, head_dim, cap, start, end, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(rows + 2, kv_heads, cap, head_dim, generator=g)
+    values = torch.randn(rows + 2, kv_heads, cap, head_dim, generator=g)
+    return keys[:rows, :, start:end], values[:rows, :, start:end]  # strided, like the engine's
+
+
+def native_expected() -> bool:
+    """In CI (and wherever a C compiler is on PATH) the native kernel must build and load."""
+    return os.environ.get("CI") == "true" or bool(shutil.which("cc") or shutil.which("gcc"))
+
+
+@pytest.mark.parametrize("rows,heads,kv_heads,head_dim", [(16, 12, 12, 64), (5, 4, 2, 48), (3, 8, 1, 128), (1, 4, 4, 64)])
+def test_decode_attention_matches_reference(rows, heads, kv_heads, head_dim):
+    cap, start, end = 96, 20, 90
+    k, v = slab_views(rows, kv_heads, head_dim, cap, start, end)
+    width = end - start
+    lo = torch.randint(0, width, (rows,), generator=torch.Generator().manual_seed(1))
+    lo[0], lo[-1] = 0, width - 1  # a row over the whole window, a row of one column
+    q = torch.randn(rows, 1, heads, head_dim).transpose(1, 2)  # HF's [b, h, 1, d] view
+    bias = torch.zeros(rows, width).masked_fill_(torch.arange(width)[None, :] < lo[:, None], float("-inf"))
+    ref = reference_attention(q, k, v, lo)
+
+    fallback, _ = kernels.attention(_Module(), q, k, v, bias[:, None, None, :], scaling=head_dim ** -0.5)
+    assert fallback.shape == (rows, 1, heads, head_dim)
+    assert torch.allclose(fallback.double(), ref, atol=1e-5)
+
+    if native_expected():
+        assert kernels.load_native() is not None, "a C compiler is here, the native kernel must load"
+    native, _ = kernels.attention(_Module(), q, k, v, bias[:, None, None, :], scaling=head_dim ** -0.5, kvbento_lo=lo)
+    assert native.shape == (rows, 1, heads, head_dim)
+    assert torch.allclose(native.double(), ref, atol=1e-5)
+
+
+def test_native_kernel_reads_only_the_live_span():
+    """Columns left of a row's first live one may hold anything (a reused slab): they are never read."""
+    if kernels.load_native() is None:
+        pytest.skip("no C compiler here")
+    k, v = slab_views(2, 2, 16, 40, 0, 30)
+    lo = torch.tensor([10, 25])
+    q = torch.randn(2, 1, 2, 16).transpose(1, 2)
+    want = reference_attention(q, k, v, lo)
+    k[0, :, :10] = float("nan")
+    v[1, :, :25] = float("inf")
+    got, _ = kernels.attention(_Module(), q, k, v, None, scaling=16 ** -0.5, kvbento_lo=lo)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_prefill_queries_go_through_sdpa():
+    q = torch.randn(1, 4, 5, 32)
+    k = torch.randn(1, 4, 5, 32)
+    v = torch.randn(1, 4, 5, 32)
+    mod = _Module()
+    mod.is_causal = True
+    out, _ = kernels.attention(mod, q, k, v, None, scaling=32 ** -0.5)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    assert torch.allclose(out, want, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels.onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_linear(bias):
+    lin = torch.nn.Linear(96, 160, bias=bias)
+    packed = kernels.PackedLinear(lin)
+    for x in (torch.randn(1, 96), torch.randn(3, 7, 96), torch.randn(7, 3, 96).transpose(0, 1)):
+        with torch.inference_mode():
+            assert torch.allclose(packed(x), lin(x), atol=1e-5)
+
+
+@pytest.mark.skipif(not kernels.onednn_available(), reason="torch built without oneDNN")
+def test_pack_linears_replaces_every_linear():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(8, 4)))
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        want = model(x)
+        assert kernels.pack_linears(model) == 2
+        assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+        assert torch.allclose(model(x), want, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- the slab (kv.py)
+def _step(kv: BatchKV, value: dict[int, float]) -> None:
+    """One decode step writing ``value[row]`` as the new column of each live row."""
+    cache, mask, rows, lo = kv.prepare_step()
+    width = kv.end + 1 - kv.start
+    assert mask.shape == (rows, 1, 1, width) and lo.shape == (rows,)
+    for r in range(rows):  # the mask and the native kernel's first live column agree
+        live = (mask[r, 0, 0] == 0).nonzero().flatten()
+        assert int(live[0]) == int(lo[r]) and int(live[-1]) == width - 1
+    new = torch.zeros(rows, 1, 1, 2)
+    for r, x in value.items():
+        new[r] = x
+    cache.layers[0].update(new, new.clone())
+    kv.finish_step()
+
+
+class _Slab:
+    """A one-layer slab plus what each row should hold, to check after every operation."""
+
+    def __init__(self, rows: int, capacity: int) -> None:
+        self.kv = BatchKV(num_layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"),
+                          max_rows=4, column_chunk=4)
+        self.kv.reserve(rows, capacity)
+        self.written: dict[int, list[float]] = {}
+
+    def insert(self, vals: list[float]) -> int:
+        t = torch.tensor(vals, dtype=torch.float32).view(1, -1, 1).expand(1, -1, 2).contiguous()
+        row = self.kv.insert([t], [t.clone()])
+        self.written[row] = list(vals)
+        return row
+
+    def remove(self, row: int) -> None:
+        self.kv.remove(row)
+        del self.written[row]
+
+    def step(self, base: float) -> None:
+        values = {r: base + r for r in self.written}
+        _step(self.kv, values)
+        for r, x in values.items():
+            self.written[r].append(x)
+        self.check()
+
+    def check(self) -> None:
+        for row, vals in self.written.items():
+            k, v = self.kv.extract(row)
+            assert k[0][0, :, 0].tolist() == vals and v[0][0, :, 1].tolist() == vals
+
+
+@torch.inference_mode()
+def test_slab_grows_with_rows_intact():
+    s = _Slab(2, 8)
+    assert len(s.kv.row_len) == 2 and s.kv.capacity == 8
+    first = id(s.kv.keys[0])
+    s.insert([1.0, 2.0, 3.0])
+    s.insert([4.0, 5.0])
+    s.check()
+    for i in range(12):  # past the capacity
+        s.step(10.0 * i)
+    assert s.kv.capacity >= 15 and id(s.kv.keys[0]) != first
+    s.insert([6.0])  # a third row: more rows
+    s.step(500.0)
+    assert len(s.kv.row_len) >= 3
+
+
+@torch.inference_mode()
+def test_slab_compacts_in_place_and_is_reused_when_idle():
+    s = _Slab(2, 16)
+    slab = id(s.kv.keys[0])
+    a = s.insert([float(x) for x in range(10)])
+    b = s.insert([100.0])
+    s.remove(a)  # the window now starts at b's only column, far right
+    before = s.kv.num_relayouts
+    for i in range(8):  # runs out of columns at 16: b's short span fits, so it moves left in place
+        s.step(200.0 + i)
+    assert s.kv.num_relayouts == before + 1 and id(s.kv.keys[0]) == slab
+    s.remove(b)
+    c = s.insert([7.0, 8.0, 9.0])  # an idle slab restarts at row 0, same tensors
+    assert c == 0 and s.kv.num_rows == 1 and id(s.kv.keys[0]) == slab
+    s.step(300.0)
