@@ -372,18 +372,17 @@ class Engine:
             ids[seq.row] = seq.token_ids[-1]
             pos[seq.row] = self.kv.row_len[seq.row]
         dev = self.m.device
-        extra = {"kvbento_lo": lo} if self._native_attention else {}
-        out = self.m.model(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev).unsqueeze(1),
-            position_ids=torch.tensor(pos, dtype=torch.long, device=dev).unsqueeze(1),
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-            **extra,
-        )
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        if self.m.decode_step is not None:
+            logits = self.m.decode_step(ids_t, pos_t, self.kv, lo, mask)
+        else:
+            extra = {"kvbento_lo": lo} if self._native_attention else {}
+            out = self.m.model(input_ids=ids_t.unsqueeze(1), position_ids=pos_t.unsqueeze(1), attention_mask=mask,
+                               past_key_values=cache, use_cache=True, **extra)
+            logits = out.logits[:, -1, :]
         self.kv.finish_step()
         self.num_steps += 1
-        logits = out.logits[:, -1, :]
         order = [s.row for s in running]
         if order != list(range(rows)):
             logits = logits.index_select(0, torch.tensor(order, device=logits.device))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import kernels
+from model import fastpath, kernels
 
 log = logging.getLogger("kvbento.model")
 
@@ -25,6 +25,8 @@ class LoadedModel:
     max_context: int
     eos_token_ids: list[int]
     weight_bytes: int = 0  # parameter bytes as loaded (packed kernels hold them outside parameters())
+    # The lean decode step (model.fastpath) where it applies; None = the HF forward decodes.
+    decode_step: object | None = None
 
     @property
     def num_layers(self) -> int:
@@ -94,11 +96,13 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_conte
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     fp = fingerprint(model, dt)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    step = None
     if dev.type == "cpu" and cpu_kernels == "onednn":
         packed = kernels.pack_linears(model)
         attn = kernels.install_attention(model)
+        step = fastpath.build(model, dt, limit) if attn else None
         if packed or attn:
             # Other kernels sum in another order: records stay exact only between equal kernels.
-            fp = hashlib.sha256(f"{fp}:onednn={packed}:attn={attn}".encode()).hexdigest()
+            fp = hashlib.sha256(f"{fp}:onednn={packed}:attn={attn}:step={step is not None}".encode()).hexdigest()
     log.info("loaded %s on %s (%s), context %d, fingerprint %s", name_or_path, dev, dt, limit, fp[:12])
-    return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids, weight_bytes)
+    return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids, weight_bytes, step)
