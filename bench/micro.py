@@ -103,6 +103,11 @@ def engine_itl(model_dir: str, prompt_ids: list[int], n: int, threads: int, reps
         params = m.weight_bytes
     finally:
         engine.close()
+    from model import kernels
+
     mean = statistics.fmean(itls)
     return {"itl_ms_mean": 1000 * mean, "itl_ms_median": 1000 * statistics.median(itls),
-            "decode_tok_s": 1 / mean, "model_bytes": params}
+            "decode_tok_s": 1 / mean, "model_bytes": params,
+            "kernels": {"onednn_linears": any(isinstance(x, kernels.PackedLinear) for x in m.model.modules()),
+                        "native_attention": kernels.load_native() is not None,
+                        "lean_decode_step": m.decode_step is not None}}

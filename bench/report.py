@@ -52,6 +52,10 @@ def write_report(res: dict, path: Path) -> str:
         "(bf16, ~1B random-weight model) is not produced.")
     add("- Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()))
     add(f"- Model: `{res['model_dir']}` (fp32, CPU), {res['threads']} torch threads per server.")
+    k = res.get("inproc", {}).get("kernels")
+    if k:
+        add("- kvbento's CPU kernels in this run: " + ", ".join(f"{n.replace('_', ' ')} {'on' if v else 'OFF'}"
+                                                               for n, v in k.items()) + ".")
     add(f"- Load runs: prompts of ~{res['prompt_len']} tokens, {res['n_out']} output tokens each, fresh "
         "request_ids (no cache hits), streamed; kvbento and the naive server are held to exactly that many "
         "tokens with `min_new_tokens`; `transformers serve` rejects that, so its tokens are counted from "
@@ -60,11 +64,14 @@ def write_report(res: dict, path: Path) -> str:
     add("Contenders (all over HTTP on 127.0.0.1): **kvbento** (`bentoml serve`, disk store), "
         "**hf-serve** (`transformers serve --continuous-batching --cb-block-size 256 --cb-num-blocks 64 "
         "--cb-max-batch-tokens 1024 --device cpu`), **naive** (`bench/naive_server.py`: `model.generate` once per request on one "
-        "dedicated thread, streamed with `TextIteratorStreamer`).\n")
+        "dedicated thread, streamed with `TextIteratorStreamer`), and at concurrency 1 and 16 **kvbento-torch**: kvbento "
+        "with `KVBENTO_CPU_KERNELS=torch` (the HF forward on torch's default kernels, i.e. without this repo's "
+        "oneDNN linears, native decode attention and lean decode step) — the before/after of that work in one run.\n")
 
     # ---- load
     add("## Throughput and latency at fixed concurrency\n")
-    add("Each level sends max(concurrency, 4) requests; the order of contenders rotates per level.\n")
+    add("Each level sends max(concurrency, 4) requests, from concurrency 16 up twice the concurrency (a "
+        "closed loop: a new request starts as one finishes); the order of contenders rotates per level.\n")
     for conc, rows in res.get("load", {}).items():
         add(f"### concurrency {conc}\n")
         L.extend(_load_table(rows))
@@ -148,6 +155,21 @@ def write_report(res: dict, path: Path) -> str:
         ("ITL through HTTP / in-process (medians)", "≤ 1.05", _ratio(http_itl, ip["itl_ms_median"]), 1.05, False),
         ("KV record encode + decode (GB/s)", "≥ 1 GB/s", c["roundtrip_gbs"], 1.0, True),
     ]
+    before = tput("16", "kvbento-torch")
+    if before:
+        add("## This repo's CPU kernels, before / after (same run)\n")
+        add("| figure | kvbento-torch (before) | kvbento (after) | after / before |")
+        add("|---|---|---|---|")
+        add(f"| out tok/s at 16 concurrent | {_f(before)} | {_f(tput('16', 'kvbento'))} "
+            f"| {_f(_ratio(tput('16', 'kvbento'), before), 2)}× |")
+        h = tput("16", "hf-serve")
+        add(f"| … vs `transformers serve` | {_f(_ratio(before, h), 2)}× | {_f(_ratio(tput('16', 'kvbento'), h), 2)}× | |")
+        n = tput("16", "naive")
+        add(f"| … vs naive | {_f(_ratio(before, n), 2)}× | {_f(_ratio(tput('16', 'kvbento'), n), 2)}× | |")
+        b1 = load.get("1", {}).get("kvbento-torch", {}).get("itl")
+        if b1 and http1:
+            add(f"| ITL at concurrency 1, median ms | {_f(b1[1], 1)} | {_f(http_itl, 1)} | {_f(_ratio(b1[1], http_itl), 2)}× faster |")
+        add("")
     add("## Targets (same run)\n")
     add("| figure | target | measured | met |")
     add("|---|---|---|---|")

@@ -24,6 +24,12 @@ from bench.report import write_report
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def requests_at(conc: int) -> int:
+    """Requests sent at a concurrency level: from 16 up, two waves (the second one arrives while the
+    first is running: closer to a steady state than one burst); below, at least 4."""
+    return 2 * conc if conc >= 16 else max(conc, 4)
+
+
 def make_prompt(tok, num_tokens: int, seed: int) -> str:
     """Text that tokenizes to about ``num_tokens`` tokens (random ordinary tokens, re-encoded)."""
     rng = random.Random(seed)
@@ -132,12 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_hf:
             procs.append(servers.hf_serve(model_dir, num_blocks=64, max_batch_tokens=1024, threads=threads))
         procs.append(servers.naive(model_dir, threads))
+        # kvbento without its CPU kernels (HF forward, torch's default matmuls): the before/after of the
+        # engine work, measured in the same run at the levels the targets name.
+        base = servers.kvbento(model_dir, f"disk://{tmp}/kv-torch", threads, name="kvbento-torch", cpu_kernels="torch")
         try:
-            for pr in procs:
+            for pr in procs + [base]:
                 print(f"starting {pr.name} ...", flush=True)
                 pr.start()
             kv = Kvbento(procs[0].url)
-            contenders = [kv] + ([HFServe(procs[1].url, model_dir)] if not a.no_hf else []) + [Naive(procs[-1].url)]
+            kvt = Kvbento(base.url)
+            kvt.name = "kvbento-torch"
+            contenders = [kv] + ([HFServe(procs[1].url, model_dir)] if not a.no_hf else []) + [Naive(procs[-1].url), kvt]
             hf = contenders[1] if not a.no_hf else None
             # warm-up: one short request each (first-call allocations, lazy init)
             for c in contenders:
@@ -149,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                                             for ctx in ctxs]}
             res["load"] = {}
             for li, conc in enumerate(levels):
-                num = max(conc, 4)
+                num = requests_at(conc)
                 prompts = [make_prompt(tok, prompt_len, 100 * conc + i) for i in range(num)]
                 order = contenders[li % len(contenders):] + contenders[: li % len(contenders)]
                 for c in order:
+                    if c is kvt and conc not in (1, 16):
+                        continue
                     print(f"load c={conc} {c.name} ...", flush=True)
                     r, wall = asyncio.run(run_load(c, prompts, n_out, concurrency=conc, tag=f"c{conc}"))
                     res["load"].setdefault(str(conc), {})[c.name] = sm = summarize(r, wall)
@@ -167,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [make_prompt(tok, prompt_len, 9000 + i) for i in range(num)]
             res["poisson"] = {"rate": rate, "num": num}
             for c in contenders:
+                if c is kvt:
+                    continue
                 print(f"poisson {c.name} ...", flush=True)
                 r, wall = asyncio.run(run_load(c, prompts, n_out, rate=rate, seed=7, tag="poisson"))
                 res["poisson"][c.name] = summarize(r, wall)
         finally:
-            for pr in procs:
+            for pr in procs + [base]:
                 pr.stop()
         if "error" not in res["backends"].get("redis", {"error": 1}):
             rp = servers.kvbento(model_dir, a.redis, threads)

@@ -175,6 +175,17 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
+# Prebuilt kernels shipped with the bundle (`make image` builds one here: the image has no compiler).
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "var" / "kernels"
+
+
+def kernel_name() -> str:
+    """File name of the built kernel: one per source, flags, CPU architecture and libc."""
+    key = hashlib.sha256(_SOURCE.read_bytes() + repr(_VARIANTS).encode() + platform.machine().encode()
+                         + "-".join(platform.libc_ver()).encode()).hexdigest()[:16]
+    return f"decode_attention-{key}.so"
+
+
 def _compile(out: Path) -> bool:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
@@ -203,7 +214,7 @@ def _compile(out: Path) -> bool:
 
 
 def load_native() -> ctypes.CDLL | None:
-    """Build (once per source and compiler, cached on disk) and load the decode kernel."""
+    """Load the decode kernel: prebuilt (bundle or cache) or built now (once, cached on disk)."""
     global _native, _native_tried
     with _native_lock:
         if _native_tried:
@@ -212,12 +223,12 @@ def load_native() -> ctypes.CDLL | None:
         if os.environ.get("KVBENTO_NATIVE_KERNELS", "1").lower() in ("0", "false", "no"):
             return None
         try:
-            cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or ""
-            key = hashlib.sha256(_SOURCE.read_bytes() + repr(_VARIANTS).encode() + platform.machine().encode()
-                                 + platform.libc_ver()[1].encode()).hexdigest()[:16]
-            path = _cache_dir() / f"decode_attention-{key}.so"
-            if not path.exists() and not _compile(path):
-                return None
+            name = kernel_name()
+            path = next((d / name for d in (BUNDLED_DIR, _cache_dir()) if (d / name).exists()), None)
+            if path is None:
+                path = _cache_dir() / name
+                if not _compile(path):
+                    return None
             lib = ctypes.CDLL(str(path))
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             lib.kvb_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
@@ -247,3 +258,14 @@ def _native_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if rc != 0:
         return None
     return out.view(b, h, 1, d).transpose(1, 2)
+
+
+if __name__ == "__main__":  # `python -m model.kernels --build DIR`: prebuild for a bundle/image
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build the native decode kernel into a directory")
+    ap.add_argument("--build", type=Path, default=BUNDLED_DIR)
+    target = ap.parse_args().build / kernel_name()
+    if not target.exists() and not _compile(target):
+        raise SystemExit("building the decode kernel failed (see the log above)")
+    print(target)

@@ -100,9 +100,11 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_conte
     if dev.type == "cpu" and cpu_kernels == "onednn":
         packed = kernels.pack_linears(model)
         attn = kernels.install_attention(model)
+        native = attn and kernels.load_native() is not None
         step = fastpath.build(model, dt, limit) if attn else None
         if packed or attn:
             # Other kernels sum in another order: records stay exact only between equal kernels.
-            fp = hashlib.sha256(f"{fp}:onednn={packed}:attn={attn}:step={step is not None}".encode()).hexdigest()
+            ident = f"{fp}:onednn={packed}:attn={attn}:native={native}:step={step is not None}"
+            fp = hashlib.sha256(ident.encode()).hexdigest()
     log.info("loaded %s on %s (%s), context %d, fingerprint %s", name_or_path, dev, dt, limit, fp[:12])
     return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids, weight_bytes, step)

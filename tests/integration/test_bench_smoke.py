@@ -27,5 +27,6 @@ def test_quick_bench_writes_report(tmp_path: Path) -> None:
         assert heading in text
     # every contender answered every request of the concurrency-1 run
     section = text.split("### concurrency 1", 1)[1].split("###", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| kvbento") or line.startswith("| naive")]
-    assert len(rows) == 2 and all("| 4/0 |" in r for r in rows), section
+    rows = [line for line in section.splitlines() if line.startswith(("| kvbento |", "| naive |", "| kvbento-torch |"))]
+    assert len(rows) == 3 and all("| 4/0 |" in r for r in rows), section
+    assert "kvbento's CPU kernels in this run:" in text
