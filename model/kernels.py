@@ -163,16 +163,14 @@ _native_lock = threading.Lock()
 # reductions, ~1.7x on the kernel; it is safe there because the kernel itself uses no inf/NaN.
 # OpenMP resolves to the libgomp torch already loaded.
 _VARIANTS = (
-    (("-O3", "-fPIC", "-shared", "-ffast-math", "-fopenmp"), ("-lmvec", "-lm")),
-    (("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp"), ("-lm",)),
-    (("-O3", "-fPIC", "-shared", "-fno-math-errno"), ("-lm",)),
+    (("-O3", "-fPIC", "-ffast-math", "-fopenmp"), ("-lmvec", "-lm")),
+    (("-O3", "-fPIC", "-fno-math-errno", "-fopenmp"), ("-lm",)),
+    (("-O3", "-fPIC", "-fno-math-errno"), ("-lm",)),
 )
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("KVBENTO_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvbento", "kernels")
-    return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "kvbento" / "kernels"
 
 
 # Prebuilt kernels shipped with the bundle (`make image` builds one here: the image has no compiler).
@@ -193,13 +191,22 @@ def _compile(out: Path) -> bool:
         return False
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    obj = out.with_suffix(f".{os.getpid()}.o")
     for flags in _VARIANTS:
+        # Compile and link apart: linked with -ffast-math, gcc < 13 adds crtfastmath.o even to a
+        # shared object, whose constructor would switch the loading process to flush-to-zero.
         try:
-            r = subprocess.run([cc, *flags[0], str(_SOURCE), "-o", str(tmp), *flags[1]],
+            r = subprocess.run([cc, "-c", *flags[0], str(_SOURCE), "-o", str(obj)],
                                capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                link = [cc, "-shared", str(obj), "-o", str(tmp), *flags[1]]
+                link[2:2] = ["-fopenmp"] if "-fopenmp" in flags[0] else []
+                r = subprocess.run(link, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("compiling the decode kernel failed: %s", exc)
             return False
+        finally:
+            obj.unlink(missing_ok=True)
         if r.returncode == 0:
             try:
                 ctypes.CDLL(str(tmp))  # links and resolves here, or try the next variant
@@ -220,8 +227,6 @@ def load_native() -> ctypes.CDLL | None:
         if _native_tried:
             return _native
         _native_tried = True
-        if os.environ.get("KVBENTO_NATIVE_KERNELS", "1").lower() in ("0", "false", "no"):
-            return None
         try:
             name = kernel_name()
             path = next((d / name for d in (BUNDLED_DIR, _cache_dir()) if (d / name).exists()), None)

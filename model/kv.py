@@ -183,7 +183,12 @@ class BatchKV:
             # slab costs first-touch page faults on every byte, more than the copies it saves.
             self.row_len = [-1] * len(self.row_len)
             self.mask.zero_()
-            self.start = self.end = n if n + 1 <= self.capacity else 0
+            if n + 1 <= self.capacity:
+                self.start = self.end = n
+            else:  # too long for it: start a one-row slab rather than widen every row of the old one
+                self.keys, self.values, self.row_len = [], [], []
+                self.mask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+                self.start = self.end = 0
         free = [i for i, ln in enumerate(self.row_len) if ln < 0]
         rows = len(self.row_len) if free else min(self.max_rows, max(1, 2 * len(self.row_len)))
         need_left = max(0, n - self.end)

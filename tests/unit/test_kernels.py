@@ -186,3 +186,12 @@ def test_slab_compacts_in_place_and_is_reused_when_idle():
     c = s.insert([7.0, 8.0, 9.0])  # an idle slab restarts at row 0, same tensors
     assert c == 0 and s.kv.num_rows == 1 and id(s.kv.keys[0]) == slab
     s.step(300.0)
+
+
+def test_loading_the_native_kernel_keeps_denormals():
+    """Built with -ffast-math, the kernel must not switch the process to flush-to-zero (gcc < 13
+    links crtfastmath.o into shared objects unless compile and link are separate)."""
+    if kernels.load_native() is None:
+        pytest.skip("no C compiler here")
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # a float32 denormal
+    assert float(tiny * 2) > 0
