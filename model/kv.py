@@ -94,6 +94,7 @@ class BatchKV:
         self.start = self.end = 0
         self.row_len: list[int] = []  # tokens in each row's KV; -1 = free row
         self.num_relayouts = 0
+        self._reserved: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
 
     # -- geometry --------------------------------------------------------------------------
     @property
@@ -162,6 +163,30 @@ class BatchKV:
             self.start = self.end = 0
             self._relayout(min(max(rows, len(self.row_len)), self.max_rows),
                            self._round(max(capacity, self.capacity)), 0)
+        self._reserved = (self.keys, self.values, self.mask)
+
+    def _restart(self, n: int) -> None:
+        """Pick the tensors an idle slab starts over with, for a first sequence of ``n`` tokens.
+
+        A lone request attends over row 0 only, whatever the slab's size. The reserved slab is
+        kept for the life of the engine (on CPU a fresh one costs first-touch page faults on every
+        byte, more than the copies it saves) and is taken back whenever the sequence fits it; a
+        longer one gets a one-row slab of its own (widening every reserved row would cost rows x
+        its length), which the next idle restart that fits the reserve lets go.
+        """
+        res = self._reserved
+        if res is not None and n + 1 <= res[2].shape[1]:
+            if self.keys is not res[0]:
+                self.keys, self.values, self.mask = res
+                self.row_len = [-1] * self.mask.shape[0]
+        elif not self.keys or n + 1 > self.capacity:
+            self.keys, self.values, self.row_len = [], [], []
+            self.mask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+            self.start = self.end = 0
+            return
+        self.row_len = [-1] * len(self.row_len)
+        self.mask.zero_()
+        self.start = self.end = n
 
     def _round(self, n: int) -> int:
         return -(-n // self.chunk) * self.chunk
@@ -178,17 +203,7 @@ class BatchKV:
         """
         n = keys[0].shape[1] if keys else 0
         if not self.active_rows:
-            # An idle slab starts over at its first row and column: a lone request attends over
-            # row 0 only. The tensors stay allocated (a burst's high-water mark): on CPU a fresh
-            # slab costs first-touch page faults on every byte, more than the copies it saves.
-            self.row_len = [-1] * len(self.row_len)
-            self.mask.zero_()
-            if n + 1 <= self.capacity:
-                self.start = self.end = n
-            else:  # too long for it: start a one-row slab rather than widen every row of the old one
-                self.keys, self.values, self.row_len = [], [], []
-                self.mask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
-                self.start = self.end = 0
+            self._restart(n)
         free = [i for i, ln in enumerate(self.row_len) if ln < 0]
         rows = len(self.row_len) if free else min(self.max_rows, max(1, 2 * len(self.row_len)))
         need_left = max(0, n - self.end)

@@ -195,3 +195,17 @@ def test_loading_the_native_kernel_keeps_denormals():
         pytest.skip("no C compiler here")
     tiny = torch.tensor([1e-40], dtype=torch.float32)  # a float32 denormal
     assert float(tiny * 2) > 0
+
+
+@torch.inference_mode()
+def test_idle_slab_gives_a_long_sequence_its_own_row_and_returns_to_the_reserve():
+    s = _Slab(2, 8)
+    reserved = id(s.kv.keys[0])
+    a = s.insert([float(x) for x in range(20)])  # longer than the reserve's columns
+    assert len(s.kv.row_len) == 1 and id(s.kv.keys[0]) != reserved  # one row, not 2 x 20+ columns
+    s.step(50.0)
+    s.remove(a)
+    b = s.insert([1.0, 2.0])  # fits the reserve again: back to it, no new slab
+    assert b == 0 and id(s.kv.keys[0]) == reserved and len(s.kv.row_len) == 2
+    s.insert([3.0])
+    s.step(60.0)
