@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             # Continuation first, while the disk store is fresh: the load runs below store ~1.5 GB of
             # records, and afterwards the disk store's sqlite commits queue behind that writeback.
             print("continuation (disk) ...", flush=True)
-            res["continuation"] = {"disk": [asyncio.run(continuation(kv, hf, tok, ctx, 1 if a.quick else 2))
+            res["continuation"] = {"disk": [asyncio.run(continuation(kv, hf, tok, ctx, 1 if a.quick else 3))
                                             for ctx in ctxs]}
             res["load"] = {}
             for li, conc in enumerate(levels):
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 rp.start()
                 rkv = Kvbento(rp.url)
                 asyncio.run(run_load(rkv, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
-                res["continuation"]["redis"] = [asyncio.run(continuation(rkv, None, tok, ctx, 1 if a.quick else 2))
+                res["continuation"]["redis"] = [asyncio.run(continuation(rkv, None, tok, ctx, 1 if a.quick else 3))
                                                 for ctx in ctxs]
             finally:
                 rp.stop()
