@@ -12,36 +12,10 @@ running batch, as with any preallocated KV pool). The forward sees ``[:num_rows,
 
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty`` that asks Linux for transparent huge pages on a large CPU slab.
-
-    A fresh slab is touched page by page on its first write; with 4 KiB pages that fault storm
-    costs ~1 s per GB on a VM (measured here), more than copying the data. With THP in
-    ``madvise`` mode (the common default) 2 MiB pages cut it by an order of magnitude.
-    """
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if device.type == "cpu" and t.nbytes >= _HUGE and _libc is not None:
-        addr = t.data_ptr()
-        lo = -(-addr // _HUGE) * _HUGE
-        hi = (addr + t.nbytes) // _HUGE * _HUGE
-        if hi > lo:
-            _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 14)  # MADV_HUGEPAGE
-    return t
-
-
-_HUGE = 2 << 20
-try:
-    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):
-    _libc = None
+from cache import memory
 
 
 class _SlabLayer(DynamicLayer):
@@ -140,7 +114,7 @@ class BatchKV:
         new_k, new_v = [], []
         for i in range(self.num_layers):
             for old, out in ((self.keys, new_k), (self.values, new_v)):
-                fresh = _alloc(shape, self.dtype, self.device)
+                fresh = memory.empty(shape, self.dtype, self.device)
                 fresh[:, :, :new_start].zero_()
                 fresh[:, :, end:].zero_()
                 if span and keep and old:
