@@ -63,6 +63,9 @@ class KVRecord:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     created_at: float = field(default_factory=time.time)
+    # Written into the header at every save: tells apart two saves of one request_id cheaply
+    # (KVStore keeps its latest saves in memory and checks the stored header's nonce).
+    nonce: str = ""
 
     @property
     def num_cached(self) -> int:
@@ -103,6 +106,7 @@ def _layout(record: KVRecord) -> tuple[bytes, list[torch.Tensor], int]:
             "dtype": dtype_name,
             "shapes": shapes,
             "created_at": record.created_at,
+            "nonce": record.nonce,
         },
         separators=(",", ":"),
     ).encode()
@@ -255,4 +259,5 @@ def decode(data: bytes | bytearray | memoryview) -> KVRecord:
         keys=keys,
         values=values,
         created_at=float(header.get("created_at", 0.0)),
+        nonce=str(header.get("nonce", "")),
     )

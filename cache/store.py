@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -62,7 +63,7 @@ class KVStore:
     """Async facade over a blocking ``Backend``."""
 
     def __init__(self, backend: Backend, fingerprint: str, *, ttl: float = 0, timeout: float = 5.0,
-                 max_workers: int = 4) -> None:
+                 max_workers: int = 4, recent_bytes: int = 512 << 20) -> None:
         self.backend = backend
         self.fingerprint = fingerprint
         self.ttl = ttl or None
@@ -70,6 +71,15 @@ class KVStore:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvstore")
         self._down_since: float | None = None
         self.num_hits = self.num_misses = self.num_unavailable = 0
+        # The latest records this process saved, by key (event-loop thread only). A load checks the
+        # stored header's nonce (a cheap head read) and, when it is still this save, skips reading
+        # and decoding the whole record: a continuation right after its request no longer waits
+        # for tens of MB that the page cache is still writing back (disk) or that cross the
+        # socket again (Redis). Another replica's later save changes the nonce: a full read.
+        self._recent: OrderedDict[str, KVRecord] = OrderedDict()
+        self._recent_nbytes = 0
+        self._recent_limit = recent_bytes
+        self.num_recent_hits = 0
 
     # -- keys ------------------------------------------------------------------------------
     @staticmethod
@@ -97,10 +107,48 @@ class KVStore:
         return self._down_since is None
 
     # -- records ---------------------------------------------------------------------------
+    def _remember(self, key: str, record: KVRecord) -> None:
+        self._forget(key)
+        if not record.nonce or record.nbytes > self._recent_limit:
+            return
+        self._recent[key] = record
+        self._recent_nbytes += record.nbytes
+        while self._recent_nbytes > self._recent_limit:
+            _, old = self._recent.popitem(last=False)
+            self._recent_nbytes -= old.nbytes
+
+    def _forget(self, key: str) -> None:
+        old = self._recent.pop(key, None)
+        if old is not None:
+            self._recent_nbytes -= old.nbytes
+
+    async def _load_recent(self, key: str, start: float) -> LoadResult | None:
+        """The remembered record if the store still holds that very save, else None."""
+        record = self._recent.get(key)
+        if record is None:
+            return None
+        entry = await self._call(self.backend.info, key)
+        header = None
+        if entry is not None and entry.head is not None:
+            try:
+                header = read_header(entry.head)
+            except RecordError:
+                pass
+        if header is None or header.get("nonce") != record.nonce:
+            self._forget(key)  # gone, expired, or saved again since (another replica)
+            return None
+        self._recent.move_to_end(key)
+        self.num_hits += 1
+        self.num_recent_hits += 1
+        return LoadResult(CacheStatus.HIT, record, entry.nbytes, time.perf_counter() - start)
+
     async def load(self, tenant: str, request_id: str) -> LoadResult:
         """Read and verify the record; a corrupt or foreign record is a miss, never an error."""
         start = time.perf_counter()
         try:
+            recent = await self._load_recent(self.key(tenant, request_id), start)
+            if recent is not None:
+                return recent
             data = await self._call(self.backend.get, self.key(tenant, request_id))
         except BackendUnavailable:
             self.num_unavailable += 1
@@ -131,14 +179,18 @@ class KVStore:
                 self.backend.set(key, data, self.ttl)
                 return len(data)
 
+        record.nonce = uuid.uuid4().hex
         try:
             await self._call(work)
-            return True
         except BackendUnavailable:
+            self._forget(key)
             return False
+        self._remember(key, record)
+        return True
 
     async def delete(self, tenant: str, request_id: str) -> bool:
         """Remove the record. Raises BackendUnavailable when the store cannot answer."""
+        self._forget(self.key(tenant, request_id))
         return await self._call(self.backend.delete, self.key(tenant, request_id))
 
     async def info(self, tenant: str, request_id: str) -> RecordInfo | None:

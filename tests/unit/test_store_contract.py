@@ -229,3 +229,35 @@ def test_store_leases_are_per_tenant_and_request_id(store):
     again = run(store.acquire("a", rid))
     assert again is not None
     run(store.release("a", rid, again))
+
+
+def test_store_serves_its_latest_save_from_memory_only_while_the_store_holds_that_save(make_backend):
+    backend = make_backend()
+    a, b = KVStore(backend, FP, timeout=5), KVStore(backend, FP, timeout=5)  # two replicas, one store
+    rid = uuid.uuid4().hex
+    first = record(20, fill=1.0)
+    run(a.save("t", rid, first))
+    got = run(a.load("t", rid))
+    assert got.status is CacheStatus.HIT and a.num_recent_hits == 1
+    assert got.record.token_ids == first.token_ids and torch.equal(got.record.keys[1], first.keys[1])
+
+    run(b.save("t", rid, record(30, fill=3.0)))  # the other replica continued the request_id
+    got = run(a.load("t", rid))
+    assert got.status is CacheStatus.HIT and a.num_recent_hits == 1  # read from the store, not memory
+    assert len(got.record.token_ids) == 30 and float(got.record.keys[0][0, 0, 0]) == 3.0
+
+    run(a.save("t", rid, record(12)))
+    run(b.delete("t", rid))  # gone from the store: a miss, whatever this process remembers
+    assert run(a.load("t", rid)).status is CacheStatus.MISS
+    for s in (a, b):
+        s._pool.shutdown(wait=True)
+
+
+def test_store_memory_for_recent_saves_is_bounded(make_backend):
+    rec = record(50)
+    s = KVStore(make_backend(), FP, timeout=5, recent_bytes=rec.nbytes - 1)
+    rid = uuid.uuid4().hex
+    run(s.save("t", rid, rec))
+    assert run(s.load("t", rid)).status is CacheStatus.HIT and s.num_recent_hits == 0
+    assert s._recent_nbytes == 0
+    s._pool.shutdown(wait=True)
