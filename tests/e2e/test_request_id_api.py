@@ -8,6 +8,8 @@ import diskcache
 import pytest
 import requests
 
+from cache.codec import read_header
+
 pytestmark = pytest.mark.e2e
 
 PROMPT = "[INST] Generate a very long poem about 1000 cats [/INST]\n\n"
@@ -93,12 +95,33 @@ def test_corrupted_record_is_a_miss_not_wrong_output(srv, cache_dir):
     store = diskcache.Cache(str(cache_dir))
     key = "kvbento:v1:public:corrupt"
     data = bytearray(store.get(key))
+    # As if another writer (a replica, a torn write) had stored damaged bytes since: a new nonce
+    # in the header (so the server's in-memory copy of its own save no longer applies) and a
+    # flipped body byte (so the checksum fails).
+    nonce = read_header(data)["nonce"].encode()
+    at = data.find(nonce)
+    data[at : at + len(nonce)] = nonce[::-1] if nonce[::-1] != nonce else b"0" * len(nonce)
     data[len(data) // 2] ^= 0xFF
     store.set(key, bytes(data))
     store.close()
     r = gen(srv, "corrupt", 8)
     assert r.status_code == 200 and r.headers["X-KV-Cache"] == "miss"
     assert r.json()["response"] == first  # regenerated from the prompt, not from damaged tensors
+
+
+def test_damage_to_its_own_last_save_does_not_reach_the_server_that_saved_it(srv, cache_dir):
+    """The server continues from its in-memory copy of that very save (same nonce): exact output."""
+    first = gen(srv, "damaged-after", 8).json()["response"]
+    store = diskcache.Cache(str(cache_dir))
+    key = "kvbento:v1:public:damaged-after"
+    data = bytearray(store.get(key))
+    data[len(data) // 2] ^= 0xFF
+    store.set(key, bytes(data))
+    store.close()
+    r = gen(srv, "damaged-after", 8)
+    ref = gen(srv, "damaged-after-ref", 16)
+    assert r.status_code == 200 and r.headers["X-KV-Cache"] == "hit"
+    assert first + r.json()["response"] == ref.json()["response"]
 
 
 BAD = [
