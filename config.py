@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(default=0, ge=0)
     # Seconds a store call may take before the store counts as unavailable.
     cache_timeout: float = Field(default=5.0, gt=0)
+    # Bytes of this server's latest saved records kept in memory, so a continuation right after
+    # its request skips re-reading them (checked against the store first); 0 = off.
+    cache_recent_bytes: int = Field(default=512 << 20, ge=0)
 
     # --- auth -------------------------------------------------------------------------------
     # Comma-separated bearer keys; empty = no auth. Request ids are scoped per key.

@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(run_load(c, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
             # Continuation first, while the disk store is fresh: the load runs below store ~1.5 GB of
             # records, and afterwards the disk store's sqlite commits queue behind that writeback.
+            # The codec/backend micro-runs above wrote ~2 GB to this disk; flush it now, or its
+            # writeback (due 30 s after the writes, i.e. about now) stalls the disk store's reads
+            # and sqlite commits and the continuation figures measure the benchmark's own I/O.
+            os.sync()
             print("continuation (disk) ...", flush=True)
             res["continuation"] = {"disk": [asyncio.run(continuation(kv, hf, tok, ctx, 1 if a.quick else 3))
                                             for ctx in ctxs]}

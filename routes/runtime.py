@@ -36,7 +36,8 @@ class Runtime:
                         settings.cpu_kernels)
         backend = open_backend(settings.cache_url, max_bytes=settings.cache_max_bytes,
                                timeout=settings.cache_timeout)
-        store = KVStore(backend, m.fingerprint, ttl=settings.cache_ttl, timeout=settings.cache_timeout)
+        store = KVStore(backend, m.fingerprint, ttl=settings.cache_ttl, timeout=settings.cache_timeout,
+                        recent_bytes=settings.cache_recent_bytes)
         engine = Engine(
             m, store,
             EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
