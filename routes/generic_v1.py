@@ -7,38 +7,30 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from model.types import EngineError
 from protocol import generic_v1 as g
-from protocol.adapter import pump, renamed
+from protocol.adapter import pump
 from protocol.common import SSE_DONE, sse
-from routes.http import error_response, start, stream
+from routes.http import Entry, stream
 
 router = APIRouter()
-
-
-async def _start(request: Request):
-    return await start(request, g.GenerateBody, g.to_engine)
+entry = Entry(g.GenerateBody, g.to_engine, g.PARAM_NAMES, g.error_body)
 
 
 @router.post("/v1/generate")
 async def generate(request: Request):
-    try:
-        s = await _start(request)
-    except EngineError as exc:
-        return error_response(renamed(exc, g.PARAM_NAMES), g.error_body)
+    s, refused = await entry.start(request)
+    if refused:
+        return refused
     await s.collect()
-    if s.error:
-        return error_response(EngineError(s.error), g.error_body)
-    return JSONResponse(g.from_engine(f"gen_{uuid.uuid4().hex[:24]}", s),
-                        headers={"X-KV-Cache": s.cache_status.value})
+    return entry.failure(s) or JSONResponse(g.from_engine(f"gen_{uuid.uuid4().hex[:24]}", s),
+                                            headers={"X-KV-Cache": s.cache_status.value})
 
 
 @router.post("/v1/generate/stream")
 async def generate_stream(request: Request):
-    try:
-        s = await _start(request)
-    except EngineError as exc:
-        return error_response(renamed(exc, g.PARAM_NAMES), g.error_body)
+    s, refused = await entry.start(request)
+    if refused:
+        return refused
     framer = g.Framer(f"gen_{uuid.uuid4().hex[:24]}")
 
     def on_delta(d):

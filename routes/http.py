@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from model.types import EngineError, QueueFull
+from protocol.adapter import renamed
 from protocol.common import PayloadTooLarge, error_body, parse_json
 from routes.runtime import Runtime
 
@@ -52,6 +54,28 @@ async def start(request: Request, model: type[M], to_engine: Callable[..., Any])
     tenant = authenticate(request)
     body = await read_body(request, model)
     return await rt.engine.generate(to_engine(body, rt.settings.generation_defaults(), tenant))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A dialect whose body alone makes the engine request: its body model, the mapping, the
+    dialect's names for engine parameters (for error messages) and its error shape."""
+
+    model: type[BaseModel]
+    to_engine: Callable[..., Any]
+    param_names: Mapping[str, str] = field(default_factory=dict)
+    error_shape: Callable[[EngineError], Any] = error_body
+
+    async def start(self, request: Request) -> tuple[Any, JSONResponse | None]:
+        """``(stream, None)``, or ``(None, the error response)`` for a refused request."""
+        try:
+            return await start(request, self.model, self.to_engine), None
+        except EngineError as exc:
+            return None, error_response(renamed(exc, self.param_names), self.error_shape)
+
+    def failure(self, s: Any) -> JSONResponse | None:
+        """The error response for a collected stream that ended in an engine error, else None."""
+        return error_response(EngineError(s.error), self.error_shape) if s.error else None
 
 
 def error_response(exc: EngineError, shape: Callable[[EngineError], Any] = error_body) -> JSONResponse:
