@@ -75,39 +75,46 @@ def backend_latency(url: str, record: KVRecord, reps: int = 5) -> dict:
     return {"save_ms": 1000 * statistics.median(save), "load_ms": 1000 * statistics.median(load)}
 
 
-def engine_itl(model_dir: str, prompt_ids: list[int], n: int, threads: int, reps: int = 3) -> dict:
-    """Drive the engine in-process (no HTTP, no store): per-token ITL and batch-1 decode tok/s."""
-    from model import loader
-    from model.engine import Engine, EngineConfig
-    from model.types import GenerateRequest, SamplingParams
+class InProcessEngine:
+    """The engine driven directly (no HTTP, no store), kept loaded so that its requests can be
+    interleaved with the same requests sent through HTTP (the server-overhead ratio)."""
 
-    torch.set_num_threads(threads)
-    m = loader.load(model_dir, "cpu", "auto", 0)
-    engine = Engine(m, None, EngineConfig(max_batch_size=32))
+    def __init__(self, model_dir: str, threads: int) -> None:
+        from model import loader
+        from model.engine import Engine, EngineConfig
 
-    async def one(i: int) -> list[float]:
-        req = GenerateRequest(request_id=f"inproc-{i}", prompt_ids=list(prompt_ids),
-                              params=SamplingParams(max_new_tokens=n, min_new_tokens=n), use_cache=False)
-        s = await engine.generate(req)
-        times = []
-        async for d in s:
-            if d.token_ids:
-                times.append(time.perf_counter())
-        return times
+        torch.set_num_threads(threads)
+        self.m = loader.load(model_dir, "cpu", "auto", 0)
+        self.engine = Engine(self.m, None, EngineConfig(max_batch_size=32))
+        self._n = 0
 
-    try:
-        itls = []
-        for i in range(reps):
-            t = asyncio.run(one(i))
-            itls += [b - a for a, b in zip(t, t[1:])]
-        params = m.weight_bytes
-    finally:
-        engine.close()
-    from model import kernels
+    def itls(self, prompt_ids: list[int], n: int) -> list[float]:
+        """Inter-token latencies (s) of one request of exactly ``n`` new tokens."""
+        from model.types import GenerateRequest, SamplingParams
 
-    mean = statistics.fmean(itls)
-    return {"itl_ms_mean": 1000 * mean, "itl_ms_median": 1000 * statistics.median(itls),
-            "decode_tok_s": 1 / mean, "model_bytes": params,
-            "kernels": {"onednn_linears": any(isinstance(x, kernels.PackedLinear) for x in m.model.modules()),
-                        "native_attention": kernels.load_native() is not None,
-                        "lean_decode_step": m.decode_step is not None}}
+        self._n += 1
+
+        async def one() -> list[float]:
+            req = GenerateRequest(request_id=f"inproc-{self._n}", prompt_ids=list(prompt_ids),
+                                  params=SamplingParams(max_new_tokens=n, min_new_tokens=n), use_cache=False)
+            times = []
+            async for d in await self.engine.generate(req):
+                if d.token_ids:
+                    times.append(time.perf_counter())
+            return times
+
+        t = asyncio.run(one())
+        return [b - a for a, b in zip(t, t[1:])]
+
+    def summary(self, itls: list[float]) -> dict:
+        from model import kernels
+
+        mean = statistics.fmean(itls)
+        return {"itl_ms_mean": 1000 * mean, "itl_ms_median": 1000 * statistics.median(itls),
+                "decode_tok_s": 1 / mean, "model_bytes": self.m.weight_bytes,
+                "kernels": {"onednn_linears": any(isinstance(x, kernels.PackedLinear) for x in self.m.model.modules()),
+                            "native_attention": kernels.load_native() is not None,
+                            "lean_decode_step": self.m.decode_step is not None}}
+
+    def close(self) -> None:
+        self.engine.close()

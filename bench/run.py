@@ -66,6 +66,26 @@ async def continuation(kv: Kvbento, hf: HFServe | None, tok, ctx: int, reps: int
             "hf_again_ms": med(hf_again)}
 
 
+def overhead(kv: Kvbento, model_dir: str, tok, prompts: list[str], n: int, threads: int,
+             rounds: int) -> tuple[dict, dict]:
+    """ITL of the same request through HTTP (kvbento at concurrency 1) and with the engine driven in
+    this process, alternating request by request so that both sides see the same machine (the
+    other servers idle meanwhile). Returns (the in-process summary, the HTTP side)."""
+    engine = micro.InProcessEngine(model_dir, threads)
+    try:
+        http, inproc = [], []
+        for r in range(rounds):
+            prompt = prompts[r % len(prompts)]
+            got, _ = asyncio.run(run_load(kv, [prompt], n, concurrency=1, tag=f"overhead{r}"))
+            http += got[0].itls if got[0].ok else []
+            inproc += engine.itls(tok(prompt).input_ids, n)
+        summary = engine.summary(inproc)
+    finally:
+        engine.close()
+    return summary, {"rounds": rounds, "itl_ms_mean": 1000 * statistics.fmean(http) if http else None,
+                     "itl_ms_median": 1000 * statistics.median(http) if http else None}
+
+
 def machine() -> dict:
     cpu = "?"
     try:
@@ -175,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                     res["load"].setdefault(str(conc), {})[c.name] = sm = summarize(r, wall)
                     print(f"  ok {sm['num_ok']} failed {sm['num_failed']} out tok/s {sm['out_tok_per_s']:.1f} "
                           f"{sm['errors'][:1]}", flush=True)
-                if conc == 1:  # in-process ITL right next to the HTTP one (servers idle meanwhile)
-                    print("engine in-process ...", flush=True)
-                    prompt_ids = tok(prompts[0]).input_ids
-                    res["inproc"] = micro.engine_itl(model_dir, prompt_ids, n_out, threads, 2 if a.quick else 4)
+                if conc == 1:
+                    print("server overhead: HTTP / in-process, interleaved ...", flush=True)
+                    res["inproc"], res["overhead"] = overhead(kv, model_dir, tok, prompts, n_out, threads,
+                                                              2 if a.quick else 6)
             rate = 4.0 if a.quick else 1.5
             num = 4 if a.quick else 16
             prompts = [make_prompt(tok, prompt_len, 9000 + i) for i in range(num)]

@@ -446,9 +446,10 @@ class Engine:
                 keys = [k[:, :n].cpu() for k in keys] if keys else []
                 values = [v[:, :n].cpu() for v in values] if values else []
             elif seq.row is not None:
+                if last is not None and (last.text or last.token_ids):
+                    seq.emit(last)  # the client's token does not wait for the copy-out
+                    last = None
                 keys, values = self.kv.extract(seq.row, keep - 1)
-                keys = [k.cpu() for k in keys]
-                values = [v.cpu() for v in values]
             else:
                 keys = None
             if keys is not None:

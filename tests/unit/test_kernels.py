@@ -209,3 +209,24 @@ def test_idle_slab_gives_a_long_sequence_its_own_row_and_returns_to_the_reserve(
     assert b == 0 and id(s.kv.keys[0]) == reserved and len(s.kv.row_len) == 2
     s.insert([3.0])
     s.step(60.0)
+
+
+@torch.inference_mode()
+def test_extract_is_a_host_copy_per_layer_that_outlives_the_row():
+    layers, heads, dim = 3, 2, 4
+    kv = BatchKV(num_layers=layers, kv_heads=heads, head_dim=dim, dtype=torch.float32,
+                 device=torch.device("cpu"), max_rows=2, column_chunk=4)
+    keys = [torch.randn(heads, 5, dim) for _ in range(layers)]
+    values = [torch.randn(heads, 5, dim) for _ in range(layers)]
+    row = kv.insert(keys, values)
+    k, v = kv.extract(row, 4)  # the first 4 of 5 columns, as a record keeps them
+    assert len(k) == len(v) == layers
+    for l in range(layers):
+        assert k[l].shape == v[l].shape == (heads, 4, dim) and k[l].is_contiguous() and k[l].device.type == "cpu"
+        assert torch.equal(k[l], keys[l][:, :4]) and torch.equal(v[l], values[l][:, :4])
+    kv.remove(row)
+    kv.insert([torch.zeros(heads, 5, dim)] * layers, [torch.zeros(heads, 5, dim)] * layers)  # reuses the row
+    for l in range(layers):  # a copy, not a view of the slab
+        assert torch.equal(k[l], keys[l][:, :4]) and torch.equal(v[l], values[l][:, :4])
+    k0, v0 = kv.extract(row, 0)  # a one-token sequence keeps no columns
+    assert all(t.shape == (heads, 0, dim) for t in k0 + v0)
