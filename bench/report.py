@@ -85,16 +85,20 @@ def write_report(res: dict, path: Path) -> str:
     # ---- continuation
     add("## Continuation: TTFT of a request_id continuation vs a fresh prefill\n")
     add("`fresh` = first request with a new request_id and the whole context as prompt (prefill + store "
-        "write after); `continued` = the same request_id again: the stored KV record is read (store read "
-        "included) and decoding resumes. `hf first/again` = `transformers serve` sent the same full "
-        "context twice (the second time its CB mode may reuse 256-token prefix pages). Medians, ms.\n")
-    add("| store | context tokens | fresh | continued | speedup | hf first | hf again | kvbento continued vs hf again |")
-    add("|---|---|---|---|---|---|---|---|")
+        "write after); `continued` = the same request_id again on the same replica: the store is asked "
+        "whether it still holds that replica's last save (a header read) and the replica's copy of it "
+        "resumes; `other replica` = the same request_id then sent to a second replica of the same store, "
+        "which reads and decodes the whole record. `hf first/again` = `transformers serve` sent the same "
+        "full context twice (the second time its CB mode may reuse 256-token prefix pages). Medians, ms.\n")
+    add("| store | context tokens | fresh | continued | speedup | other replica | speedup | hf first | hf again "
+        "| kvbento continued vs hf again |")
+    add("|---|---|---|---|---|---|---|---|---|---|")
     for store, rows in res.get("continuation", {}).items():
         for r in rows:
+            other = r.get("replica_ms")
             add(f"| {store} | {r['ctx']} | {_f(r['fresh_ms'])} | {_f(r['cont_ms'])} "
-                f"| {_f(_ratio(r['fresh_ms'], r['cont_ms']))}× | {_f(r['hf_first_ms'])} | {_f(r['hf_again_ms'])} "
-                f"| {_f(_ratio(r['hf_again_ms'], r['cont_ms']))}× |")
+                f"| {_f(_ratio(r['fresh_ms'], r['cont_ms']))}× | {_f(other)} | {_f(_ratio(r['fresh_ms'], other))}× "
+                f"| {_f(r['hf_first_ms'])} | {_f(r['hf_again_ms'])} | {_f(_ratio(r['hf_again_ms'], r['cont_ms']))}× |")
     add("")
 
     # ---- store
@@ -147,10 +151,17 @@ def write_report(res: dict, path: Path) -> str:
     def tput(conc: str, name: str) -> float | None:
         return load.get(conc, {}).get(name, {}).get("out_tok_per_s")
 
-    cont1024 = next((r for r in res.get("continuation", {}).get("disk", []) if r["ctx"] == 1024), None)
+    def cont_speedup(store: str, key: str) -> float | None:
+        row = next((r for r in res.get("continuation", {}).get(store, []) if r["ctx"] == 1024), None)
+        return _ratio(row["fresh_ms"], row.get(key)) if row else None
+
     targets = [
-        ("continuation TTFT speedup at 1024 tokens, incl. store read (disk)", "≥ 20×",
-         _ratio(cont1024["fresh_ms"], cont1024["cont_ms"]) if cont1024 else None, 20, True),
+        ("continuation TTFT speedup at 1024 tokens, incl. store read (disk, same replica)", "≥ 20×",
+         cont_speedup("disk", "cont_ms"), 20, True),
+        ("… on another replica of the disk store (whole record read)", "≥ 20×",
+         cont_speedup("disk", "replica_ms"), 20, True),
+        ("… on another replica of the Redis store (whole record read)", "≥ 20×",
+         cont_speedup("redis", "replica_ms"), 20, True),
         ("output tok/s at 16 concurrent vs `transformers serve --continuous-batching`", "≥ 1.5×",
          _ratio(tput("16", "kvbento"), tput("16", "hf-serve")), 1.5, True),
         ("output tok/s at 16 concurrent vs naive sequential server", "≥ 5×",

@@ -40,12 +40,15 @@ def make_prompt(tok, num_tokens: int, seed: int) -> str:
     return tok.decode(ids, skip_special_tokens=True)
 
 
-async def continuation(kv: Kvbento, hf: HFServe | None, tok, ctx: int, reps: int) -> dict:
+async def continuation(kv: Kvbento, hf: HFServe | None, tok, ctx: int, reps: int,
+                       replica: Kvbento | None = None) -> dict:
     """TTFT of a request_id continuation (store read included) vs a fresh prefill of the same context,
-    and vs `transformers serve` sent the full context twice (its prefix pages reused the 2nd time)."""
+    on the replica that stored the record and on another replica of the same store (which has to
+    read the whole record), and vs `transformers serve` sent the full context twice (its prefix
+    pages reused the 2nd time)."""
     import aiohttp
 
-    fresh, cont, hf_first, hf_again = [], [], [], []
+    fresh, cont, other, hf_first, hf_again = [], [], [], [], []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         for i in range(reps):
             prompt = make_prompt(tok, ctx, 1000 + 7 * ctx + i)
@@ -55,6 +58,10 @@ async def continuation(kv: Kvbento, hf: HFServe | None, tok, ctx: int, reps: int
             if r1.ok and r2.ok:
                 fresh.append(r1.ttft)
                 cont.append(r2.ttft)
+            if replica is not None:
+                r3 = await replica.send(session, prompt, 1, rid)  # the same request_id, another replica
+                if r3.ok:
+                    other.append(r3.ttft)
             if hf is not None:
                 h1 = await hf.send(session, prompt, 1, rid)
                 h2 = await hf.send(session, prompt, 1, rid)
@@ -62,8 +69,8 @@ async def continuation(kv: Kvbento, hf: HFServe | None, tok, ctx: int, reps: int
                     hf_first.append(h1.ttft)
                     hf_again.append(h2.ttft)
     med = lambda xs: 1000 * statistics.median(xs) if xs else float("nan")  # noqa: E731
-    return {"ctx": ctx, "fresh_ms": med(fresh), "cont_ms": med(cont), "hf_first_ms": med(hf_first),
-            "hf_again_ms": med(hf_again)}
+    return {"ctx": ctx, "fresh_ms": med(fresh), "cont_ms": med(cont), "replica_ms": med(other),
+            "hf_first_ms": med(hf_first), "hf_again_ms": med(hf_again)}
 
 
 def overhead(kv: Kvbento, model_dir: str, tok, prompts: list[str], n: int, threads: int,
@@ -161,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         # kvbento without its CPU kernels (HF forward, torch's default matmuls): the before/after of the
         # engine work, measured in the same run at the levels the targets name.
         base = servers.kvbento(model_dir, f"disk://{tmp}/kv-torch", threads, name="kvbento-torch", cpu_kernels="torch")
+        # A second replica on kvbento's store, for continuations of its records (stopped after them).
+        twin = servers.kvbento(model_dir, f"disk://{tmp}/kv", threads, name="kvbento-replica")
         try:
-            for pr in procs + [base]:
+            for pr in procs + [base, twin]:
                 print(f"starting {pr.name} ...", flush=True)
                 pr.start()
             kv = Kvbento(procs[0].url)
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             contenders = [kv] + ([HFServe(procs[1].url, model_dir)] if not a.no_hf else []) + [Naive(procs[-1].url), kvt]
             hf = contenders[1] if not a.no_hf else None
             # warm-up: one short request each (first-call allocations, lazy init)
-            for c in contenders:
+            for c in contenders + [Kvbento(twin.url)]:
                 asyncio.run(run_load(c, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
             # Continuation first, while the disk store is fresh: the load runs below store ~1.5 GB of
             # records, and afterwards the disk store's sqlite commits queue behind that writeback.
@@ -180,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             # and sqlite commits and the continuation figures measure the benchmark's own I/O.
             os.sync()
             print("continuation (disk) ...", flush=True)
-            res["continuation"] = {"disk": [asyncio.run(continuation(kv, hf, tok, ctx, 1 if a.quick else 3))
+            res["continuation"] = {"disk": [asyncio.run(continuation(kv, hf, tok, ctx, 1 if a.quick else 3,
+                                                                     Kvbento(twin.url)))
                                             for ctx in ctxs]}
+            twin.stop()
             res["load"] = {}
             for li, conc in enumerate(levels):
                 num = requests_at(conc)
@@ -210,19 +221,23 @@ def main(argv: list[str] | None = None) -> int:
                 r, wall = asyncio.run(run_load(c, prompts, n_out, rate=rate, seed=7, tag="poisson"))
                 res["poisson"][c.name] = summarize(r, wall)
         finally:
-            for pr in procs + [base]:
+            for pr in procs + [base, twin]:
                 pr.stop()
         if "error" not in res["backends"].get("redis", {"error": 1}):
             rp = servers.kvbento(model_dir, a.redis, threads)
+            rp2 = servers.kvbento(model_dir, a.redis, threads, name="kvbento-replica")
             try:
                 print("continuation (redis) ...", flush=True)
                 rp.start()
-                rkv = Kvbento(rp.url)
-                asyncio.run(run_load(rkv, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
-                res["continuation"]["redis"] = [asyncio.run(continuation(rkv, None, tok, ctx, 1 if a.quick else 3))
+                rp2.start()
+                rkv, rkv2 = Kvbento(rp.url), Kvbento(rp2.url)
+                for c in (rkv, rkv2):
+                    asyncio.run(run_load(c, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
+                res["continuation"]["redis"] = [asyncio.run(continuation(rkv, None, tok, ctx, 1 if a.quick else 3, rkv2))
                                                 for ctx in ctxs]
             finally:
                 rp.stop()
+                rp2.stop()
     res["seconds"] = time.time() - started
     res["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     text = write_report(res, a.out)

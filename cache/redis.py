@@ -14,6 +14,8 @@ Not for Redis Cluster: the scripts touch record keys that are not declared in ``
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
+from cache import memory
 from cache.base import Backend, BackendUnavailable, EntryInfo
 
 T = TypeVar("T")
@@ -90,6 +93,144 @@ return 0
 """
 
 
+class _BulkReader:
+    """GET of large values straight into one huge-page buffer, for plain TCP Redis URLs.
+
+    Through redis-py a bulk reply is copied three times (socket chunks, the parser's growing buffer,
+    the final ``bytes``), each into memory nobody has touched yet: a 150 MB record took ~390 ms to
+    load, most of it first-touch page faults. This reader speaks just enough RESP2 for ``GET`` on a
+    connection of its own per worker thread (``AUTH`` and ``SELECT`` as the URL says) and receives
+    the value with ``recv_into``. TLS and unix-socket URLs keep redis-py's path.
+    """
+
+    def __init__(self, host: str, port: int, db: int, username: str | None, password: str | None,
+                 timeout: float) -> None:
+        self._addr = (host, port)
+        self._db = int(db or 0)
+        self._auth = [a for a in (username, password) if a] if password else []
+        self._timeout = timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+
+    @classmethod
+    def for_client(cls, client: redis.Redis, timeout: float) -> "_BulkReader | None":
+        pool = client.connection_pool
+        if pool.connection_class is not redis.connection.Connection:  # TLS, unix socket
+            return None
+        kw = pool.connection_kwargs
+        return cls(kw.get("host", "localhost"), int(kw.get("port", 6379)), kw.get("db", 0),
+                   kw.get("username"), kw.get("password"), timeout)
+
+    # -- connection ------------------------------------------------------------------------
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self._addr, timeout=min(self._timeout, 2.0))
+        sock.settimeout(self._timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._open.add(sock)
+        self._local.sock = sock
+        try:
+            if self._auth:
+                self._ok(sock, self._command("AUTH", *self._auth))
+            if self._db:
+                self._ok(sock, self._command("SELECT", str(self._db)))
+        except BaseException:
+            self._drop()
+            raise
+        return sock
+
+    def _drop(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        self._local.sock = None
+        if sock is not None:
+            with self._lock:
+                self._open.discard(sock)
+            sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            socks, self._open = list(self._open), set()
+        for sock in socks:
+            sock.close()
+
+    # -- RESP ------------------------------------------------------------------------------
+    @staticmethod
+    def _command(*args: str) -> bytes:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for a in args:
+            b = a.encode()
+            parts += [f"${len(b)}\r\n".encode(), b, b"\r\n"]
+        return b"".join(parts)
+
+    @staticmethod
+    def _line(sock: socket.socket, pending: bytearray) -> bytes:
+        """The next CRLF-terminated line; bytes received after it stay in ``pending``."""
+        for _ in range(1024):  # a header line is short: 1024 reads of 64 KiB is a broken peer
+            i = pending.find(b"\r\n")
+            if i >= 0:
+                line = bytes(pending[:i])
+                del pending[: i + 2]
+                return line
+            chunk = sock.recv(64 << 10)
+            if not chunk:
+                raise redis.ConnectionError("Redis closed the connection")
+            pending += chunk
+        raise redis.ConnectionError("Redis sent no reply line")
+
+    def _ok(self, sock: socket.socket, command: bytes) -> None:
+        sock.sendall(command)
+        pending = bytearray()
+        line = self._line(sock, pending)
+        if line.startswith(b"-"):
+            raise redis.AuthenticationError(line[1:].decode(errors="replace"))
+        if pending:
+            raise redis.ConnectionError("unexpected data after a Redis reply")
+
+    def get(self, key: str) -> memoryview | None:
+        for attempt in (0, 1):
+            reused = getattr(self._local, "sock", None) is not None
+            try:
+                sock = self._local.sock if reused else self._connect()
+                return self._get(sock, key)
+            except redis.ResponseError:
+                raise  # the connection is in a clean state: the reply was read whole
+            except (OSError, redis.ConnectionError) as exc:
+                self._drop()
+                if attempt or not reused:  # a pooled connection that died with a restart: once more
+                    if isinstance(exc, redis.RedisError):
+                        raise
+                    raise redis.ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _get(self, sock: socket.socket, key: str) -> memoryview | None:
+        sock.sendall(self._command("GET", key))
+        pending = bytearray()
+        line = self._line(sock, pending)
+        if line.startswith(b"-"):
+            if pending:
+                raise redis.ConnectionError("unexpected data after a Redis error reply")
+            raise redis.ResponseError(line[1:].decode(errors="replace"))
+        if line == b"$-1":
+            return None
+        if not line.startswith(b"$") or not line[1:].isdigit():
+            raise redis.ConnectionError(f"unexpected Redis reply to GET: {line[:40]!r}")
+        n = int(line[1:])
+        out = memory.byte_buffer(n + 2)  # the value and its CRLF
+        got = min(len(pending), n + 2)
+        if len(pending) > n + 2:
+            raise redis.ConnectionError("unexpected data after a Redis reply")
+        out[:got] = pending[:got]
+        while got < n + 2:
+            r = sock.recv_into(out[got:])
+            if not r:
+                raise redis.ConnectionError("Redis closed the connection mid-reply")
+            got += r
+        if out[n : n + 2] != b"\r\n":
+            raise redis.ConnectionError("malformed Redis bulk reply")
+        return out[:n]
+
+
 class RedisBackend(Backend):
     """A ``Backend`` on one Redis database; safe to share between any number of replicas."""
 
@@ -122,6 +263,7 @@ class RedisBackend(Backend):
         self._touch = self._r.register_script(_TOUCH)
         self._delete = self._r.register_script(_DELETE)
         self._release = self._r.register_script(_RELEASE)
+        self._bulk = _BulkReader.for_client(self._r, timeout)
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -135,7 +277,13 @@ class RedisBackend(Backend):
         with self._guard():
             return fn()
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> bytes | memoryview | None:
+        if self._bulk is not None:
+            value = self._run(lambda: self._bulk.get(key))
+            if value is not None:  # a use: only an existing, indexed key is marked
+                self._run(lambda: self._touch(keys=self._index[:1], args=[key]))
+            return value
+
         def work() -> bytes | None:
             pipe = self._r.pipeline(transaction=True)
             pipe.get(key)
@@ -188,4 +336,6 @@ class RedisBackend(Backend):
         return int(self._run(lambda: self._r.get(self._index[3])) or 0)
 
     def close(self) -> None:
+        if self._bulk is not None:
+            self._bulk.close()
         self._r.close()

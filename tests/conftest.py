@@ -38,6 +38,8 @@ class Server:
 
     env: dict[str, str]
     port: int = field(default_factory=free_port)
+    password: str | None = None
+    unixsocket: str | None = None
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -122,11 +124,11 @@ REDIS_HINT = ("no Redis: run one on 127.0.0.1:6379 or put redis-server on PATH "
               "(apt-get install redis-server / brew install redis)")
 
 
-def _redis_answers(port: int, timeout: float = 0.5) -> bool:
+def _redis_answers(port: int, timeout: float = 0.5, password: str | None = None) -> bool:
     import redis
 
     try:
-        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout,
+        return bool(redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=timeout,
                                 socket_connect_timeout=timeout).ping())
     except redis.RedisError:
         return False
@@ -143,6 +145,8 @@ class RedisServer:
     """A redis-server subprocess of our own (no persistence), killed and restarted by PID."""
 
     port: int = field(default_factory=free_port)
+    password: str | None = None
+    unixsocket: str | None = None
     proc: subprocess.Popen | None = None
 
     @property
@@ -155,13 +159,14 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             _no_redis(REDIS_HINT)
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv += ["--requirepass", self.password] if self.password else []
+        argv += ["--unixsocket", self.unixsocket] if self.unixsocket else []
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if _redis_answers(self.port):
+            if _redis_answers(self.port, password=self.password):
                 return self
             time.sleep(0.05)
         self.kill()
@@ -192,8 +197,8 @@ def redis_server_factory():
     """Start private redis-servers (for tests that kill Redis or need a clean budget)."""
     started: list[RedisServer] = []
 
-    def make(port: int | None = None) -> RedisServer:
-        server = RedisServer(port) if port else RedisServer()
+    def make(port: int | None = None, **options) -> RedisServer:
+        server = RedisServer(port, **options) if port else RedisServer(**options)
         started.append(server)
         return server.start()
 

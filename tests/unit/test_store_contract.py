@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -147,6 +148,59 @@ def test_unreachable_redis_is_unavailable(key):
         b.get(key)
     with pytest.raises(BackendUnavailable):
         b.set(key, b"v")
+
+
+def test_redis_large_reads_honour_password_and_database_and_survive_a_restart(redis_server_factory, key):
+    """Values are read on the backend's own connections (straight into one buffer): they must log in,
+    select the URL's database, and reconnect after Redis restarts, like redis-py's do."""
+    import redis
+
+    from cache.redis import RedisBackend
+
+    server = redis_server_factory(password="s3cret")
+    b = RedisBackend(f"redis://:s3cret@127.0.0.1:{server.port}/3", timeout=2.0)
+    try:
+        big = os.urandom((3 << 20) + 7)  # many socket reads, an odd length
+        b.set(key, big)
+        assert bytes(b.get(key)) == big and b.get(key + ":missing") is None
+        db0 = redis.Redis(host="127.0.0.1", port=server.port, password="s3cret")
+        db3 = redis.Redis(host="127.0.0.1", port=server.port, password="s3cret", db=3)
+        assert db0.get(key) is None and db3.get(key) == big
+        db3.delete(key)
+        db3.rpush(key, "x")  # a reply of the wrong type is an error, and the connection stays usable
+        with pytest.raises(BackendUnavailable):
+            b.get(key)
+        db3.delete(key)
+        b.set(key, b"after")
+        assert bytes(b.get(key)) == b"after"
+        server.kill()
+        with pytest.raises(BackendUnavailable):
+            b.get(key)
+        redis_server_factory(server.port, password="s3cret")  # the same port, empty (no persistence)
+        assert b.get(key) is None  # stale connections are replaced
+        b.set(key, b"again")
+        assert bytes(b.get(key)) == b"again"
+    finally:
+        b.close()
+    wrong = RedisBackend(f"redis://:nope@127.0.0.1:{server.port}/0", timeout=2.0)
+    with pytest.raises(BackendUnavailable):
+        wrong.get(key)
+    wrong.close()
+
+
+def test_redis_over_a_unix_socket_reads_through_redis_py(redis_server_factory, tmp_path, key):
+    from cache.redis import RedisBackend
+
+    path = tmp_path / "redis.sock"
+    redis_server_factory(unixsocket=str(path))
+    b = RedisBackend(f"unix://{path}?db=2", timeout=2.0)
+    try:
+        assert b._bulk is None
+        big = os.urandom(1 << 20)
+        b.set(key, big)
+        assert bytes(b.get(key)) == big and b.get(key + ":missing") is None
+    finally:
+        b.close()
 
 
 # -- through the store: codec, fingerprints, tenants ------------------------------------------------
