@@ -58,10 +58,10 @@ class DiskBackend(Backend):
         with handle:
             if isinstance(handle, io.BytesIO):  # a small value kept inside the database
                 return handle.getvalue()
-            # A record file: read into a huge-page buffer; a fresh bytes object of tens of MB
-            # costs more in first-touch page faults than the read itself (cache/memory.py).
+            # A record file: read into a pooled buffer; a fresh bytes object of tens of MB costs
+            # more in first-touch page faults than the read itself (cache/memory.py).
             size = os.fstat(handle.fileno()).st_size
-            buf = memory.byte_buffer(size)
+            buf = memory.read_buffers.take(size)
             got = 0
             while got < size:
                 n = handle.readinto(buf[got:])

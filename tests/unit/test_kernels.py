@@ -198,10 +198,30 @@ def test_loading_the_native_kernel_keeps_denormals():
 
 
 @torch.inference_mode()
-def test_idle_slab_gives_a_long_sequence_its_own_row_and_returns_to_the_reserve():
+def test_idle_slab_lays_the_reserve_out_anew_for_a_long_sequence():
+    s = _Slab(4, 8)  # 4 rows x 8 columns reserved
+    reserved, mem = id(s.kv.keys[0]), s.kv.keys[0].data_ptr()
+    a = s.insert([float(x) for x in range(10)])  # longer than the reserve's rows
+    # The same memory as 2 rows x 16 columns: no new slab, nothing widened for rows not in use.
+    assert len(s.kv.row_len) == 2 and s.kv.capacity == 16 and s.kv.keys[0].data_ptr() == mem
+    assert s.kv.num_relayouts == 1  # the reservation itself
+    b = s.insert([1.0, 2.0])  # a short one joins the long layout's free row
+    for i in range(3):
+        s.step(40.0 + i)
+    assert s.kv.num_relayouts == 1
+    s.remove(a)
+    s.remove(b)
+    c = s.insert([5.0, 6.0, 7.0])  # fits the reserve again: back to its own layout, values exact
+    assert c == 0 and id(s.kv.keys[0]) == reserved and len(s.kv.row_len) == 4 and s.kv.capacity == 8
+    s.insert([8.0])
+    s.step(60.0)
+
+
+@torch.inference_mode()
+def test_idle_slab_gives_a_sequence_longer_than_the_whole_reserve_its_own_row():
     s = _Slab(2, 8)
     reserved = id(s.kv.keys[0])
-    a = s.insert([float(x) for x in range(20)])  # longer than the reserve's columns
+    a = s.insert([float(x) for x in range(20)])  # more columns than the reserve holds in all
     assert len(s.kv.row_len) == 1 and id(s.kv.keys[0]) != reserved  # one row, not 2 x 20+ columns
     s.step(50.0)
     s.remove(a)
