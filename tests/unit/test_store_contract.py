@@ -163,6 +163,10 @@ def test_redis_large_reads_honour_password_and_database_and_survive_a_restart(re
         big = os.urandom((3 << 20) + 7)  # many socket reads, an odd length
         b.set(key, big)
         assert bytes(b.get(key)) == big and b.get(key + ":missing") is None
+        b._bulk.chunk_bytes = 64 << 10  # many ranges, two in flight, a short last one
+        assert bytes(b.get(key)) == big
+        b._bulk.chunk_bytes = len(big)  # exactly one range
+        assert bytes(b.get(key)) == big
         db0 = redis.Redis(host="127.0.0.1", port=server.port, password="s3cret")
         db3 = redis.Redis(host="127.0.0.1", port=server.port, password="s3cret", db=3)
         assert db0.get(key) is None and db3.get(key) == big
