@@ -81,3 +81,22 @@ def test_torch_kernels_setting_loads_plain_modules_and_agrees(loaded, tiny_model
         a = plain.model.generate(ids, **kw)
         b = loaded.model.generate(ids, **kw)
     assert a.tolist() == b.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_keep_the_lean_step_and_a_wrong_step_is_still_refused(tiny_model_dir, dtype):
+    """Rounding in half precision moves logits a little (bf16: ~0.07 on the tiny model, above the
+    old fixed 0.05); a structural mistake moves them wholesale and must still fail the check."""
+    from model.loader import load
+
+    half = load(str(tiny_model_dir), dtype=dtype)
+    if not kernels.onednn_available():
+        pytest.skip("torch built without oneDNN")
+    assert half.decode_step is not None
+    step = half.decode_step
+    err, scale = fastpath._self_check(half.model, step, half.dtype)
+    tol = 64 * torch.finfo(half.dtype).eps * max(1.0, scale)
+    assert err <= tol
+    step.layers = step.layers[::-1]  # the layers in the wrong order
+    err, _ = fastpath._self_check(half.model, step, half.dtype)
+    assert err > tol, (err, tol)
