@@ -88,8 +88,8 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
 
     Decode first tries the C kernel (``csrc/decode_attention.c``): given ``kvbento_lo``, the
     first live column of each row (the engine passes it through the model's kwargs), it reads
-    only the live span of every row, at near the memory bandwidth. Without it (no compiler,
-    bf16, another caller) decode falls back to batched GEMVs:
+    only the live span of every row, at near the memory bandwidth (fp32 or bf16 K/V). Without it
+    (no compiler, fp16, another caller) decode falls back to batched GEMVs:
 
     There, torch's SDPA kernel spends ~1.7x the time of two batched GEMVs over the same K/V
     (1.94 vs 1.14 ms per layer at 16 rows x 160 columns): decode attention only has to stream
@@ -107,7 +107,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if scaling is None:
         scaling = d ** -0.5
     lo = kwargs.get("kvbento_lo")
-    if lo is not None and query.dtype == torch.float32:
+    if lo is not None and query.dtype in (torch.float32, torch.bfloat16):
         out = _native_decode(query, key, value, lo, scaling)
         if out is not None:
             return out, None
@@ -236,8 +236,9 @@ def load_native() -> ctypes.CDLL | None:
                     return None
             lib = ctypes.CDLL(str(path))
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.kvb_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
-            lib.kvb_decode_attention.restype = ctypes.c_int
+            for fn in (lib.kvb_decode_attention, lib.kvb_decode_attention_bf16):
+                fn.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
+                fn.restype = ctypes.c_int
             _native = lib
             log.info("decode attention: native kernel %s", path)
         except OSError as exc:
@@ -248,21 +249,21 @@ def load_native() -> ctypes.CDLL | None:
 def _native_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lo: torch.Tensor,
                    scaling: float) -> torch.Tensor | None:
     lib = _native if _native_tried else load_native()
-    if lib is None or key.stride() != value.stride() or key.stride(3) != 1 or key.dtype != torch.float32:
+    if lib is None or key.stride() != value.stride() or key.stride(3) != 1 or key.dtype != value.dtype:
         return None
+    fn = {torch.float32: lib.kvb_decode_attention, torch.bfloat16: lib.kvb_decode_attention_bf16}.get(key.dtype)
     b, h, _, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
-    if lo.shape[0] != b or lo.dtype != torch.int64:
+    if fn is None or lo.shape[0] != b or lo.dtype != torch.int64:
         return None
-    q = query.reshape(b, h, d).contiguous()
-    out = torch.empty(b, h, d, dtype=query.dtype)
+    q = query.reshape(b, h, d).to(torch.float32).contiguous()  # scores and sums in fp32 either way
+    out = torch.empty(b, h, d, dtype=torch.float32)
     lo = lo.contiguous()
-    rc = lib.kvb_decode_attention(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lo.data_ptr(),
-                                  b, h, hkv, d, s, key.stride(0), key.stride(1), key.stride(2), scaling,
-                                  torch.get_num_threads())
+    rc = fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lo.data_ptr(),
+            b, h, hkv, d, s, key.stride(0), key.stride(1), key.stride(2), scaling, torch.get_num_threads())
     if rc != 0:
         return None
-    return out.view(b, h, 1, d).transpose(1, 2)
+    return out.to(query.dtype).view(b, h, 1, d).transpose(1, 2)
 
 
 if __name__ == "__main__":  # `python -m model.kernels --build DIR`: prebuild for a bundle/image

@@ -61,6 +61,28 @@ def test_decode_attention_matches_reference(rows, heads, kv_heads, head_dim):
     assert torch.allclose(native.double(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 12, 64), (8, 2, 128), (4, 2, 48)])
+def test_bf16_decode_attention_matches_reference(heads, kv_heads, head_dim):
+    """bf16 K/V (a bf16 model's slab): the native kernel widens them to fp32 and must agree with
+    the float64 reference over the same bf16 values, to bf16's output rounding."""
+    if kernels.load_native() is None:
+        pytest.skip("no C compiler here")
+    rows, cap, start, end = 6, 96, 20, 90
+    k, v = slab_views(rows, kv_heads, head_dim, cap, start, end, seed=3)
+    k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    width = end - start
+    lo = torch.tensor([0, 5, 30, 69, 1, 50])
+    q = torch.randn(rows, 1, heads, head_dim).transpose(1, 2).to(torch.bfloat16)
+    ref = reference_attention(q, k, v, lo)
+    native = kernels._native_decode(q, k, v, lo, head_dim ** -0.5)
+    assert native is not None and native.dtype == torch.bfloat16 and native.shape == (rows, 1, heads, head_dim)
+    assert torch.allclose(native.double(), ref, atol=2e-2, rtol=1e-2)
+    bias = torch.zeros(rows, width).masked_fill_(torch.arange(width)[None, :] < lo[:, None], float("-inf"))
+    fallback, _ = kernels.attention(_Module(), q, k, v, bias[:, None, None, :].to(torch.bfloat16),
+                                    scaling=head_dim ** -0.5)
+    assert torch.allclose(native.double(), fallback.double(), atol=3e-2, rtol=2e-2)
+
+
 def test_native_kernel_reads_only_the_live_span():
     """Columns left of a row's first live one may hold anything (a reused slab): they are never read."""
     if kernels.load_native() is None:
