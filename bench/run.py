@@ -224,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             for pr in procs + [base, twin]:
                 pr.stop()
         if "error" not in res["backends"].get("redis", {"error": 1}):
-            rp = servers.kvbento(model_dir, a.redis, threads)
-            rp2 = servers.kvbento(model_dir, a.redis, threads, name="kvbento-replica")
+            # A budget: the Redis is shared (the records of every run would pile up in it); past
+            # 1 GiB the least recently used records, earlier runs' first, are evicted.
+            rp = servers.kvbento(model_dir, a.redis, threads, cache_max_bytes=1 << 30)
+            rp2 = servers.kvbento(model_dir, a.redis, threads, name="kvbento-replica", cache_max_bytes=1 << 30)
             try:
                 print("continuation (redis) ...", flush=True)
                 rp.start()
