@@ -40,19 +40,98 @@ class NotFound(EngineError):
     type = "not_found_error"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    type = "unsupported_media_type"
+
+
+# Limits on the shape of any body, checked before validation: no field of any dialect nests deeper
+# than a few levels or holds more items than a prompt of token ids for a long context.
+MAX_DEPTH = 32
+MAX_ARRAY_ITEMS = 1 << 20
+
+# Bodies are JSON whatever the header says: seed clients post JSON as text/plain (fetch's default
+# for a string body) and curl -d as a form; anything naming another format is refused.
+_JSON_LIKE = {"application/json", "text/plain", "application/x-www-form-urlencoded", "application/octet-stream"}
+
+
+def check_content_type(header: str | None) -> None:
+    """Refuse a Content-Type that names a format other than JSON, or a charset other than UTF-8.
+
+    Raises:
+        UnsupportedMediaType: the message names the media type or charset.
+    """
+    if not header:
+        return
+    media, _, params = header.partition(";")
+    media = media.strip().lower()
+    if media not in _JSON_LIKE and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type {media!r} is not supported: send application/json",
+                                   param="Content-Type")
+    for p in params.split(";"):
+        key, _, value = p.partition("=")
+        charset = value.strip().strip('"').lower()
+        if key.strip().lower() == "charset" and charset not in ("utf-8", "utf8", "us-ascii"):
+            raise UnsupportedMediaType(f"charset {charset!r} is not supported: JSON bodies are UTF-8",
+                                       param="Content-Type")
+
+
+def check_shape(data: Any) -> None:
+    """Bound a decoded body's nesting depth and array lengths, and refuse lone surrogates
+    (valid JSON escapes that are not text: tokenizers cannot encode them).
+
+    Raises:
+        BodyError: naming the path of the offending value.
+    """
+    todo: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while todo:
+        value, path, depth = todo.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BodyError(f"{path or 'body'}: string holds an unpaired surrogate escape",
+                                    param=path or None) from None
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_DEPTH:
+            raise BodyError(f"{path or 'body'}: nested deeper than {MAX_DEPTH} levels", param=path or None)
+        if isinstance(value, list):
+            if len(value) > MAX_ARRAY_ITEMS:
+                raise BodyError(f"{path or 'body'}: array of {len(value)} items, at most {MAX_ARRAY_ITEMS}",
+                                param=path or None)
+            todo.extend((v, f"{path}.{i}" if path else str(i), depth + 1) for i, v in enumerate(value)
+                        if isinstance(v, (dict, list, str)))
+        else:
+            for k, v in value.items():
+                if isinstance(v, (dict, list, str)) or not k.isascii():
+                    todo.append((k, path, depth + 1))
+                    todo.append((v, f"{path}.{k}" if path else k, depth + 1))
+
+
 def parse_json(raw: bytes, model: type[M]) -> M:
     """Decode ``raw`` as JSON and validate it as ``model``.
 
     Raises:
-        BodyError: malformed JSON or a field that is missing, of the wrong type or out of range;
-            the message names the field.
+        BodyError: malformed JSON (non-UTF-8 bytes included), nesting deeper than MAX_DEPTH, an
+            array longer than MAX_ARRAY_ITEMS, or a field that is missing, of the wrong type or out
+            of range; the message names the field.
     """
     try:
-        data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8") if raw else "null"
+    except UnicodeDecodeError as exc:
+        raise BodyError(f"request body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
         raise BodyError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the C decoder recurses per level: thousands of levels hit the limit
+        raise BodyError(f"request body: nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise BodyError("request body must be a JSON object")
+    check_shape(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

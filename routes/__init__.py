@@ -20,6 +20,8 @@ def build_app() -> FastAPI:
 
     app = FastAPI(title="kvbento", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.include_router(request_id.router)
+    from routes import health
+    app.include_router(health.router)
     from routes import generic_v1, openai, takeoff, together, truss  # the stateless dialects (issue 4)
     for dialect in (openai, takeoff, together, truss, generic_v1):
         app.include_router(dialect.router)

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from model.types import EngineError, QueueFull
 from protocol.adapter import renamed
-from protocol.common import PayloadTooLarge, error_body, parse_json
+from protocol.common import PayloadTooLarge, check_content_type, error_body, parse_json
 from routes.runtime import Runtime
 
 M = TypeVar("M", bound=BaseModel)
@@ -25,7 +25,14 @@ def runtime(request: Request) -> Runtime:
 
 
 async def read_body(request: Request, model: type[M]) -> M:
-    """Read at most KVBENTO_MAX_BODY_BYTES and validate it as ``model``."""
+    """Read at most KVBENTO_MAX_BODY_BYTES of a JSON body and validate it as ``model``.
+
+    Raises:
+        UnsupportedMediaType: a Content-Type naming another format (415).
+        PayloadTooLarge: the body is over the limit (413).
+        BodyError: see ``parse_json`` (400).
+    """
+    check_content_type(request.headers.get("content-type"))
     limit = runtime(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:

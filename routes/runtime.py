@@ -69,6 +69,10 @@ class Runtime:
             raise Unauthorized("invalid API key")
         return tenant_of(match)
 
+    # Set when shutdown begins, so /health answers 503 before the engine stops.
+    is_closing: bool = False
+
     def close(self) -> None:
+        self.is_closing = True
         self.engine.close()
         self.store.close()

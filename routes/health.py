@@ -1,0 +1,34 @@
+"""GET /health, as vLLM, TGI, SGLang and llama.cpp serve it: benchmark tools probe it before a run."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from model.types import EngineClosed
+from routes.http import error_response
+
+router = APIRouter()
+
+
+@router.get("/health", responses={
+    200: {"description": "The engine is ready",
+          "content": {"application/json": {"example": {"status": "ok", "model": "kvbento-tiny",
+                                                       "num_requests_running": 0,
+                                                       "num_requests_waiting": 0}}}},
+    503: {"description": "Loading or shutting down",
+          "content": {"application/json": {"example": {"error": {
+              "type": "unavailable_error", "message": "the model is loading"}}}}},
+})
+async def health(request: Request):
+    """200 when the engine takes requests; 503 with the JSON error shape while loading or shutting down."""
+    rt = getattr(request.app.state, "runtime", None)
+    if rt is None:
+        return error_response(EngineClosed("the model is loading"))
+    if rt.is_closing:
+        return error_response(EngineClosed("the server is shutting down"))
+    from protocol.openai import model_id
+
+    return JSONResponse({"status": "ok", "model": model_id(rt.model.name),
+                         "num_requests_running": rt.engine.num_running,
+                         "num_requests_waiting": rt.engine.num_waiting})
