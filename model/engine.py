@@ -24,7 +24,7 @@ from cache.store import CacheStatus, KVStore
 from model import kernels
 from model.kv import BatchKV
 from model.loader import LoadedModel
-from model.sampling import sample
+from model.sampling import sample, with_request_extras
 from model.scheduler import Scheduler, SeqStatus
 from model.sequence import Sequence
 from model.types import (
@@ -386,9 +386,11 @@ class Engine:
         order = [s.row for s in running]
         if order != list(range(rows)):
             logits = logits.index_select(0, torch.tensor(order, device=logits.device))
-        tokens = sample(logits.cpu() if logits.device.type != "cpu" else logits, [s.row_spec() for s in running])
-        for seq, token in zip(running, tokens):
-            delta, finish = seq.append(token)
+        specs = [with_request_extras(s.row_spec(), s.params, s.token_ids, s.num_base_tokens) for s in running]
+        logprobs: list = []
+        tokens = sample(logits.cpu() if logits.device.type != "cpu" else logits, specs, logprobs)
+        for seq, token, logprob in zip(running, tokens, logprobs):
+            delta, finish = seq.append(token, logprob)
             if delta is not None and not finish:
                 seq.emit(delta)
             if finish:

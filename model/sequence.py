@@ -10,7 +10,7 @@ import torch
 
 from cache.codec import KVRecord
 from model.detok import IncrementalDetokenizer
-from model.sampling import RowSpec
+from model.sampling import RowSpec, TokenLogprob
 from model.scheduler import SeqStatus
 from model.types import Delta, SamplingParams
 
@@ -77,8 +77,9 @@ class Sequence:
                        self.generator)
 
     # -- output ----------------------------------------------------------------------------
-    def append(self, token: int) -> tuple[Delta | None, str | None]:
-        """Record a generated token. Returns (delta to emit or None, finish reason or None)."""
+    def append(self, token: int, logprob: TokenLogprob | None = None) -> tuple[Delta | None, str | None]:
+        """Record a generated token (and its logprob, when asked). Returns (delta to emit or None,
+        finish reason or None)."""
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
@@ -88,6 +89,8 @@ class Sequence:
         if self._seen is not None and self.params.repetition_penalty != 1.0:
             self._seen.add(token)
         self._pending_ids.append(token)
+        if logprob is not None:  # rides with the token ids of the same delta
+            self._pending_logprobs = [*(getattr(self, "_pending_logprobs", None) or []), logprob]
         finish = None
         if token in self._eos_set and not self.params.ignore_eos:
             finish = "stop"
@@ -103,8 +106,9 @@ class Sequence:
             text += tail
         if not text and not finish:
             return None, None
-        delta = Delta(text=text, token_ids=self._pending_ids)
+        delta = Delta(text=text, token_ids=self._pending_ids, logprobs=getattr(self, "_pending_logprobs", None))
         self._pending_ids = []
+        self._pending_logprobs = None
         return delta, finish
 
     def _apply_stop(self, text: str, final: bool = False) -> tuple[str, bool]:

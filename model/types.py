@@ -65,6 +65,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    # OpenAI's: subtracted from a token's logit once it was generated / per time it was generated.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Return each generated token's logprob and this many alternatives (None: no logprobs).
+    logprobs: int | None = None
 
     def validate(self, max_new_tokens_limit: int) -> None:
         """Check ranges. Raises InvalidRequest naming the field."""
@@ -92,6 +97,11 @@ class SamplingParams:
             raise bad("length_penalty", f"must be between -100 and 100, got {self.length_penalty}")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise bad("stop", "allows at most 16 non-empty strings of at most 256 characters")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise bad(name, f"must be between -2 and 2, got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise bad("logprobs", f"must be between 0 and 20, got {self.logprobs}")
 
     @property
     def is_greedy(self) -> bool:
@@ -123,6 +133,7 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list | None = None  # one model.sampling.TokenLogprob per token id, when asked
 
 
 @dataclass
