@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
 
     # --- KV-cache store ---------------------------------------------------------------------
-    # disk:///path (diskcache, the default) or redis://[:password@]host:port/db (also rediss://).
+    # disk:///path (diskcache, the default), redis://[:password@]host:port/db (also rediss://) or
+    # redis+cluster://host:port[,host:port...] (Redis Cluster: budget = each node's maxmemory).
     cache_url: str = f"disk://{DEFAULT_CACHE_DIR}"
     # Seconds a record lives after its last write; 0 = no expiry.
     cache_ttl: float = Field(default=0, ge=0)
@@ -79,8 +80,9 @@ class Settings(BaseSettings):
     @field_validator("cache_url")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        if not v.split("://", 1)[0] in {"disk", "redis", "rediss"}:
-            raise ValueError("KVBENTO_CACHE_URL must start with disk://, redis:// or rediss://")
+        if not v.split("://", 1)[0] in {"disk", "redis", "rediss", "redis+cluster"}:
+            raise ValueError(
+                "KVBENTO_CACHE_URL must start with disk://, redis://, rediss:// or redis+cluster://")
         return v
 
     @property

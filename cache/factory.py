@@ -1,4 +1,5 @@
-"""URL-scheme factory: ``disk:///path`` or ``redis://host:port/db`` (``rediss://`` for TLS)."""
+"""URL-scheme factory: ``disk:///path``, ``redis://host:port/db`` (``rediss://`` for TLS) or
+``redis+cluster://host:port[,host:port…]``."""
 
 from __future__ import annotations
 
@@ -26,5 +27,10 @@ def open_backend(url: str, *, max_bytes: int = 0, timeout: float = 5.0) -> Backe
             from cache.redis import RedisBackend
 
             return RedisBackend(url, max_bytes=max_bytes, timeout=timeout)
+        case "redis+cluster":
+            from cache.redis_cluster import RedisClusterBackend
+
+            return RedisClusterBackend(url, max_bytes=max_bytes, timeout=timeout)
         case _:
-            raise ValueError(f"unknown cache URL scheme {parsed.scheme!r} (use disk:// or redis://)")
+            raise ValueError(f"unknown cache URL scheme {parsed.scheme!r} "
+                             "(use disk://, redis:// or redis+cluster://)")
