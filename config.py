@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # its request skips re-reading them (checked against the store first); 0 = off.
     cache_recent_bytes: int = Field(default=512 << 20, ge=0)
 
+    # --- replicas ---------------------------------------------------------------------------
+    # This process's id in the X-KV-Replica answer header; empty = a hash of host name and pid.
+    replica_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
+
     # --- auth -------------------------------------------------------------------------------
     # Comma-separated bearer keys; empty = no auth. Request ids are scoped per key.
     api_keys: str = ""

@@ -111,13 +111,17 @@ def check_shape(data: Any) -> None:
                     todo.append((v, f"{path}.{k}" if path else k, depth + 1))
 
 
-def parse_json(raw: bytes, model: type[M]) -> M:
+def parse_json(raw: bytes, model: type[M], fallbacks: dict[str, str] | None = None) -> M:
     """Decode ``raw`` as JSON and validate it as ``model``.
+
+    ``fallbacks`` are top-level fields sent outside the body (headers): each fills its field when
+    the body has none, is validated like a body value, and must equal the body's value if both
+    are given.
 
     Raises:
         BodyError: malformed JSON (non-UTF-8 bytes included), nesting deeper than MAX_DEPTH, an
             array longer than MAX_ARRAY_ITEMS, or a field that is missing, of the wrong type or out
-            of range; the message names the field.
+            of range; the message names the field. Also a fallback that differs from the body.
     """
     try:
         text = raw.decode("utf-8") if raw else "null"
@@ -132,6 +136,11 @@ def parse_json(raw: bytes, model: type[M]) -> M:
     if not isinstance(data, dict):
         raise BodyError("request body must be a JSON object")
     check_shape(data)
+    for name, value in (fallbacks or {}).items():
+        if data.get(name) is None:
+            data[name] = value
+        elif data[name] != value:
+            raise BodyError(f"{name}: the body says {data[name]!r} but the header says {value!r}", param=name)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

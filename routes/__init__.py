@@ -19,6 +19,8 @@ def build_app() -> FastAPI:
     from routes import request_id
 
     app = FastAPI(title="kvbento", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    from routes.replica import ReplicaHeader
+    app.add_middleware(ReplicaHeader)  # X-KV-Replica on every answer
     app.include_router(request_id.router)
     from routes import health
     app.include_router(health.router)

@@ -18,6 +18,9 @@ from routes.runtime import Runtime
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("kvbento.http")
+# The request_id as a header, so a load balancer can hash a conversation to one replica without
+# reading bodies. The body's request_id, when present, must agree with it.
+REQUEST_ID_HEADER = "X-KV-Request-Id"
 
 
 def runtime(request: Request) -> Runtime:
@@ -43,7 +46,10 @@ async def read_body(request: Request, model: type[M]) -> M:
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return parse_json(b"".join(chunks), model)
+    rid = request.headers.get(REQUEST_ID_HEADER)
+    # Bodies without a top-level request_id (the batch route) take the header as a routing key only.
+    fallbacks = {"request_id": rid} if rid is not None and "request_id" in model.model_fields else None
+    return parse_json(b"".join(chunks), model, fallbacks)
 
 
 def authenticate(request: Request) -> str:

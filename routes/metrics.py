@@ -31,6 +31,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
                0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0)
+REUSE_SOURCES = ("local", "store")
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -84,6 +85,14 @@ class PrometheusObserver(EngineObserver):
                                "KV store lookups by result: hit, miss or unavailable.", ["result"])
         for status in CacheStatus:  # every series exists from the start, at zero
             self.lookups.labels(result=status.value)
+        # Same-replica reuse vs KV read back from the store: what conversation-affine routing saves.
+        self.reuse = Counter(PREFIX + "kv_reuse", "Requests that reused stored KV, by where it came "
+                             "from: local (this replica's memory) or store (read back).", ["source"])
+        self.reuse_tokens = Counter(PREFIX + "kv_reuse_tokens", "Tokens of KV reused, by source "
+                                    "(local or store).", ["source"])
+        for source in REUSE_SOURCES:
+            self.reuse.labels(source=source)
+            self.reuse_tokens.labels(source=source)
         self.read_seconds = Histogram(PREFIX + "kv_store_read_seconds", "Seconds to read one KV record.",
                                       buckets=STORE_BUCKETS)
         self.write_seconds = Histogram(PREFIX + "kv_store_write_seconds",
@@ -113,6 +122,10 @@ class PrometheusObserver(EngineObserver):
         if status is not CacheStatus.UNAVAILABLE:
             self.read_seconds.observe(seconds)
             self.read_bytes.inc(nbytes)
+
+    def on_reuse(self, source: str, tokens: int) -> None:
+        self.reuse.labels(source=source).inc()
+        self.reuse_tokens.labels(source=source).inc(tokens)
 
     def on_store_write(self, seconds: float, nbytes: int, ok: bool) -> None:
         if ok:
