@@ -3,21 +3,34 @@ wire format, including stream chunks, ``stream_options.include_usage`` and the e
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from model.engine import RequestStream
-from model.types import Delta, EngineError, GenerateRequest, InvalidRequest, Usage
+from model.types import EngineError, GenerateRequest, InvalidRequest
 from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
-from protocol.common import Stop
+from protocol.common import BodyError, Stop
+from protocol.openai_framing import Framer, finish_reason, usage  # noqa: F401 (the dialect's names)
 
 # Engine field name -> the OpenAI field a client sent (for error messages).
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "top_p": "top_p", "temperature": "temperature",
-               "stop": "stop", "seed": "seed"}
+               "stop": "stop", "seed": "seed", "min_new_tokens": "min_tokens"}
+
+MAX_N = 8  # choices per request: each is one engine sequence of the same prompt
+MAX_TOP_LOGPROBS = 20
+
+# OpenAI / vLLM fields that are refused unless they carry their no-op value: ignoring them would
+# silently change what the client asked for.
+_REFUSED_COMMON = ("logit_bias", "best_of", "min_p", "use_beam_search", "guided_json", "guided_regex",
+                   "guided_choice", "guided_grammar", "prompt_logprobs")
+_REFUSED_CHAT = ("tools", "functions", "function_call", "audio", "prediction")
+
+
+def _is_noop(name: str, value: Any) -> bool:
+    return value in (None, False, 0, "", [], {}) or (name == "best_of" and value == 1)
 
 
 class StreamOptions(BaseModel):
@@ -32,7 +45,7 @@ class _Common(BaseModel):
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
@@ -40,30 +53,52 @@ class _Common(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logprobs: Any = None
     user: str | None = None
-    request_id: str | None = OptionalRequestId  # kvbento: continue this cached sequence
+    # vLLM's extensions, as benchmark tools send them.
+    top_k: int | None = Field(default=None, ge=-1)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
+    request_id: str | None = OptionalRequestId  # kvbento: the conversation's stored sequence
+    parent_request_id: str | None = OptionalRequestId  # kvbento: start request_id as a fork of this one
+    # Declared only to be refused (see _REFUSED_COMMON).
+    logit_bias: Any = None
+    best_of: Any = None
+    min_p: Any = None
+    use_beam_search: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    prompt_logprobs: Any = None
 
-    @field_validator("n")
+    @field_validator(*_REFUSED_COMMON)
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}")
+    def _refused(cls, v: Any, info: ValidationInfo) -> Any:
+        if not _is_noop(info.field_name, v):
+            raise ValueError(f"{info.field_name} is not supported")
         return v
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "_Common":
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported (only 0)")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs is not supported")
+    def _one_choice_per_cached_sequence(self) -> "_Common":
+        if self.n > 1 and self.request_id:
+            raise BodyError("n > 1 cannot continue a request_id (one cached sequence per request_id)",
+                            param="n")
         return self
 
     def overrides(self, max_new_tokens: int | None) -> dict[str, Any]:
         return {"max_new_tokens": max_new_tokens, "temperature": self.temperature,
                 "do_sample": sampling_switch(self.temperature), "top_p": self.top_p,
-                "stop": self.stop, "seed": self.seed}
+                "stop": self.stop, "seed": self.seed,
+                "top_k": 0 if self.top_k == -1 else self.top_k, "min_new_tokens": self.min_tokens,
+                "ignore_eos": self.ignore_eos, "repetition_penalty": self.repetition_penalty,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logprobs": self.num_logprobs}
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token to report; None = no logprobs."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -74,6 +109,8 @@ class CompletionBody(_Common):
     prompt: str | list[str] | list[int]
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's documented default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -86,12 +123,23 @@ class CompletionBody(_Common):
             raise ValueError("prompt must not be empty")
         return v
 
-    @field_validator("echo")
+    @field_validator("suffix")
     @classmethod
-    def _no_echo(cls, v: bool) -> bool:
+    def _no_suffix(cls, v: str | None) -> str | None:
         if v:
-            raise ValueError("echo is not supported")
+            raise ValueError("suffix is not supported")
         return v
+
+    @model_validator(mode="after")
+    def _no_prompt_logprobs(self) -> "CompletionBody":
+        if self.echo and self.logprobs is not None:
+            raise BodyError("echo with logprobs is not supported (the prompt's logprobs are not computed)",
+                            param="echo")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -113,23 +161,61 @@ class Message(BaseModel):
 
 
 class ChatBody(_Common):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # Declared only to refuse them: silently ignoring tools or a JSON schema would mislead clients.
     tools: list[Any] | None = None
+    tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+
+    @field_validator(*_REFUSED_CHAT)
+    @classmethod
+    def _refused_chat(cls, v: Any, info: ValidationInfo) -> Any:
+        if not _is_noop(info.field_name, v):
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        if v not in (None, "none", "auto"):
+            raise ValueError("tool_choice is not supported (no tools)")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v and v.get("type", "text") != "text":
+            raise ValueError("response_format other than text is not supported")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_modality(cls, v: list[str] | None) -> list[str] | None:
+        if v and v != ["text"]:
+            raise ValueError("modalities other than [\"text\"] are not supported")
+        return v
 
     @model_validator(mode="after")
-    def _no_tools(self) -> "ChatBody":
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported")
+    def _top_logprobs_needs_logprobs(self) -> "ChatBody":
+        if self.top_logprobs and not self.logprobs:
+            raise BodyError("top_logprobs needs logprobs: true", param="top_logprobs")
         return self
 
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def completion_to_engine(body: CompletionBody, defaults: dict[str, Any], tenant: str) -> GenerateRequest:
@@ -141,7 +227,7 @@ def completion_to_engine(body: CompletionBody, defaults: dict[str, Any], tenant:
 
 
 def chat_to_engine(body: ChatBody, defaults: dict[str, Any], tenant: str,
-                   template: Callable[[list[dict[str, str]]], list[int]]) -> GenerateRequest:
+                   template: Callable[[list[dict[str, str]]], str]) -> GenerateRequest:
     """The engine request of a /v1/chat/completions body.
 
     Args:
@@ -152,75 +238,26 @@ def chat_to_engine(body: ChatBody, defaults: dict[str, Any], tenant: str,
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
     try:
-        ids = template(messages)
+        text = template(messages)
     except Exception as exc:  # jinja / tokenizer errors are the caller's messages, not a crash
         raise InvalidRequest(f"messages: the chat template failed: {exc}", param="messages") from None
     return engine_request("chatcmpl", body.request_id, tenant, defaults,
-                          body.overrides(body.max_new_tokens), prompt_ids=ids)
+                          body.overrides(body.max_new_tokens), prompt=text, special_tokens=False,
+                          parent_request_id=body.parent_request_id)
 
 
-def finish_reason(reason: str | None) -> str | None:
-    """OpenAI knows "stop" and "length"; an abort is reported as "stop"."""
-    return None if reason is None else ("length" if reason == "length" else "stop")
-
-
-def usage(u: Usage) -> dict[str, Any]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
-
-
-class Framer:
-    """Builds the answer (or the stream chunks) of one request; ``chat`` picks the route's shapes."""
-
-    def __init__(self, chat: bool, model: str, include_usage: bool = False) -> None:
-        self.chat = chat
-        self.model = model
-        self.include_usage = include_usage
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{time.time_ns():x}"
-        self.created = int(time.time())
-        self.object = "chat.completion" if chat else "text_completion"
-        self._sent_role = False
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def response(self, s: RequestStream) -> dict[str, Any]:
-        """The non-streaming answer of a finished stream."""
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": s.text},
-                      "logprobs": None, "finish_reason": finish_reason(s.finish_reason)}
-        else:
-            choice = {"index": 0, "text": s.text, "logprobs": None,
-                      "finish_reason": finish_reason(s.finish_reason)}
-        return {**self._head(self.object), "choices": [choice], "usage": usage(s.usage)}
-
-    def chunk(self, delta: Delta) -> dict[str, Any] | None:
-        """One stream chunk for ``delta`` (None when it carries nothing)."""
-        reason = finish_reason(delta.finish_reason)
-        if not delta.text and reason is None and (self._sent_role or not self.chat):
-            return None
-        if self.chat:
-            d: dict[str, Any] = {}
-            if not self._sent_role:
-                d["role"] = "assistant"
-                self._sent_role = True
-            if delta.text or "role" in d:
-                d["content"] = delta.text
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": delta.text, "logprobs": None, "finish_reason": reason}
-            obj = "text_completion"
-        out = {**self._head(obj), "choices": [choice]}
-        if self.include_usage:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(self, u: Usage) -> dict[str, Any]:
-        """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
-        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"),
-                "choices": [], "usage": usage(u)}
+def fan_out(req: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """``n`` engine requests of one prompt, one per choice: fresh one-off ids, and ``seed + i`` so
+    seeded choices differ from each other yet repeat run to run."""
+    if n == 1:
+        return [req]
+    out = []
+    for i in range(n):
+        params = dataclasses.replace(req.params, stop=list(req.params.stop))
+        if params.seed is not None:
+            params.seed = (params.seed + i) % 2**63
+        out.append(dataclasses.replace(req, request_id=f"{req.request_id}-{i}", params=params))
+    return out
 
 
 def error_body(exc: EngineError) -> dict[str, Any]:

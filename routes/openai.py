@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -10,46 +11,104 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from model.engine import RequestStream
-from model.types import EngineError
+from model.types import Delta, EngineError
 from protocol import openai as oa
-from protocol.adapter import pump, renamed
+from protocol import openai_framing as oa_framing
+from protocol import openai_logprobs as oa_logprobs
+from protocol.adapter import renamed
 from protocol.common import SSE_DONE, sse
 from routes.http import authenticate, error_response, read_body, runtime, stream
 
 router = APIRouter()
+log = logging.getLogger("kvbento.http")
 _STARTED = int(time.time())
 
 
 def _template(request: Request):
     tokenizer = runtime(request).model.tokenizer
 
-    def render(messages: list[dict[str, str]]) -> list[int]:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+    def render(messages: list[dict[str, str]]) -> str:
+        # Text, not ids: the session matches it against a stored conversation's own tokens.
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     return render
 
 
-async def _frames(s: RequestStream, framer: oa.Framer) -> AsyncIterator[bytes]:
-    def on_delta(delta):
-        chunk = framer.chunk(delta)
-        return sse(chunk) if chunk else None
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
+    """The deltas of n choices as they come, tagged with the choice's index. Closing the iterator
+    (client gone) cancels the readers, which aborts the sequences still running."""
+    queue: asyncio.Queue = asyncio.Queue()
 
-    def on_error(message: str) -> bytes:
-        return sse({"error": {"message": message, "type": "internal_error", "param": None,
-                              "code": "internal_error"}})
+    async def read(i: int, s: RequestStream) -> None:
+        try:
+            async for delta in s:
+                await queue.put((i, delta))
+        except Exception as exc:  # an exception must not end the stream silently
+            log.exception("stream failed")
+            await queue.put((i, Delta(finish_reason="error", error=f"{type(exc).__name__}: {exc}")))
+        finally:
+            await queue.put((i, None))
 
+    readers = [asyncio.create_task(read(i, s)) for i, s in enumerate(streams)]
     try:
-        async for frame in pump(s, on_delta, on_error, cancel=s.cancel):
-            yield frame
-    except (asyncio.CancelledError, GeneratorExit):  # client gone: stop generating now, not at GC
-        s.cancel()
-        raise
-    if framer.include_usage and s.finish_reason not in (None, "error"):
-        yield sse(framer.usage_chunk(s.usage))
+        open_ = len(readers)
+        while open_:
+            i, delta = await queue.get()
+            if delta is None:
+                open_ -= 1
+            else:
+                yield i, delta
+    finally:
+        for r in readers:
+            r.cancel()
+
+
+async def _frames(streams: list[RequestStream], framer: oa.Framer) -> AsyncIterator[bytes]:
+    if framer.echo:
+        for i in range(len(streams)):
+            yield sse(framer.echo_chunk(i))
+    failed = False
+    merged = _merged(streams)
+    try:
+        async for i, delta in merged:
+            if delta.error:
+                if delta.text or delta.logprobs:
+                    chunk = framer.chunk(Delta(text=delta.text, token_ids=delta.token_ids,
+                                               logprobs=delta.logprobs), i)
+                    if chunk:
+                        yield sse(chunk)
+                yield sse({"error": {"message": delta.error, "type": "internal_error", "param": None,
+                                     "code": "internal_error"}})
+                failed = True
+                break
+            chunk = framer.chunk(delta, i)
+            if chunk:
+                yield sse(chunk)
+    finally:  # client gone or a choice failed: stop the other choices now, not at GC
+        await merged.aclose()
+    if framer.include_usage and not failed:
+        yield sse(framer.usage_chunk(oa_framing.total_usage(streams)))
     yield SSE_DONE
+
+
+async def _start_all(rt, reqs: list) -> list[RequestStream]:
+    """Start every choice, or none: a refused one cancels those already started."""
+    started = await asyncio.gather(*(rt.session.generate(r) for r in reqs), return_exceptions=True)
+    failed = [r for r in started if isinstance(r, BaseException)]
+    if failed:
+        for r in started:
+            if isinstance(r, RequestStream):
+                r.cancel()
+        raise failed[0]
+    return started
+
+
+async def _drain(s: RequestStream) -> list:
+    """Collect a stream; return its logprob entries."""
+    entries: list = []
+    async for delta in s:
+        entries.extend(delta.logprobs or [])
+    return entries
 
 
 async def _answer(request: Request, chat: bool):
@@ -63,17 +122,22 @@ async def _answer(request: Request, chat: bool):
         else:
             body = await read_body(request, oa.CompletionBody)
             req = oa.completion_to_engine(body, defaults, tenant)
-        s = await rt.engine.generate(req)
+        streams = await _start_all(rt, oa.fan_out(req, body.n))
     except EngineError as exc:
         return error_response(renamed(exc, oa.PARAM_NAMES), oa.error_body)
-    framer = oa.Framer(chat, oa.model_id(rt.model.name), body.include_usage)
-    headers = {"X-KV-Cache": s.cache_status.value}
+    echo = ""
+    if not chat and body.echo:
+        echo = body.prompt if isinstance(body.prompt, str) else rt.engine.decode(body.prompt)
+    texts = oa_logprobs.TokenTexts(rt.model.tokenizer) if body.num_logprobs is not None else None
+    framer = oa.Framer(chat, oa.model_id(rt.model.name), body.include_usage, texts=texts, echo=echo)
+    headers = {"X-KV-Cache": streams[0].cache_status.value}
     if body.stream:
-        return stream(_frames(s, framer), "text/event-stream", headers)
-    await s.collect()
-    if s.error:
-        return error_response(EngineError(s.error), oa.error_body)
-    return JSONResponse(framer.response(s), headers=headers)
+        return stream(_frames(streams, framer), "text/event-stream", headers)
+    entries = await asyncio.gather(*(_drain(s) for s in streams))
+    for s in streams:
+        if s.error:
+            return error_response(EngineError(s.error), oa.error_body)
+    return JSONResponse(framer.response(streams, entries), headers=headers)
 
 
 @router.post("/v1/completions")

@@ -52,12 +52,12 @@ def test_renamed_uses_the_dialect_field_name():
 
 # --- OpenAI ------------------------------------------------------------------------------------
 def test_openai_body_rules():
-    with pytest.raises(BodyError, match="n=1"):
-        body(oa.CompletionBody, prompt="x", n=3)
+    with pytest.raises(BodyError, match="less than or equal to 8"):
+        body(oa.CompletionBody, prompt="x", n=9)
     with pytest.raises(BodyError, match="only one prompt"):
         body(oa.CompletionBody, prompt=["a", "b"])
     with pytest.raises(BodyError, match="presence_penalty"):
-        body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], presence_penalty=1)
+        body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], presence_penalty=2.5)
     with pytest.raises(BodyError, match="tools"):
         body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}])
     with pytest.raises(BodyError, match="response_format"):
