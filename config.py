@@ -58,9 +58,11 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(default=0, ge=0)
     # Seconds a store call may take before the store counts as unavailable.
     cache_timeout: float = Field(default=5.0, gt=0)
-    # Bytes of this server's latest saved records kept in memory, so a continuation right after
-    # its request skips re-reading them (checked against the store first); 0 = off.
+    # Bytes of KV blocks this server wrote kept in memory (blocks are immutable), so a next turn
+    # on the same replica restores without reading the store; 0 = off.
     cache_recent_bytes: int = Field(default=512 << 20, ge=0)
+    # Tokens per stored KV block: identical prefixes are shared and reused at this granularity.
+    cache_block_tokens: int = Field(default=32, ge=1, le=4096)
 
     # --- replicas ---------------------------------------------------------------------------
     # This process's id in the X-KV-Replica answer header; empty = a hash of host name and pid.

@@ -64,5 +64,18 @@ class Backend(ABC):
     def release(self, key: str, token: str) -> None:
         """Give the lease back, only if ``token`` still holds it."""
 
+    @abstractmethod
+    def renew(self, key: str, token: str, ttl: float) -> bool:
+        """Extend the lease ``key`` to ``ttl`` from now if ``token`` still holds it; else False."""
+
+    @abstractmethod
+    def exists(self, keys: list[str]) -> list[bool]:
+        """For each key, whether it holds a live value (not a use for LRU)."""
+
+    def scan(self, prefix: str, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        """Up to ``limit`` keys starting with ``prefix`` from ``cursor`` on, and the next cursor
+        (None at the end). Values are not read."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release connections and file handles."""

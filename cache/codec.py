@@ -1,4 +1,4 @@
-"""KV record codec: one self-checking byte string per request_id.
+"""KV record codec: one self-checking byte string per stored value (a block or a head).
 
 Layout (all integers little-endian)::
 
@@ -9,8 +9,8 @@ Layout (all integers little-endian)::
 Tensor bytes are raw (no pickle); decoding returns tensors that view the input buffer, so a load
 costs one checksum pass and no copy until the engine copies the rows into its batch.
 
-Invariant: the KV tensors hold the states of ``token_ids[:-1]``; the last token is the one the
-next decode step feeds, so a continuation computes no old token again.
+The KV tensors hold the states of ``kv_len`` consecutive positions; what they mean (a block's own
+tokens, a head's tail) is said by ``meta``, which the store checks on every load.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 import xxhash
 
 MAGIC = b"KVBR"
-# 2: XXH3-64 checksum (crc32 in 1 ran at ~3.6 GB/s and was a third of a record load).
-VERSION = 2
+# 3: blocks and heads (``meta``); version 2 records (one whole sequence per request_id) are a miss.
+VERSION = 3
 _PREFIX = struct.Struct("<4sHHI")
 _CRC = struct.Struct("<Q")
 _ALIGN = 64
@@ -47,14 +47,15 @@ class RecordError(ValueError):
 
 @dataclass
 class KVRecord:
-    """The cached state of one request_id.
+    """One stored value: token ids, per-layer KV of some of their positions, and metadata.
 
     Attributes:
-        token_ids: the whole sequence so far (prompt + every generated token).
-        num_prompt_tokens: how many of ``token_ids`` came from the first prompt.
+        token_ids: a block's own tokens, or a head's whole sequence (prompt + generated).
+        num_prompt_tokens: how many of a head's ``token_ids`` came from its first prompt.
         fingerprint: identity of the model (and dtype) that produced the tensors.
-        keys / values: per layer, ``[kv_heads, len(token_ids) - 1, head_dim]``.
-        created_at: unix time the request_id was first stored.
+        keys / values: per layer, ``[kv_heads, kv_len, head_dim]``.
+        created_at: unix time the value's sequence was first stored.
+        meta: JSON-able facts the store writes and checks (kind, block hashes, where the KV starts).
     """
 
     token_ids: list[int]
@@ -66,10 +67,11 @@ class KVRecord:
     # Written into the header at every save: tells apart two saves of one request_id cheaply
     # (KVStore keeps its latest saves in memory and checks the stored header's nonce).
     nonce: str = ""
+    meta: dict = field(default_factory=dict)
 
     @property
-    def num_cached(self) -> int:
-        return len(self.token_ids) - 1
+    def kv_len(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
 
     @property
     def nbytes(self) -> int:
@@ -92,9 +94,10 @@ def _layout(record: KVRecord) -> tuple[bytes, list[torch.Tensor], int]:
     if dtype_name not in _DTYPES:
         raise RecordError(f"unsupported dtype {dtype_name}")
     shapes = []
+    kv_len = record.keys[0].shape[1] if record.keys[0].dim() == 3 else -1
     for k, v in zip(record.keys, record.values):
-        if k.dim() != 3 or k.shape[1] != n - 1 or v.shape[1] != n - 1:
-            raise RecordError(f"layer shapes {tuple(k.shape)}/{tuple(v.shape)} do not hold {n - 1} tokens")
+        if k.dim() != 3 or v.dim() != 3 or k.shape[1] != kv_len or v.shape[1] != kv_len:
+            raise RecordError(f"layer shapes {tuple(k.shape)}/{tuple(v.shape)} do not all hold {kv_len} positions")
         if k.dtype != dtype or v.dtype != dtype:
             raise RecordError("all tensors of a record share one dtype")
         shapes.append([list(k.shape), list(v.shape)])
@@ -107,6 +110,7 @@ def _layout(record: KVRecord) -> tuple[bytes, list[torch.Tensor], int]:
             "shapes": shapes,
             "created_at": record.created_at,
             "nonce": record.nonce,
+            "meta": record.meta,
         },
         separators=(",", ":"),
     ).encode()
@@ -260,4 +264,5 @@ def decode(data: bytes | bytearray | memoryview) -> KVRecord:
         values=values,
         created_at=float(header.get("created_at", 0.0)),
         nonce=str(header.get("nonce", "")),
+        meta=header.get("meta") if isinstance(header.get("meta"), dict) else {},
     )

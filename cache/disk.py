@@ -130,5 +130,44 @@ class DiskBackend(Backend):
             if self._cache.get(key) == token:
                 self._cache.delete(key)
 
+    def renew(self, key: str, token: str, ttl: float) -> bool:
+        with self._cache.transact(retry=True):
+            if self._cache.get(key) != token:
+                return False
+            return bool(self._cache.touch(key, expire=ttl))
+
+    def exists(self, keys: list[str]) -> list[bool]:
+        now = time.time()
+        sql = "SELECT expire_time FROM Cache WHERE key = ? AND raw = 1"
+        out = []
+        for key in keys:
+            row = self._cache._sql(sql, (key,)).fetchone()
+            out.append(row is not None and (row[0] is None or row[0] > now))
+        return out
+
     def close(self) -> None:
         self._cache.close()
+
+    def scan(self, prefix: str, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        """Keys in key order; the cursor is the last key returned. SQL over the key index: no
+        value is read, and expired rows are left out."""
+        sql = ("SELECT key FROM Cache WHERE raw = 1 AND key >= ? AND key > ? AND substr(key, 1, ?) = ?"
+               " AND (expire_time IS NULL OR expire_time > ?)")
+        args: list = [prefix, cursor or "", len(prefix), prefix, time.time()]
+        upper = _prefix_end(prefix)
+        if upper is not None:  # bounds the index range; the substr test alone would scan to the end
+            sql += " AND key < ?"
+            args.append(upper)
+        rows = self._cache._sql(sql + " ORDER BY key LIMIT ?", (*args, limit + 1)).fetchall()
+        keys = [row[0] for row in rows[:limit] if isinstance(row[0], str)]
+        return keys, (rows[limit - 1][0] if len(rows) > limit else None)
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (SQLite compares UTF-8
+    bytes, which order as code points), or None when there is none to name."""
+    for i in range(len(prefix) - 1, -1, -1):
+        if ord(prefix[i]) < 0x10FFFF:
+            nxt = ord(prefix[i]) + 1
+            return prefix[:i] + chr(0xE000 if 0xD800 <= nxt < 0xE000 else nxt)  # no surrogates
+    return None

@@ -87,6 +87,11 @@ purge_expired(now)
 return forget(ARGV[1])
 """
 
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -299,6 +304,7 @@ class RedisBackend(Backend):
         self._touch = self._r.register_script(_TOUCH)
         self._delete = self._r.register_script(_DELETE)
         self._release = self._r.register_script(_RELEASE)
+        self._renew = self._r.register_script(_RENEW)
         self._bulk = _BulkReader.for_client(self._r, timeout)
 
     @contextmanager
@@ -367,6 +373,18 @@ class RedisBackend(Backend):
     def release(self, key: str, token: str) -> None:
         self._run(lambda: self._release(keys=[key], args=[token]))
 
+    def renew(self, key: str, token: str, ttl: float) -> bool:
+        return bool(self._run(lambda: self._renew(keys=[key], args=[token, max(1, int(ttl * 1000))])))
+
+    def exists(self, keys: list[str]) -> list[bool]:
+        def work() -> list[bool]:
+            pipe = self._r.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            return [bool(n) for n in pipe.execute()]
+
+        return self._run(work) if keys else []
+
     def total_bytes(self) -> int:
         """Bytes of all records in the budget's account (for tests and metrics)."""
         return int(self._run(lambda: self._r.get(self._index[3])) or 0)
@@ -375,3 +393,30 @@ class RedisBackend(Backend):
         if self._bulk is not None:
             self._bulk.close()
         self._r.close()
+
+    def scan(self, prefix: str, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        """SCAN MATCH over the keyspace; the cursor is Redis' own. A scan step is never split, so
+        a page can hold the few keys of its last step beyond ``limit``, and Redis may repeat a key
+        across pages (SCAN's guarantee: every key present throughout is returned at least once)."""
+        try:
+            at = int(cursor) if cursor else 0
+        except ValueError:
+            raise ValueError(f"not a Redis scan cursor: {cursor!r}") from None
+        match = _glob_escape(prefix) + "*"
+
+        def work() -> tuple[list[str], str | None]:
+            keys: list[str] = []
+            nonlocal at
+            while True:
+                # COUNT bounds the keys a step visits, and so the keys it can add beyond ``limit``.
+                at, batch = self._r.scan(at, match=match, count=limit - len(keys))
+                keys += [k.decode() if isinstance(k, bytes) else k for k in batch]
+                if at == 0 or len(keys) >= limit:
+                    return keys, (str(at) if at else None)
+
+        return self._run(work)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,8 +1,16 @@
-"""KVStore: request_id-keyed records on top of any byte backend.
+"""KVStore: KV in immutable content-addressed blocks plus a small head per request_id.
 
-Builds the namespaced key, applies the codec and TTL, verifies the model fingerprint, turns
-backend outages into "unavailable" misses, and runs every backend call on a worker thread so the
-event loop never blocks on I/O. Tenants (API keys) get disjoint key spaces.
+A sequence's KV (the states of ``token_ids[:-1]``) is cut into blocks of ``block_tokens``
+positions. A block's key is a hash chain over (model fingerprint, tenant, parent block, its token
+ids), so the same prefix maps to the same keys in every process and after restarts, and is stored
+once per tenant. A head (one per request_id) holds the whole token sequence, its block hashes and
+the KV of the tail past the last full block. An anonymous sequence leaves an *anchor* head under
+the hash of its prompt's last full block, so the next turn of a client without a request_id finds
+the previous answer's tokens too.
+
+Everything missing, evicted, corrupt or from another model is a (partial) miss: the caller
+recomputes from that position, never serves wrong KV. Backend outages become "unavailable" misses.
+Every backend call runs on a worker thread, so the event loop never blocks on I/O.
 """
 
 from __future__ import annotations
@@ -11,32 +19,69 @@ import asyncio
 import hashlib
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
+import torch
+
+from cache import keys
 from cache.base import Backend, BackendUnavailable
 from cache.codec import KVRecord, RecordError, decode, encoded, read_header
 
 log = logging.getLogger("kvbento.cache")
 
-KEY_PREFIX = "kvbento:v1"
-LEASE_SECONDS = 600.0
+LEASE_SECONDS = 10.0  # renewed while its request runs, so a crashed holder's lease lapses fast
 
 
 class CacheStatus(str, Enum):
     HIT = "hit"
+    PARTIAL = "partial"
     MISS = "miss"
     UNAVAILABLE = "unavailable"
 
 
 @dataclass
-class LoadResult:
-    status: CacheStatus
-    record: KVRecord | None = None
+class Block:
+    """One block's KV: per layer ``[kv_heads, block_tokens, head_dim]``."""
+
+    hash: str
+    token_ids: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class Head:
+    """A stored sequence: its tokens, the hashes of its full blocks, the KV of its tail."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+    blocks: list[str]
+    tail_keys: list[torch.Tensor]
+    tail_values: list[torch.Tensor]
+    created_at: float = field(default_factory=time.time)
     nbytes: int = 0
+
+
+@dataclass
+class HeadResult:
+    status: CacheStatus  # HIT (found), MISS or UNAVAILABLE
+    head: Head | None = None
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class SaveResult:
+    ok: bool
+    nbytes: int = 0  # bytes written (blocks + heads)
+    num_blocks: int = 0  # blocks written (new ones only)
     seconds: float = 0.0
 
 
@@ -45,7 +90,8 @@ class RecordInfo:
     request_id: str
     num_tokens: int
     num_prompt_tokens: int
-    nbytes: int
+    nbytes: int  # the head's bytes plus its blocks' (shared blocks counted in full)
+    num_blocks: int
     fingerprint: str
     created_at: float
     last_used_at: float | None
@@ -59,32 +105,43 @@ def tenant_of(api_key: str | None) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
-class KVStore:
-    """Async facade over a blocking ``Backend``."""
+def chain_hashes(fingerprint: str, tenant: str, token_ids: list[int], block_tokens: int,
+                 num_blocks: int, start: list[str] | None = None) -> list[str]:
+    """Hashes of the first ``num_blocks`` full blocks of ``token_ids``.
 
-    def __init__(self, backend: Backend, fingerprint: str, *, ttl: float = 0, timeout: float = 5.0,
-                 max_workers: int = 4, recent_bytes: int = 512 << 20) -> None:
+    ``start`` (hashes already known for the first blocks) is extended rather than recomputed.
+    """
+    out = list(start or [])[:num_blocks]
+    parent = out[-1] if out else ""
+    for i in range(len(out), num_blocks):
+        chunk = token_ids[i * block_tokens:(i + 1) * block_tokens]
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{fingerprint}\0{tenant}\0{parent}\0".encode())
+        h.update(torch.tensor(chunk, dtype=torch.int32).numpy().tobytes())
+        parent = h.hexdigest()
+        out.append(parent)
+    return out
+
+
+class KVStore:
+    """Async facade over a blocking ``Backend`` that stores blocks and heads."""
+
+    def __init__(self, backend: Backend, fingerprint: str, *, block_tokens: int = 32, ttl: float = 0,
+                 timeout: float = 5.0, max_workers: int = 4, memory_bytes: int = 512 << 20) -> None:
+        if block_tokens < 1:
+            raise ValueError("block_tokens must be >= 1")
         self.backend = backend
         self.fingerprint = fingerprint
+        self.block_tokens = block_tokens
         self.ttl = ttl or None
         self.timeout = timeout
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvstore")
         self._down_since: float | None = None
-        self.num_hits = self.num_misses = self.num_unavailable = 0
-        # The latest records this process saved, by key (event-loop thread only). A load checks the
-        # stored header's nonce (a cheap head read) and, when it is still this save, skips reading
-        # and decoding the whole record: a continuation right after its request no longer waits
-        # for tens of MB that the page cache is still writing back (disk) or that cross the
-        # socket again (Redis). Another replica's later save changes the nonce: a full read.
-        self._recent: OrderedDict[str, KVRecord] = OrderedDict()
-        self._recent_nbytes = 0
-        self._recent_limit = recent_bytes
-        self.num_recent_hits = 0
-
-    # -- keys ------------------------------------------------------------------------------
-    @staticmethod
-    def key(tenant: str, request_id: str) -> str:
-        return f"{KEY_PREFIX}:{tenant}:{request_id}"
+        # Blocks this process wrote, by key: immutable and content-addressed, so they are valid
+        # without asking the store. Same-replica turns restore from here with no read at all.
+        self._memory: OrderedDict[str, Block] = OrderedDict()
+        self._memory_nbytes = 0
+        self._memory_limit = memory_bytes
 
     # -- plumbing --------------------------------------------------------------------------
     async def _call(self, fn, *args):
@@ -102,127 +159,251 @@ class KVStore:
             self._down_since = None
         return result
 
-    @property
-    def is_available(self) -> bool:
-        return self._down_since is None
+    def hashes(self, tenant: str, token_ids: list[int], num_blocks: int,
+               start: list[str] | None = None) -> list[str]:
+        return chain_hashes(self.fingerprint, tenant, token_ids, self.block_tokens, num_blocks, start)
 
-    # -- records ---------------------------------------------------------------------------
-    def _remember(self, key: str, record: KVRecord) -> None:
-        self._forget(key)
-        if not record.nonce or record.nbytes > self._recent_limit:
+    # -- process memory of written blocks --------------------------------------------------
+    def _remember(self, key: str, block: Block) -> None:
+        if key in self._memory or block.nbytes > self._memory_limit:
             return
-        self._recent[key] = record
-        self._recent_nbytes += record.nbytes
-        while self._recent_nbytes > self._recent_limit:
-            _, old = self._recent.popitem(last=False)
-            self._recent_nbytes -= old.nbytes
+        self._memory[key] = block
+        self._memory_nbytes += block.nbytes
+        while self._memory_nbytes > self._memory_limit:
+            _, old = self._memory.popitem(last=False)
+            self._memory_nbytes -= old.nbytes
 
-    def _forget(self, key: str) -> None:
-        old = self._recent.pop(key, None)
-        if old is not None:
-            self._recent_nbytes -= old.nbytes
+    def in_memory(self, tenant: str, block_hash: str) -> bool:
+        return keys.block_key(tenant, block_hash) in self._memory
 
-    async def _load_recent(self, key: str, start: float) -> LoadResult | None:
-        """The remembered record if the store still holds that very save, else None."""
-        record = self._recent.get(key)
-        if record is None:
+    # -- heads -----------------------------------------------------------------------------
+    def _decode_head(self, data) -> Head | None:
+        try:
+            rec = decode(data)
+        except RecordError as exc:
+            log.warning("stored head is unusable (%s); treating it as a miss", exc)
             return None
-        entry = await self._call(self.backend.info, key)
-        header = None
-        if entry is not None and entry.head is not None:
-            try:
-                header = read_header(entry.head)
-            except RecordError:
-                pass
-        if header is None or header.get("nonce") != record.nonce:
-            self._forget(key)  # gone, expired, or saved again since (another replica)
+        meta = rec.meta
+        if rec.fingerprint != self.fingerprint or meta.get("kind") != "head":
             return None
-        self._recent.move_to_end(key)
-        self.num_hits += 1
-        self.num_recent_hits += 1
-        return LoadResult(CacheStatus.HIT, record, entry.nbytes, time.perf_counter() - start)
+        blocks = meta.get("blocks")
+        if (not isinstance(blocks, list) or meta.get("block_tokens") != self.block_tokens
+                or len(blocks) * self.block_tokens + rec.kv_len != len(rec.token_ids) - 1):
+            return None
+        return Head(rec.token_ids, rec.num_prompt_tokens, [str(b) for b in blocks], rec.keys, rec.values,
+                    rec.created_at, nbytes=len(data))
 
-    async def load(self, tenant: str, request_id: str) -> LoadResult:
-        """Read and verify the record; a corrupt or foreign record is a miss, never an error."""
+    async def _read_head(self, key: str) -> HeadResult:
         start = time.perf_counter()
         try:
-            recent = await self._load_recent(self.key(tenant, request_id), start)
-            if recent is not None:
-                return recent
-            data = await self._call(self.backend.get, self.key(tenant, request_id))
+            data = await self._call(self.backend.get, key)
         except BackendUnavailable:
-            self.num_unavailable += 1
-            return LoadResult(CacheStatus.UNAVAILABLE, seconds=time.perf_counter() - start)
-        if data is None:
-            self.num_misses += 1
-            return LoadResult(CacheStatus.MISS, seconds=time.perf_counter() - start)
+            return HeadResult(CacheStatus.UNAVAILABLE, seconds=time.perf_counter() - start)
+        head = self._decode_head(data) if data is not None else None
+        status = CacheStatus.HIT if head is not None else CacheStatus.MISS
+        return HeadResult(status, head, len(data) if data is not None else 0, time.perf_counter() - start)
+
+    async def load_head(self, tenant: str, request_id: str) -> HeadResult:
+        """The request_id's head; a corrupt, foreign or old-format head is a miss."""
+        return await self._read_head(keys.head_key(tenant, request_id))
+
+    async def load_anchor(self, tenant: str, block_hashes: list[str]) -> Head | None:
+        """The anchor head left at the deepest of ``block_hashes`` (None when none is stored)."""
+        if not block_hashes:
+            return None
+        names = [keys.anchor_key(tenant, h) for h in block_hashes]
         try:
-            record = decode(data)
-        except RecordError as exc:
-            log.warning("cache record for a request_id is unusable (%s); treating it as a miss", exc)
-            self.num_misses += 1
-            return LoadResult(CacheStatus.MISS, nbytes=len(data), seconds=time.perf_counter() - start)
-        if record.fingerprint != self.fingerprint:
-            log.info("cache record was made by another model (%s); miss", record.fingerprint[:12])
-            self.num_misses += 1
-            return LoadResult(CacheStatus.MISS, nbytes=len(data), seconds=time.perf_counter() - start)
-        self.num_hits += 1
-        return LoadResult(CacheStatus.HIT, record, len(data), time.perf_counter() - start)
-
-    async def save(self, tenant: str, request_id: str, record: KVRecord) -> bool:
-        """Encode and write the record (off the event loop). False when the store is unavailable."""
-        key = self.key(tenant, request_id)
-
-        def work() -> int:
-            # A pooled buffer: Backend.set is synchronous, so the bytes are not needed after it.
-            with encoded(record) as data:
-                self.backend.set(key, data, self.ttl)
-                return len(data)
-
-        record.nonce = uuid.uuid4().hex
-        try:
-            await self._call(work)
+            found = await self._call(self.backend.exists, names)
         except BackendUnavailable:
-            self._forget(key)
-            return False
-        self._remember(key, record)
-        return True
+            return None
+        for name, ok in zip(reversed(names), reversed(found)):
+            if ok:
+                got = await self._read_head(name)
+                if got.head is not None:
+                    return got.head
+        return None
 
+    # -- blocks ----------------------------------------------------------------------------
+    async def count_blocks(self, tenant: str, block_hashes: list[str]) -> int:
+        """How many of ``block_hashes``, from the first, are stored (in memory or the store)."""
+        n = 0
+        while n < len(block_hashes) and keys.block_key(tenant, block_hashes[n]) in self._memory:
+            n += 1
+        rest = block_hashes[n:]
+        if not rest:
+            return n
+        try:
+            found = await self._call(self.backend.exists, [keys.block_key(tenant, h) for h in rest])
+        except BackendUnavailable:
+            return n
+        for ok in found:
+            if not ok:
+                break
+            n += 1
+        return n
+
+    async def read_blocks(self, tenant: str, block_hashes: list[str],
+                          token_ids: list[int]) -> tuple[list[Block], int, int]:
+        """The blocks of ``block_hashes`` in order, stopping at the first one that is missing,
+        corrupt or not of ``token_ids``. Returns (blocks, bytes read from the store, how many came
+        from this process's memory)."""
+        b = self.block_tokens
+        out: list[Block] = []
+        nbytes = num_local = 0
+        missing: list[int] = []
+        for i, h in enumerate(block_hashes):
+            block = self._memory.get(keys.block_key(tenant, h))
+            if block is not None:
+                self._memory.move_to_end(keys.block_key(tenant, h))
+            out.append(block)
+            if block is None:
+                missing.append(i)
+        if missing:
+            def fetch(i: int):
+                return self.backend.get(keys.block_key(tenant, block_hashes[i]))
+
+            try:
+                datas = await asyncio.gather(*(self._call(fetch, i) for i in missing))
+            except BackendUnavailable:
+                datas = [None] * len(missing)
+            for i, data in zip(missing, datas):
+                if data is None:
+                    continue
+                nbytes += len(data)
+                try:
+                    rec = decode(data)
+                except RecordError as exc:
+                    log.warning("stored block is unusable (%s); recomputing from it", exc)
+                    continue
+                want = token_ids[i * b:(i + 1) * b]
+                if (rec.fingerprint == self.fingerprint and rec.meta.get("kind") == "block"
+                        and rec.token_ids == want and rec.kv_len == b):
+                    out[i] = Block(block_hashes[i], rec.token_ids, rec.keys, rec.values)
+        good: list[Block] = []
+        for block in out:
+            if block is None:
+                break
+            good.append(block)
+        num_local = sum(1 for i in range(len(good)) if i not in missing)
+        return good, nbytes, num_local
+
+    # -- saving ----------------------------------------------------------------------------
+    async def save(self, tenant: str, token_ids: list[int], num_prompt_tokens: int,
+                   kv: tuple[list[torch.Tensor], list[torch.Tensor]], kv_from: int, *,
+                   known_blocks: list[str], request_id: str | None = None, anchor_at: int = 0,
+                   created_at: float | None = None) -> SaveResult:
+        """Write the new blocks of a sequence and its head (and/or anchor).
+
+        Args:
+            token_ids: the whole sequence; ``kv`` holds the states of positions
+                ``[kv_from, len(token_ids) - 1)`` (``kv_from`` is a multiple of ``block_tokens``).
+            known_blocks: hashes of blocks known to be stored already (the restored prefix).
+            request_id: write this request_id's head.
+            anchor_at: write an anchor head under the hash of block ``anchor_at - 1`` (0 = none).
+        """
+        start = time.perf_counter()
+        b = self.block_tokens
+        n_kv = len(token_ids) - 1
+        if n_kv < 0 or kv_from % b or kv_from > n_kv:
+            raise ValueError("save needs kv_from a block boundary within the sequence")
+        full = n_kv // b
+        hashes = self.hashes(tenant, token_ids, full, known_blocks[: kv_from // b])
+        k_all, v_all = kv
+        new: list[Block] = []
+        for i in range(max(len(known_blocks), kv_from // b), full):
+            lo, hi = i * b - kv_from, (i + 1) * b - kv_from
+            new.append(Block(hashes[i], token_ids[i * b:(i + 1) * b], [k[:, lo:hi] for k in k_all],
+                             [v[:, lo:hi] for v in v_all]))
+        lo = full * b - kv_from
+        tail = ([k[:, lo:] for k in k_all], [v[:, lo:] for v in v_all])
+        created = created_at or time.time()
+
+        def head_record() -> KVRecord:
+            meta = {"kind": "head", "blocks": hashes, "block_tokens": b}
+            return KVRecord(list(token_ids), num_prompt_tokens, self.fingerprint, tail[0], tail[1],
+                            created_at=created, meta=meta)
+
+        def work() -> tuple[int, int]:
+            written = count = 0
+            todo = [blk for blk in new if keys.block_key(tenant, blk.hash) not in self._memory]
+            present = self.backend.exists([keys.block_key(tenant, blk.hash) for blk in todo]) if todo else []
+            for blk, there in zip(todo, present):
+                if there:
+                    continue
+                rec = KVRecord(blk.token_ids, 0, self.fingerprint, blk.keys, blk.values, created_at=created,
+                               meta={"kind": "block"})
+                with encoded(rec) as data:
+                    self.backend.set(keys.block_key(tenant, blk.hash), data, self.ttl)
+                    written += len(data)
+                count += 1
+            # Heads last: a head never names a block that was not written first.
+            names = []
+            if request_id is not None:
+                names.append(keys.head_key(tenant, request_id))
+            if anchor_at > 0 and anchor_at <= len(hashes):
+                names.append(keys.anchor_key(tenant, hashes[anchor_at - 1]))
+            if names:
+                with encoded(head_record()) as data:
+                    for name in names:
+                        self.backend.set(name, data, self.ttl)
+                        written += len(data)
+            return written, count
+
+        try:
+            written, count = await self._call(work)
+        except BackendUnavailable:
+            return SaveResult(False, seconds=time.perf_counter() - start)
+        for blk in new:
+            self._remember(keys.block_key(tenant, blk.hash), blk)
+        return SaveResult(True, written, count, time.perf_counter() - start)
+
+    # -- records as the API shows them -----------------------------------------------------
     async def delete(self, tenant: str, request_id: str) -> bool:
-        """Remove the record. Raises BackendUnavailable when the store cannot answer."""
-        self._forget(self.key(tenant, request_id))
-        return await self._call(self.backend.delete, self.key(tenant, request_id))
+        """Remove the request_id's head (its blocks are shared content and age out by TTL/budget).
+
+        Raises BackendUnavailable when the store cannot answer.
+        """
+        return await self._call(self.backend.delete, keys.head_key(tenant, request_id))
 
     async def info(self, tenant: str, request_id: str) -> RecordInfo | None:
-        """Metadata of the record, or None. Raises BackendUnavailable when the store cannot answer."""
-        key = self.key(tenant, request_id)
+        """Metadata of the request_id's head, or None. Raises BackendUnavailable when the store
+        cannot answer."""
+        key = keys.head_key(tenant, request_id)
 
         def work():
             entry = self.backend.info(key)
             if entry is None:
                 return None
+            header = None
             if entry.head is not None:
                 try:
-                    return entry, read_header(entry.head)
+                    header = read_header(entry.head)
                 except RecordError:
-                    pass  # a header longer than the head, or not a record: check the whole value
-            data = self.backend.get(key)
-            if data is None:
-                return None
-            try:
-                return entry, read_header(data)
-            except RecordError:
-                return None
+                    header = None  # a header longer than the head read: check the whole value
+            if header is None:
+                data = self.backend.get(key)
+                if data is None:
+                    return None
+                try:
+                    header = read_header(data)
+                except RecordError:
+                    return None
+            return entry, header
 
         found = await self._call(work)
         if found is None:
             return None
         entry, header = found
+        meta = header.get("meta") or {}
+        blocks = meta.get("blocks") or []
+        esize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(header.get("dtype")), 4)
+        per_position = sum(k[0] * k[2] + v[0] * v[2] for k, v in header.get("shapes") or []) * esize
         return RecordInfo(
             request_id=request_id,
             num_tokens=int(header.get("num_tokens", 0)),
             num_prompt_tokens=int(header.get("num_prompt_tokens", 0)),
-            nbytes=entry.nbytes,
+            nbytes=entry.nbytes + per_position * self.block_tokens * len(blocks),
+            num_blocks=len(blocks),
             fingerprint=str(header.get("fingerprint", "")),
             created_at=float(header.get("created_at", 0.0)),
             last_used_at=entry.last_used_at,
@@ -230,19 +411,24 @@ class KVStore:
         )
 
     # -- per-request_id lease (one writer at a time, across replicas) ------------------------
-    async def acquire(self, tenant: str, request_id: str) -> str | None:
-        """Take the request_id's lease: a token on success, None when another request holds it.
+    async def acquire(self, tenant: str, request_id: str, token: str) -> bool:
+        """Take the request_id's lease for ``token``; False when another request holds it.
 
         Raises BackendUnavailable when the store cannot answer.
         """
-        token = uuid.uuid4().hex
-        ok = await self._call(self.backend.acquire, "lease:" + self.key(tenant, request_id), token,
-                              LEASE_SECONDS)
-        return token if ok else None
+        return bool(await self._call(self.backend.acquire, keys.lease_key(tenant, request_id), token,
+                                     LEASE_SECONDS))
+
+    async def renew(self, tenant: str, request_id: str, token: str) -> bool:
+        try:
+            return bool(await self._call(self.backend.renew, keys.lease_key(tenant, request_id), token,
+                                         LEASE_SECONDS))
+        except BackendUnavailable:
+            return False
 
     async def release(self, tenant: str, request_id: str, token: str) -> None:
         try:
-            await self._call(self.backend.release, "lease:" + self.key(tenant, request_id), token)
+            await self._call(self.backend.release, keys.lease_key(tenant, request_id), token)
         except BackendUnavailable:
             pass  # the lease lapses by itself
 

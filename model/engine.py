@@ -1,11 +1,12 @@
 """The continuous-batching engine: an asyncio face over one model thread.
 
-``await engine.generate(request)`` validates, takes the request_id's lease, loads its KV record,
-and returns a ``RequestStream`` (async iterator of ``Delta``) whose cache status is known before the
-first token. The model thread loops over three verbs: ``schedule`` (pick the next prefill chunk,
-admit finished prefills into the batch), run the model (one chunk of prefill, one decode step for
-the whole batch), ``postprocess`` (sample, detokenize, stop checks, emit, retire). Finished
-sequences leave the batch at once; their KV is copied out and stored off the model thread.
+``engine.reserve()`` admits a request (or raises ``QueueFull``); ``engine.submit(request)`` starts
+an ``EngineRequest`` (token ids plus the KV of a prefix of them) and returns a ``RequestStream``
+(async iterator of ``Delta``). The model thread loops over three verbs: ``schedule`` (pick the next
+prefill chunk, admit finished prefills into the batch), run the model (one chunk of prefill, one
+decode step for the whole batch), ``postprocess`` (sample, detokenize, stop checks, emit, retire).
+Finished sequences leave the batch at once; their new KV is copied out and handed to the request's
+``on_finish`` (the session stores it) before the final delta. Nothing here knows the store.
 """
 
 from __future__ import annotations
@@ -19,17 +20,13 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from cache.codec import KVRecord
-from cache.store import CacheStatus, KVStore
 from model import kernels
 from model.kv import BatchKV
 from model.loader import LoadedModel
 from model.sampling import sample, with_request_extras
 from model.scheduler import Scheduler, SeqStatus
 from model.sequence import Sequence
-from model.types import (
-    Delta, EngineClosed, GenerateRequest, InvalidRequest, QueueFull, RequestBusy, Usage,
-)
+from model.types import Delta, EngineClosed, EngineRequest, Finished, InvalidRequest, QueueFull, Usage
 
 log = logging.getLogger("kvbento.engine")
 
@@ -38,7 +35,7 @@ class EngineObserver:
     """Hooks for metrics; the default does nothing. Called on the event loop thread."""
 
     def on_rejected(self) -> None: ...
-    def on_cache(self, status: CacheStatus, seconds: float, nbytes: int) -> None: ...
+    def on_cache(self, status: str, seconds: float, nbytes: int) -> None: ...
     def on_store_write(self, seconds: float, nbytes: int, ok: bool) -> None: ...
     def on_finished(self, stream: "RequestStream") -> None: ...
     def on_delta(self, stream: "RequestStream", delta: Delta, now: float) -> None: ...
@@ -52,7 +49,6 @@ class EngineConfig:
     max_queue: int = 64
     prefill_chunk: int = 512
     max_new_tokens_limit: int = 4096
-    lease_wait_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 0 or self.prefill_chunk < 1:
@@ -66,11 +62,11 @@ class RequestStream:
     early (client disconnect) aborts the sequence; the record then keeps only delivered tokens.
     """
 
-    def __init__(self, engine: "Engine", seq: Sequence, cache_status: CacheStatus, prompt_text: str) -> None:
+    def __init__(self, engine: "Engine", seq: Sequence, prompt_text: str) -> None:
         self._engine = engine
         self._seq = seq
         self.request_id = seq.request_id
-        self.cache_status = cache_status
+        self.cache_status = None  # the session's CacheStatus of this request
         self.prompt_text = prompt_text
         self.num_delivered = 0
         self.base_token_ids = list(seq.token_ids)  # snapshot: the engine thread appends to seq.token_ids
@@ -84,10 +80,6 @@ class RequestStream:
         s = self._seq
         return Usage(prompt_tokens=s.num_base_tokens, completion_tokens=s.num_generated,
                      cached_tokens=s.num_cached_tokens)
-
-    @property
-    def sequence(self) -> Sequence:
-        return self._seq
 
     @property
     def token_ids(self) -> list[int]:
@@ -123,10 +115,9 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, store: KVStore | None, config: EngineConfig | None = None,
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None,
                  observer: EngineObserver | None = None) -> None:
         self.m = loaded
-        self.store = store
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self.scheduler = Scheduler(self.config.max_batch_size, self.config.max_queue)
@@ -144,7 +135,6 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="kvbento-engine", daemon=True)
         self._thread.start()
-        self.num_steps = 0
 
     def _new_kv(self) -> BatchKV:
         layers, heads, dim = self._kv_geometry
@@ -168,96 +158,53 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.m.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    async def generate(self, req: GenerateRequest) -> RequestStream:
-        """Accept a request and start it.
+    def check(self, params) -> None:
+        """Raise InvalidRequest naming a sampling parameter out of range."""
+        params.validate(min(self.config.max_new_tokens_limit, self.m.max_context))
+
+    def reserve(self) -> None:
+        """Count one more request in flight (the place is held across the session's awaits).
 
         Raises:
-            InvalidRequest: bad parameters, or the prompt / cached sequence fills the context.
             QueueFull: the waiting queue is full (answer 429).
-            RequestBusy: the request_id stayed busy with another request past the lease wait.
             EngineClosed: the engine is shutting down.
         """
-        arrival = time.perf_counter()
         if self._closed:
             raise EngineClosed("the engine is shutting down")
-        params = req.params
-        params.validate(min(self.config.max_new_tokens_limit, self.m.max_context))
         if not self.scheduler.can_accept(self._num_in_flight):
             self.observer.on_rejected()
             raise QueueFull(
                 f"server busy: {self.config.max_batch_size} running and {self.config.max_queue} waiting",
                 retry_after=1,
             )
-        use_cache = req.use_cache and self.store is not None
-        lease = None
-        status = CacheStatus.MISS
-        record = None
-        self._num_in_flight += 1  # reserve the place now: the awaits below must not let others overbook
-        try:
-            if use_cache:
-                lease, status = await self._acquire(req.tenant, req.request_id)
-                if status is CacheStatus.UNAVAILABLE:
-                    use_cache = False
-                else:
-                    loaded = await self.store.load(req.tenant, req.request_id)
-                    self.observer.on_cache(loaded.status, loaded.seconds, loaded.nbytes)
-                    status, record = loaded.status, loaded.record
-                    if status is CacheStatus.UNAVAILABLE:
-                        use_cache = False
-            if record is not None:
-                token_ids = list(record.token_ids)
-                num_prompt = record.num_prompt_tokens
-                num_cached = record.num_cached
-                if len(token_ids) >= self.m.max_context:
-                    raise InvalidRequest(
-                        f"request_id {req.request_id!r} already holds {len(token_ids)} tokens, the model's "
-                        f"context is {self.m.max_context}: start a new request_id", param="request_id")
-            else:
-                token_ids = list(req.prompt_ids) if req.prompt_ids is not None else self.tokenize(req.prompt or "")
-                if not token_ids:
-                    token_ids = [self.m.tokenizer.bos_token_id or self.pad_id]
-                if len(token_ids) >= self.m.max_context:
-                    raise InvalidRequest(
-                        f"prompt is {len(token_ids)} tokens, the model's context is {self.m.max_context}",
-                        param="prompt")
-                num_prompt = len(token_ids)
-                num_cached = 0
-            loop = asyncio.get_running_loop()
-            seq = Sequence(
-                request_id=req.request_id, tenant=req.tenant, token_ids=token_ids,
-                num_prompt_tokens=num_prompt, num_cached_tokens=num_cached, params=params,
-                record=record, use_cache=use_cache, tokenizer=self.m.tokenizer,
-                eos_token_ids=self.m.eos_token_ids, max_context=self.m.max_context, loop=loop,
-                queue=asyncio.Queue(), lease=lease,
-            )
-        except BaseException:
-            self._num_in_flight -= 1
-            if lease is not None:
-                await self.store.release(req.tenant, req.request_id, lease)
-            raise
-        prompt_text = self.decode(token_ids[:num_prompt])
+        self._num_in_flight += 1
+
+    def unreserve(self) -> None:
+        """Give back a place taken by ``reserve`` for a request that was not submitted."""
+        self._num_in_flight -= 1
+
+    def submit(self, req: EngineRequest, arrival: float | None = None) -> RequestStream:
+        """Start a reserved request on the model thread.
+
+        Raises:
+            InvalidRequest: the sequence fills the model's context.
+        """
+        token_ids = list(req.token_ids) or [self.m.tokenizer.bos_token_id or self.pad_id]
+        if len(token_ids) >= self.m.max_context:
+            raise InvalidRequest(
+                f"the sequence is {len(token_ids)} tokens, the model's context is {self.m.max_context}",
+                param="prompt")
+        seq = Sequence(
+            request_id=req.request_id, token_ids=token_ids, num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached, params=req.params, prefix=req.prefix, kv_from=req.kv_from,
+            on_finish=req.on_finish, tokenizer=self.m.tokenizer, eos_token_ids=self.m.eos_token_ids,
+            max_context=self.m.max_context, loop=asyncio.get_running_loop(), queue=asyncio.Queue(),
+        )
+        stream = RequestStream(self, seq, self.decode(token_ids[: req.num_prompt_tokens]))
+        if arrival is not None:
+            stream.arrival = arrival
         self._post(("add", seq))
-        stream = RequestStream(self, seq, status, prompt_text)
-        stream.arrival = arrival
         return stream
-
-    async def _acquire(self, tenant: str, request_id: str) -> tuple[str | None, CacheStatus]:
-        from cache.base import BackendUnavailable
-
-        deadline = time.monotonic() + self.config.lease_wait_seconds
-        delay = 0.005
-        while True:
-            try:
-                token = await self.store.acquire(tenant, request_id)
-            except BackendUnavailable:
-                self.observer.on_cache(CacheStatus.UNAVAILABLE, 0.0, 0)
-                return None, CacheStatus.UNAVAILABLE
-            if token is not None:
-                return token, CacheStatus.MISS
-            if time.monotonic() >= deadline:
-                raise RequestBusy(f"request_id {request_id!r} is busy with another request", param="request_id")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
 
     def abort(self, seq: Sequence, num_delivered: int) -> None:
         """Stop ``seq`` at its next step; its record keeps the ``num_delivered`` generated tokens."""
@@ -268,18 +215,14 @@ class Engine:
             self._inbox.append(msg)
             self._cond.notify()
 
-    async def _finalize(self, seq: Sequence, record: KVRecord | None, final: Delta) -> None:
-        """Store the record and free the lease, then send the final delta (so a client that got the
-        end of its answer can continue the request_id at once)."""
+    async def _finalize(self, seq: Sequence, finished: Finished, final: Delta) -> None:
+        """Hand the retired sequence to its ``on_finish`` (the session stores it and frees the
+        lease), then send the final delta: a client that got the end of its answer can go on at once."""
         try:
-            if record is not None and self.store is not None:
-                start = time.perf_counter()
-                ok = await self.store.save(seq.tenant, seq.request_id, record)
-                self.observer.on_store_write(time.perf_counter() - start, record.nbytes, ok)
-            if seq.lease is not None and self.store is not None:
-                await self.store.release(seq.tenant, seq.request_id, seq.lease)
-        except Exception:  # never lose the answer because the store failed
-            log.exception("storing the KV record failed")
+            if seq.on_finish is not None:
+                await seq.on_finish(finished)
+        except Exception:  # never lose the answer because storing failed
+            log.exception("finishing the request failed")
         finally:
             self._num_in_flight -= 1
             seq.queue.put_nowait(final)
@@ -331,19 +274,35 @@ class Engine:
 
     # -- prefill -------------------------------------------------------------------------
     def _prefill(self, seq: Sequence) -> None:
-        if seq.record is not None:
-            keys = [k.to(self.m.device) for k in seq.record.keys]
-            values = [v.to(self.m.device) for v in seq.record.values]
-            seq.record = None
-        else:
-            keys, values = self._prefill_chunk(seq)
-            if keys is None:
-                return  # more chunks to go
+        if seq.prefix and seq.num_cached_tokens == len(seq.token_ids) - 1:
+            # Everything but the last token is restored: the chunks go straight into the row.
+            chunks, seq.prefix = seq.prefix, []
+            seq.row = self.kv.insert_chunks(chunks)
+            self.scheduler.start_running(seq)
+            return
+        keys, values = self._prefill_chunk(seq)
+        if keys is None:
+            return  # more chunks to go
         seq.row = self.kv.insert(keys, values)
         self.scheduler.start_running(seq)
 
+    def _restored_cache(self, seq: Sequence) -> DynamicCache:
+        """A DynamicCache holding the restored prefix (the chunked prefill goes on from there)."""
+        cache = DynamicCache()
+        chunks, seq.prefix = seq.prefix, []
+        if chunks:
+            dev = self.m.device
+            for i in range(len(chunks[0][0])):
+                k = torch.cat([c[0][i] for c in chunks], dim=1) if len(chunks) > 1 else chunks[0][0][i]
+                v = torch.cat([c[1][i] for c in chunks], dim=1) if len(chunks) > 1 else chunks[0][1][i]
+                cache.update(k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0), i)
+        seq.num_computed = seq.num_cached_tokens
+        return cache
+
     def _prefill_chunk(self, seq: Sequence):
         todo = len(seq.token_ids) - 1
+        if seq.prefill_cache is None and seq.num_computed == 0 and seq.num_cached_tokens:
+            seq.prefill_cache = self._restored_cache(seq)
         lo, hi = seq.num_computed, min(todo, seq.num_computed + self.config.prefill_chunk)
         if hi > lo:
             if seq.prefill_cache is None:
@@ -384,7 +343,6 @@ class Engine:
                                past_key_values=cache, use_cache=True, **extra)
             logits = out.logits[:, -1, :]
         self.kv.finish_step()
-        self.num_steps += 1
         order = [s.row for s in running]
         if order != list(range(rows)):
             logits = logits.index_select(0, torch.tensor(order, device=logits.device))
@@ -402,12 +360,9 @@ class Engine:
     def _run_beam(self, seq: Sequence) -> None:
         p = seq.params
         dev = self.m.device
-        past = None
-        if seq.record is not None:
-            past = DynamicCache()
-            for i, (k, v) in enumerate(zip(seq.record.keys, seq.record.values)):
-                past.update(k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0), i)
-            seq.record = None
+        past = self._restored_cache(seq) if seq.num_cached_tokens else None
+        if past is not None:
+            past.batch_repeat_interleave(p.num_beams)  # generate expands the inputs, not a given cache
         ids = torch.tensor([seq.token_ids], dtype=torch.long, device=dev)
         budget = min(p.max_new_tokens, self.m.max_context - len(seq.token_ids))
         out = self.m.model.generate(
@@ -420,8 +375,10 @@ class Engine:
         new = out[0, ids.shape[1]:].tolist()
         while new and new[-1] == self.pad_id and self.pad_id not in self.m.eos_token_ids:
             new.pop()
-        # Recompute the KV of the chosen beam (beam search keeps all beams' caches) for the record.
+        # Recompute the KV of the chosen beam (beam search keeps all beams' caches) for the store.
         seq.num_computed = 0
+        seq.num_cached_tokens_for_beam = seq.num_cached_tokens
+        seq.num_cached_tokens = 0
         seq.prefill_cache = None
         delta, finish = None, None
         for token in new:
@@ -432,53 +389,49 @@ class Engine:
                 break
         finish = finish or "length"
         keys = values = None
-        if seq.use_cache:
+        if seq.on_finish is not None:
             while keys is None:
                 keys, values = self._prefill_chunk(seq)
+        seq.num_cached_tokens = seq.num_cached_tokens_for_beam
         self._finish(seq, finish, last=delta, kv=(keys, values) if keys is not None else None)
 
     # -- retirement ----------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str, *, last: Delta | None = None, error: str | None = None,
                 kv: tuple | None = None) -> None:
-        record = None
         keep = seq.num_tokens_to_keep
-        changed = keep > seq.num_base_tokens or seq.num_cached_tokens == 0
-        if seq.use_cache and error is None and changed and keep >= 1:
-            if kv is not None:
+        finished = Finished(seq.token_ids[:keep], keep - seq.num_base_tokens if keep > seq.num_base_tokens else 0,
+                            reason, error=error)
+        lo, hi = seq.kv_from, keep - 1
+        if seq.on_finish is not None and error is None and hi >= lo:
+            if kv is not None and kv[0]:
                 keys, values = kv
-                n = keep - 1
-                keys = [k[:, :n].cpu() for k in keys] if keys else []
-                values = [v[:, :n].cpu() for v in values] if values else []
+                finished.keys = [k[:, lo:hi].cpu() for k in keys]
+                finished.values = [v[:, lo:hi].cpu() for v in values]
             elif seq.row is not None:
                 if last is not None and (last.text or last.token_ids):
                     seq.emit(last)  # the client's token does not wait for the copy-out
                     last = None
-                keys, values = self.kv.extract(seq.row, keep - 1)
-            else:
-                keys = None
-            if keys is not None:
-                if not keys:  # a one-token sequence: zero-length tensors per layer
-                    layers, heads, dim = self._kv_geometry
-                    keys = [torch.empty(heads, 0, dim, dtype=self.m.dtype) for _ in range(layers)]
-                    values = [torch.empty(heads, 0, dim, dtype=self.m.dtype) for _ in range(layers)]
-                record = KVRecord(seq.token_ids[:keep], seq.num_prompt_tokens, self.m.fingerprint, keys, values)
+                finished.keys, finished.values = self.kv.extract(seq.row, hi, lo)
+            elif hi == lo:  # nothing new to store (a one-token sequence)
+                layers, heads, dim = self._kv_geometry
+                finished.keys = [torch.empty(heads, 0, dim, dtype=self.m.dtype) for _ in range(layers)]
+                finished.values = [torch.empty(heads, 0, dim, dtype=self.m.dtype) for _ in range(layers)]
         if seq.row is not None:
             self.kv.remove(seq.row)
             seq.row = None
         self.scheduler.finish(seq)
         seq.prefill_cache = None
+        seq.prefix = []
         if last is not None and (last.text or last.token_ids):
             seq.emit(last)
         final = Delta(finish_reason=reason, error=error)
-        seq.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._finalize(seq, record, final)))
+        seq.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._finalize(seq, finished, final)))
 
     def _abort(self, seq: Sequence, num_delivered: int) -> None:
         if seq.status is SeqStatus.FINISHED:
             return
         seq.is_aborted = True
         seq.num_delivered = num_delivered
-        if seq.status is SeqStatus.WAITING:
-            seq.use_cache = seq.use_cache and False  # nothing computed: keep the stored record as is
         self._finish(seq, "abort")
 
     def _fail_all(self, message: str) -> None:
@@ -486,7 +439,6 @@ class Engine:
         if self.scheduler.prefilling is not None:
             seqs.append(self.scheduler.prefilling)
         for seq in seqs:
-            seq.use_cache = False
             seq.row = None
             self._finish(seq, "error", error=message)
         self.kv = self._new_kv()

@@ -189,16 +189,17 @@ class BatchKV:
         return -(-n // self.chunk) * self.chunk
 
     # -- join / leave ----------------------------------------------------------------------
-    def can_insert(self) -> bool:
-        return any(n < 0 for n in self.row_len) or len(self.row_len) < self.max_rows
-
     def insert(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> int:
         """Place one sequence's KV (per layer ``[kv_heads, n, head_dim]``) in a free row.
 
         Returns:
             The row index, stable until ``remove``.
         """
-        n = keys[0].shape[1] if keys else 0
+        return self.insert_chunks([(keys, values)] if keys else [])
+
+    def insert_chunks(self, chunks: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> int:
+        """``insert`` for KV given as consecutive chunks (restored blocks): no concatenation."""
+        n = sum(c[0][0].shape[1] for c in chunks if c[0])
         if not self.active_rows:
             self._restart(n)
         free = [i for i, ln in enumerate(self.row_len) if ln < 0]
@@ -214,10 +215,15 @@ class BatchKV:
             self._relayout(rows, capacity, new_end)
         row = next(i for i, ln in enumerate(self.row_len) if ln < 0)
         lo = self.end - n
-        for l in range(self.num_layers):
-            if n:
-                self.keys[l][row, :, lo : self.end] = keys[l]
-                self.values[l][row, :, lo : self.end] = values[l]
+        at = lo
+        for keys, values in chunks:
+            m = keys[0].shape[1] if keys else 0
+            if not m:
+                continue
+            for l in range(self.num_layers):
+                self.keys[l][row, :, at : at + m] = keys[l].to(self.device)
+                self.values[l][row, :, at : at + m] = values[l].to(self.device)
+            at += m
         self.mask[row].zero_()
         self.mask[row, lo : self.end] = True
         self.row_len[row] = n
@@ -234,16 +240,14 @@ class BatchKV:
         else:
             self.start = self.end
 
-    def extract(self, row: int, length: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Copy the first ``length`` (default all) KV columns of ``row`` to host memory: per layer
-        contiguous ``[kv_heads, n, head_dim]`` CPU tensors, views of one huge-page buffer.
-
-        One buffer rather than a fresh tensor per layer: a 1,024-token record of the bench model
-        is ~75 MB in 4 KiB pages that nobody has touched yet, and their ~19k first-touch faults cost
-        ~200 ms here (measured), 25x the copy itself.
-        """
-        n = self.row_len[row] if length is None else min(length, self.row_len[row])
-        lo = self.end - self.row_len[row]
+    def extract(self, row: int, end: int | None = None, start: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copy KV columns ``[start, end)`` (default all) of ``row`` to host memory: per layer
+        contiguous ``[kv_heads, n, head_dim]`` CPU tensors, views of one huge-page buffer (fresh
+        pages cost more in first-touch faults than the copy; see bench/NOTES.md)."""
+        end = self.row_len[row] if end is None else min(end, self.row_len[row])
+        start = min(start, end)
+        n = end - start
+        lo = self.end - self.row_len[row] + start
         per = self.kv_heads * n * self.head_dim
         flat = memory.empty((2 * self.num_layers * max(per, 1),), self.dtype, torch.device("cpu"))
         out = [flat[i * per : (i + 1) * per].view(self.kv_heads, n, self.head_dim)

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
-import time
 
 import torch
 
-from cache.codec import KVRecord
 from model.detok import IncrementalDetokenizer
 from model.sampling import RowSpec, TokenLogprob
 from model.scheduler import SeqStatus
 from model.types import Delta, SamplingParams
-
-_ids = itertools.count()
 
 
 class Sequence:
@@ -25,24 +20,22 @@ class Sequence:
     decode step's input.
     """
 
-    def __init__(self, *, request_id: str, tenant: str, token_ids: list[int], num_prompt_tokens: int,
-                 num_cached_tokens: int, params: SamplingParams, record: KVRecord | None,
-                 use_cache: bool, tokenizer, eos_token_ids: list[int], max_context: int,
-                 loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, lease: str | None) -> None:
-        self.seq_id = next(_ids)
+    def __init__(self, *, request_id: str, token_ids: list[int], num_prompt_tokens: int,
+                 num_cached_tokens: int, params: SamplingParams, prefix: list, kv_from: int,
+                 on_finish, tokenizer, eos_token_ids: list[int], max_context: int,
+                 loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         self.request_id = request_id
-        self.tenant = tenant
         self.token_ids = token_ids
         self.num_base_tokens = len(token_ids)  # tokens before this request generated anything
         self.num_prompt_tokens = num_prompt_tokens
-        self.num_cached_tokens = num_cached_tokens
+        self.num_cached_tokens = num_cached_tokens  # restored, not computed: the prefix's length
         self.params = params
-        self.record = record
-        self.use_cache = use_cache
+        self.prefix = prefix  # KV chunks of token_ids[:num_cached_tokens], until prefilled
+        self.kv_from = kv_from  # on finish, the KV from this position on goes to on_finish
+        self.on_finish = on_finish
         self.max_context = max_context
         self.loop = loop
         self.queue = queue
-        self.lease = lease
         self.status = SeqStatus.WAITING
         self.is_aborted = False
         self.num_delivered: int | None = None  # set on abort: generated tokens the client got
@@ -50,9 +43,6 @@ class Sequence:
         self.num_computed = 0  # prefill progress over token_ids[:-1]
         self.prefill_cache = None
         self.num_generated = 0
-        self.arrived_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
         self.detok = IncrementalDetokenizer(tokenizer, token_ids)
         self._held = ""  # emitted text withheld because it may be the start of a stop string
         self._pending_ids: list[int] = []
@@ -80,10 +70,6 @@ class Sequence:
     def append(self, token: int, logprob: TokenLogprob | None = None) -> tuple[Delta | None, str | None]:
         """Record a generated token (and its logprob, when asked). Returns (delta to emit or None,
         finish reason or None)."""
-        now = time.perf_counter()
-        if self.first_token_at is None:
-            self.first_token_at = now
-        self.last_token_at = now
         self.token_ids.append(token)
         self.num_generated += 1
         if self._seen is not None and self.params.repetition_penalty != 1.0:

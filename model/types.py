@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class EngineError(Exception):
@@ -37,6 +39,20 @@ class QueueFull(EngineError):
 
 class RequestBusy(EngineError):
     """Another request with the same request_id is running; requests per request_id are serial."""
+
+    status = 409
+    type = "conflict_error"
+
+
+class NotFound(EngineError):
+    """A named thing (a request_id's record, a stored response) does not exist."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class Conflict(EngineError):
+    """The request contradicts what is stored (e.g. forking onto a request_id that has a record)."""
 
     status = 409
     type = "conflict_error"
@@ -103,22 +119,64 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", f"must be between 0 and 20, got {self.logprobs}")
 
-    @property
-    def is_greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
-
 
 @dataclass
 class GenerateRequest:
-    """One generation: a prompt (token ids or text) under a cache key, with its sampling params."""
+    """One generation as a dialect asks for it (the session turns it into an ``EngineRequest``).
+
+    The prompt is ``prompt_ids``, else ``prompt`` tokenized (with the tokenizer's special tokens
+    when ``special_tokens``; a rendered chat template already has them).
+    """
 
     request_id: str
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     tenant: str = "public"
-    # False: generate without reading or writing the store (one-off requests of stateless dialects).
+    # False: generate without reading or writing the store at all.
     use_cache: bool = True
+    # True: request_id names a head (read, leased, written); False: an anonymous request that
+    # still reuses and leaves content-addressed blocks.
+    named: bool = True
+    special_tokens: bool = True
+    # The request-id API's semantics: a stored sequence is continued and ``prompt`` is ignored.
+    # False: the prompt is the whole conversation, matched against the stored one.
+    continue_stored: bool = False
+    # Text added after the stored sequence (or after ``prompt`` when nothing is stored).
+    append: str | None = None
+    # Start request_id as a fork of this request_id's sequence.
+    parent_request_id: str | None = None
+
+
+@dataclass
+class EngineRequest:
+    """What the engine runs: token ids, the KV of a prefix of them, sampling parameters.
+
+    ``prefix`` holds the states of positions ``[0, num_cached)`` as consecutive chunks, each per
+    layer ``[kv_heads, n, head_dim]``. On finish the engine hands the KV of positions
+    ``[kv_from, kept - 1)`` to ``on_finish`` (when set) before the final delta.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    num_prompt_tokens: int
+    num_cached: int = 0
+    prefix: list[tuple[list[Any], list[Any]]] = field(default_factory=list)
+    kv_from: int = 0
+    on_finish: Callable[["Finished"], Awaitable[None]] | None = None
+
+
+@dataclass
+class Finished:
+    """A retired sequence: the tokens worth keeping and (when asked) their new KV."""
+
+    token_ids: list[int]
+    num_generated: int
+    finish_reason: str
+    keys: list[Any] | None = None
+    values: list[Any] | None = None
+    error: str | None = None
 
 
 @dataclass

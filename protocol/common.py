@@ -7,7 +7,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ValidationError
 
-from model.types import EngineError, InvalidRequest, SamplingParams, Usage
+from model.types import EngineError, InvalidRequest, NotFound, SamplingParams, Usage  # noqa: F401 (NotFound re-exported)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -33,11 +33,6 @@ class PayloadTooLarge(InvalidRequest):
 class Unauthorized(EngineError):
     status = 401
     type = "authentication_error"
-
-
-class NotFound(EngineError):
-    status = 404
-    type = "not_found_error"
 
 
 class UnsupportedMediaType(InvalidRequest):

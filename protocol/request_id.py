@@ -35,6 +35,10 @@ RequestId = Field(min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
 class GenerateBody(BaseModel):
     request_id: str = RequestId
     prompt: str = Field(max_length=1_000_000)
+    # The next turn: text added after the stored sequence (after ``prompt`` when nothing is stored).
+    append: str | None = Field(default=None, max_length=1_000_000)
+    # Start request_id as a fork of this request_id's stored sequence (which stays untouched).
+    parent_request_id: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
     only_new_tokens: bool = True
     stream_response: bool = True
     generation_config: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -52,9 +56,11 @@ class BatchBody(BaseModel):
 
 
 def to_engine(request_id: str, prompt: str, config: GenerationConfig, defaults: dict[str, Any],
-              tenant: str) -> GenerateRequest:
+              tenant: str, *, append: str | None = None, parent_request_id: str | None = None) -> GenerateRequest:
+    """A stored sequence is continued (``prompt`` ignored), as the seed API defines."""
     params = sampling_params(defaults, config.model_dump())
-    return GenerateRequest(request_id=request_id, prompt=prompt, params=params, tenant=tenant)
+    return GenerateRequest(request_id=request_id, prompt=prompt, params=params, tenant=tenant,
+                           continue_stored=True, append=append, parent_request_id=parent_request_id)
 
 
 def from_engine(stream: RequestStream, only_new_tokens: bool, full_text: str) -> dict[str, Any]:

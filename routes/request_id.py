@@ -38,8 +38,9 @@ async def generate(request: Request):
     rt = runtime(request)
     tenant = authenticate(request)
     body = await read_body(request, GenerateBody)
-    req = to_engine(body.request_id, body.prompt, body.generation_config, rt.settings.generation_defaults(), tenant)
-    s = await rt.engine.generate(req)
+    req = to_engine(body.request_id, body.prompt, body.generation_config, rt.settings.generation_defaults(), tenant,
+                    append=body.append, parent_request_id=body.parent_request_id)
+    s = await rt.session.generate(req)
     headers = {"X-KV-Cache": s.cache_status.value}
     if body.stream_response:
         return stream(_text_stream(request, s, body.only_new_tokens), "text/plain; charset=utf-8", headers)
@@ -59,7 +60,7 @@ async def generate_batch(request: Request):
         raise BodyError(f"prompts: request_id {dupes[0]!r} appears more than once", param="prompts")
     defaults = rt.settings.generation_defaults()
     started = await asyncio.gather(
-        *(rt.engine.generate(to_engine(p.request_id, p.prompt, body.generation_config, defaults, tenant))
+        *(rt.session.generate(to_engine(p.request_id, p.prompt, body.generation_config, defaults, tenant))
           for p in body.prompts),
         return_exceptions=True,
     )
@@ -100,6 +101,7 @@ async def cache_info(request: Request, request_id: str):
             "tokens": info.num_tokens,
             "prompt_tokens": info.num_prompt_tokens,
             "bytes": info.nbytes,
+            "blocks": info.num_blocks,
             "model": rt.model.name,
             "fingerprint": info.fingerprint,
             "fingerprint_matches": info.fingerprint == rt.model.fingerprint,

@@ -14,6 +14,7 @@ from config import Settings
 from model import bundled, loader
 from model.engine import Engine, EngineConfig, EngineObserver
 from protocol.common import Unauthorized
+from session import Session
 
 log = logging.getLogger("kvbento")
 
@@ -24,6 +25,7 @@ class Runtime:
     model: loader.LoadedModel
     store: KVStore
     engine: Engine
+    session: Session
 
     @classmethod
     def start(cls, settings: Settings, observer: EngineObserver | None = None) -> "Runtime":
@@ -36,17 +38,18 @@ class Runtime:
                         settings.cpu_kernels)
         backend = open_backend(settings.cache_url, max_bytes=settings.cache_max_bytes,
                                timeout=settings.cache_timeout)
-        store = KVStore(backend, m.fingerprint, ttl=settings.cache_ttl, timeout=settings.cache_timeout,
-                        recent_bytes=settings.cache_recent_bytes)
+        store = KVStore(backend, m.fingerprint, block_tokens=settings.cache_block_tokens,
+                        ttl=settings.cache_ttl, timeout=settings.cache_timeout,
+                        memory_bytes=settings.cache_recent_bytes)
         engine = Engine(
-            m, store,
+            m,
             EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                          prefill_chunk=settings.prefill_chunk),
             observer,
         )
         log.info("kvbento ready: model %s, cache %s, batch %d, queue %d", settings.model,
                  backend.scheme, settings.max_batch_size, settings.max_queue)
-        return cls(settings, m, store, engine)
+        return cls(settings, m, store, engine, Session(engine, store))
 
     def tenant(self, authorization: str | None) -> str:
         """The tenant of a request: checks the bearer key when keys are configured.

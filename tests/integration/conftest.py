@@ -19,13 +19,15 @@ def loop():
 
 @pytest.fixture(scope="module")
 def engine(loaded, tmp_path_factory):
-    """An in-process engine on the tiny model with a disk store (batch 4 to force joins/leaves)."""
+    """The session over an in-process engine on the tiny model with a disk store (batch 4 to force
+    joins/leaves; 8-token blocks so short prompts span several)."""
     from cache.factory import open_backend
     from cache.store import KVStore
     from model.engine import Engine, EngineConfig
+    from session import Session
 
-    store = KVStore(open_backend(f"disk://{tmp_path_factory.mktemp('kv')}"), loaded.fingerprint)
-    eng = Engine(loaded, store, EngineConfig(max_batch_size=4, max_queue=64, prefill_chunk=16))
-    yield eng
+    store = KVStore(open_backend(f"disk://{tmp_path_factory.mktemp('kv')}"), loaded.fingerprint, block_tokens=8)
+    eng = Engine(loaded, EngineConfig(max_batch_size=4, max_queue=64, prefill_chunk=16))
+    yield Session(eng, store)
     eng.close()
     store.close()

@@ -16,7 +16,8 @@ def run(loop, coro):
 
 
 async def generate(engine, rid, prompt=PROMPT, use_cache=True, **params):
-    s = await engine.generate(GenerateRequest(rid, prompt, params=SamplingParams(**params), use_cache=use_cache))
+    s = await engine.generate(GenerateRequest(rid, prompt, params=SamplingParams(**params), use_cache=use_cache,
+                                              continue_stored=True))
     await s.collect()
     return s
 
@@ -132,7 +133,8 @@ def test_prompt_longer_than_context_is_refused(engine, loaded, loop):
 
 def test_abandoned_stream_keeps_only_delivered_tokens(engine, loop):
     async def partial():
-        s = await engine.generate(GenerateRequest("cut", PROMPT, params=SamplingParams(max_new_tokens=200)))
+        s = await engine.generate(GenerateRequest("cut", PROMPT, params=SamplingParams(max_new_tokens=200),
+                                                  continue_stored=True))
         got = 0
         async for d in s:
             got += len(d.token_ids)
