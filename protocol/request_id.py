@@ -30,6 +30,7 @@ class GenerationConfig(BaseModel):
 
 
 RequestId = Field(min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
+Prompt = Field(max_length=1_000_000)
 
 
 class GenerateBody(BaseModel):
