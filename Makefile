@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast bench-model bench model clean image image-test image-check loadtest
+.PHONY: setup serve test test-fast test-deploy bench-model bench model clean image image-test image-check loadtest
 
 # (Re)create .venv when pyproject.toml changes. torch is pinned first so pip never resolves an
 # unpinned torch (which would pull gigabytes of CUDA wheels).
@@ -32,6 +32,14 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit tests/integration
+
+# Scale-out with real parts (tests/deploy): HAProxy hashing X-KV-Request-Id over three replicas on a
+# local three-master Redis Cluster. Installs haproxy and redis-server from apt when missing.
+test-deploy: setup
+	@command -v haproxy >/dev/null && command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq haproxy redis-server; }
+	KVBENTO_DEPLOY_TEST=1 $(BIN)/python -m pytest -q -m deploy tests/deploy
 
 # The ~100M-parameter benchmark model; its directory is the last line printed.
 bench-model: setup
