@@ -93,9 +93,18 @@ class Session:
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def align(self, text: str, stored: list[int]) -> tuple[list[int], int]:
+    def align(self, text: str, stored: list[int], special_tokens: bool = False) -> tuple[list[int], int]:
         """Tokens for ``text`` that start with the longest run of ``stored`` whose text begins
-        ``text`` (the stored answer's own ids, not a re-tokenization of it), and that run's length."""
+        ``text`` (the stored answer's own ids, not a re-tokenization of it), and that run's length.
+
+        With ``special_tokens`` the tokenizer's own leading tokens (a BOS) come first, as they do
+        when ``text`` is tokenized alone."""
+        if special_tokens:
+            lead = self.tokenize("", special_tokens=True)
+            if stored[: len(lead)] != lead:
+                return self.tokenize(text, special_tokens=True), 0
+            ids, k = self.align(text, stored[len(lead):])
+            return lead + ids, k + len(lead) if k else 0
         lo, hi = 0, len(stored)
         while lo < hi:  # the longest k with decode(stored[:k]) a prefix of text
             mid = (lo + hi + 1) // 2
@@ -223,7 +232,7 @@ class Session:
             else:
                 text = req.prompt or ""
                 if base is not None:
-                    plan.token_ids, _ = self.align(text, base.token_ids)
+                    plan.token_ids, _ = self.align(text, base.token_ids, req.special_tokens)
                 else:
                     plan.token_ids = self.tokenize(text, req.special_tokens)
             plan.head = base
@@ -258,7 +267,7 @@ class Session:
             anchor = await store.load_anchor(req.tenant, hashes[:j])
             if anchor is not None:
                 if text is not None:
-                    ids, _ = self.align(text, anchor.token_ids)
+                    ids, _ = self.align(text, anchor.token_ids, req.special_tokens)
                 else:
                     ids = plan.token_ids
                 if min(common_prefix(ids, anchor.token_ids), len(anchor.token_ids) - 1) > j * b:

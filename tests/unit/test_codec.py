@@ -50,6 +50,12 @@ def test_truncated_record_is_rejected(keep):
 
 def test_inconsistent_shapes_refused_on_encode():
     rec = make_record()
-    rec.token_ids.append(1)  # KV no longer covers token_ids[:-1]
+    rec.values[1] = rec.values[1][:, :-1]  # one layer holds fewer positions than the others
     with pytest.raises(RecordError):
         encode(rec)
+
+
+def test_meta_round_trips():
+    rec = make_record()
+    rec.meta = {"kind": "head", "blocks": ["a", "b"], "block_tokens": 8}
+    assert decode(bytes(encode(rec))).meta == rec.meta

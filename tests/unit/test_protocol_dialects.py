@@ -27,13 +27,13 @@ def drain(gen) -> list[bytes]:
 
 
 # --- request ids -------------------------------------------------------------------------------
-def test_without_request_id_a_fresh_id_and_no_cache():
+def test_without_request_id_a_fresh_anonymous_id_that_still_uses_the_store():
     a = engine_request("cmpl", None, "t", DEFAULTS, {}, prompt="x")
     b = engine_request("cmpl", None, "t", DEFAULTS, {}, prompt="x")
     assert a.request_id != b.request_id and a.request_id.startswith("cmpl-")
-    assert a.use_cache is False
+    assert a.use_cache is True and a.named is False and a.continue_stored is False
     c = engine_request("cmpl", "my-id", "t", DEFAULTS, {"max_new_tokens": 7, "top_k": None}, prompt="x")
-    assert (c.request_id, c.use_cache, c.params.max_new_tokens, c.params.top_k) == ("my-id", True, 7, 50)
+    assert (c.request_id, c.named, c.params.max_new_tokens, c.params.top_k) == ("my-id", True, 7, 50)
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "a/b", "x" * 300])
@@ -70,19 +70,20 @@ def test_openai_body_rules():
     assert ids.prompt_ids == [5, 6, 7] and ids.prompt is None
 
 
-def test_openai_chat_passes_template_ids_and_prefers_max_completion_tokens():
+def test_openai_chat_passes_template_text_and_prefers_max_completion_tokens():
     seen = {}
 
     def template(messages):
         seen["m"] = messages
-        return [1, 2, 3]
+        return "<rendered>"
 
     b = body(oa.ChatBody, messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}]},
                                     {"role": "user", "content": "b"}],
              max_tokens=5, max_completion_tokens=9, temperature=0.5, seed=3)
     req = oa.chat_to_engine(b, DEFAULTS, "t", template)
     assert seen["m"] == [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]
-    assert req.prompt_ids == [1, 2, 3] and req.params.max_new_tokens == 9
+    assert req.prompt == "<rendered>" and req.prompt_ids is None and req.special_tokens is False
+    assert req.params.max_new_tokens == 9
     assert req.params.do_sample is True and req.params.seed == 3
 
     def broken(_):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cache.base import Backend, BackendUnavailable
+from cache import keys
 from cache.codec import KVRecord, encode
 from cache.store import CacheStatus, KVStore
 
@@ -207,10 +208,36 @@ def test_redis_over_a_unix_socket_reads_through_redis_py(redis_server_factory, t
         b.close()
 
 
-# -- through the store: codec, fingerprints, tenants ------------------------------------------------
+def test_lease_renew_and_exists(make_backend, key):
+    b = make_backend()
+    assert b.acquire(key, "t1", 0.3)
+    assert not b.renew(key, "someone-else", 5.0)
+    assert b.renew(key, "t1", 5.0)
+    time.sleep(0.5)  # past the first ttl: renewed, so still held
+    assert not b.acquire(key, "t2", 5.0)
+    b.release(key, "t1")
+    assert b.acquire(key, "t3", 0.2)
+    time.sleep(0.4)  # never renewed: lapses by itself
+    assert b.acquire(key, "t4", 5.0)
+    b.set(key + ":v", b"x")
+    assert b.exists([key + ":v", key + ":none"]) == [True, False]
+
+
+# -- through the store: blocks and heads, codec, fingerprints, tenants ----------------------------
+BLOCK = 8
+
+
+def kv(n: int, fill: float = 1.0, layers: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer [2 heads, n, 8]; position p holds fill + p so slices are checkable."""
+    pos = torch.arange(n, dtype=torch.float32).view(1, n, 1)
+    keys = [(pos + fill + 100 * i).expand(2, n, 8).contiguous() for i in range(layers)]
+    values = [-(pos + fill + 100 * i).expand(2, n, 8).contiguous() for i in range(layers)]
+    return keys, values
+
+
 @pytest.fixture
 def store(make_backend):
-    s = KVStore(make_backend(), FP, timeout=5)
+    s = KVStore(make_backend(), FP, block_tokens=BLOCK, timeout=5)
     yield s
     s._pool.shutdown(wait=True)
 
@@ -219,103 +246,120 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_store_round_trip_and_info(store):
-    rid = uuid.uuid4().hex
-    rec = record(30, fill=0.5)
-    assert run(store.load("t", rid)).status is CacheStatus.MISS
-    assert run(store.save("t", rid, rec)) is True
-    got = run(store.load("t", rid))
-    assert got.status is CacheStatus.HIT
-    assert got.record.token_ids == rec.token_ids
-    assert all(torch.equal(a, b) for a, b in zip(got.record.keys, rec.keys))
-    assert all(torch.equal(a, b) for a, b in zip(got.record.values, rec.values))
-    info = run(store.info("t", rid))
+def save(store, tenant, rid, tokens, fill=1.0, **kw):
+    return run(store.save(tenant, tokens, 3, kv(len(tokens) - 1, fill), 0, known_blocks=[], request_id=rid, **kw))
+
+
+def test_store_round_trip_blocks_head_and_info(store):
+    rid, t = uuid.uuid4().hex, uuid.uuid4().hex  # a fresh tenant: blocks of earlier runs are not found
+    tokens = list(range(30))  # 29 KV positions: 3 blocks of 8 and a tail of 5
+    assert run(store.load_head(t, rid)).status is CacheStatus.MISS
+    saved = save(store, t, rid, tokens, fill=0.5)
+    assert saved.ok and saved.num_blocks == 3
+    got = run(store.load_head(t, rid))
+    assert got.status is CacheStatus.HIT and got.head.token_ids == tokens and len(got.head.blocks) == 3
+    keys, _ = kv(29, 0.5)
+    assert torch.equal(got.head.tail_keys[1], keys[1][:, 24:])
+    store._memory.clear()  # read the blocks from the backend, not this process's memory
+    blocks, nbytes, local = run(store.read_blocks(t, got.head.blocks, tokens))
+    assert len(blocks) == 3 and nbytes > 0 and local == 0
+    assert torch.equal(torch.cat([b.keys[0] for b in blocks], dim=1), keys[0][:, :24])
+    info = run(store.info(t, rid))
     assert info.num_tokens == 30 and info.num_prompt_tokens == 3 and info.fingerprint == FP
-    assert info.nbytes == got.nbytes
-    assert run(store.delete("t", rid)) is True
-    assert run(store.info("t", rid)) is None
-    assert run(store.load("t", rid)).status is CacheStatus.MISS
+    assert info.num_blocks == 3 and info.nbytes >= got.nbytes + 3 * BLOCK * 2 * 2 * 2 * 8 * 4
+    assert run(store.delete(t, rid)) is True
+    assert run(store.info(t, rid)) is None
+    assert run(store.load_head(t, rid)).status is CacheStatus.MISS
 
 
-def test_store_atomic_overwrite(store):
+def test_store_atomic_overwrite_of_a_head(store):
     rid = uuid.uuid4().hex
-    run(store.save("t", rid, record(10, fill=1.0)))
-    run(store.save("t", rid, record(40, fill=2.0)))
-    got = run(store.load("t", rid))
-    assert got.status is CacheStatus.HIT and len(got.record.token_ids) == 40
-    assert float(got.record.keys[0][0, 0, 0]) == 2.0
+    save(store, "t", rid, list(range(10)), fill=1.0)
+    save(store, "t", rid, list(range(40)), fill=2.0)
+    got = run(store.load_head("t", rid))
+    assert got.status is CacheStatus.HIT and len(got.head.token_ids) == 40 and len(got.head.blocks) == 4
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
-def test_store_damaged_record_is_a_miss(store, damage):
+def test_store_a_shared_prefix_is_written_once(store):
+    prefix = list(range(1000, 1024))  # three full blocks
+    t = uuid.uuid4().hex
+    first = save(store, t, uuid.uuid4().hex, prefix + [1, 2, 3])
+    second = save(store, t, uuid.uuid4().hex, prefix + [7, 8, 9])
+    assert first.num_blocks == 3 and second.num_blocks == 0
+    assert second.nbytes < first.nbytes / 2  # only the head
+    other = KVStore(store.backend, FP, block_tokens=BLOCK, timeout=5)  # another replica, cold memory
+    hashes = other.hashes(t, prefix + [5], 3)
+    assert run(other.count_blocks(t, hashes)) == 3
+    other._pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "old-format"])
+def test_store_damaged_head_is_a_miss(store, damage):
     rid = uuid.uuid4().hex
-    data = bytearray(encode(record(25)))
+    save(store, "t", rid, list(range(25)))
+    data = bytearray(store.backend.get(keys.head_key("t", rid)))
     if damage == "truncate":  # as if the writer died mid-write
         data = data[: len(data) // 2]
     elif damage == "flip":
         data[len(data) // 2] ^= 0xFF
+    elif damage == "old-format":  # a record of the one-value-per-request_id format
+        data[4:6] = (2).to_bytes(2, "little")
     else:
         data = bytearray()
-    store.backend.set(KVStore.key("t", rid), bytes(data) or b"\0")
-    assert run(store.load("t", rid)).status is CacheStatus.MISS
+    store.backend.set(keys.head_key("t", rid), bytes(data) or b"\0")
+    assert run(store.load_head("t", rid)).status is CacheStatus.MISS
 
 
-def test_store_foreign_fingerprint_is_a_miss(store):
+def test_store_damaged_block_ends_the_restorable_prefix(store):
+    tokens, t = list(range(40)), uuid.uuid4().hex
+    save(store, t, "r", tokens)
+    head = run(store.load_head(t, "r")).head
+    store._memory.clear()
+    store.backend.set(keys.block_key(t, head.blocks[2]), b"garbage")
+    blocks, _, _ = run(store.read_blocks(t, head.blocks, tokens))
+    assert len(blocks) == 2
+    blocks, _, _ = run(store.read_blocks(t, head.blocks, [9] * 40))  # tokens that do not match
+    assert blocks == []
+
+
+def test_store_foreign_fingerprint_is_a_miss(make_backend):
+    backend = make_backend()
+    other = KVStore(backend, "another-model", block_tokens=BLOCK, timeout=5)
     rid = uuid.uuid4().hex
-    store.backend.set(KVStore.key("t", rid), encode(record(12, fingerprint="another-model")))
-    assert run(store.load("t", rid)).status is CacheStatus.MISS
+    save(other, "t", rid, list(range(20)))
+    mine = KVStore(backend, FP, block_tokens=BLOCK, timeout=5)
+    assert run(mine.load_head("t", rid)).status is CacheStatus.MISS
+    for s in (other, mine):
+        s._pool.shutdown(wait=True)
 
 
 def test_store_tenants_are_isolated(store):
     rid = uuid.uuid4().hex
-    run(store.save("tenant-a", rid, record(15)))
-    assert run(store.load("tenant-b", rid)).status is CacheStatus.MISS
+    tokens = list(range(15))
+    save(store, "tenant-a", rid, tokens)
+    store.backend.delete(keys.block_key("tenant-b", store.hashes("tenant-b", tokens, 1)[0]))
+    assert run(store.load_head("tenant-b", rid)).status is CacheStatus.MISS
     assert run(store.info("tenant-b", rid)) is None
     assert run(store.delete("tenant-b", rid)) is False
-    assert run(store.load("tenant-a", rid)).status is CacheStatus.HIT
+    store._memory.clear()
+    assert run(store.count_blocks("tenant-b", store.hashes("tenant-b", tokens, 1))) == 0
+    assert run(store.load_head("tenant-a", rid)).status is CacheStatus.HIT
 
 
 def test_store_leases_are_per_tenant_and_request_id(store):
     rid = uuid.uuid4().hex
-    token = run(store.acquire("a", rid))
-    assert token is not None
-    assert run(store.acquire("a", rid)) is None
-    other = run(store.acquire("b", rid))
-    assert other is not None
-    run(store.release("a", rid, token))
-    run(store.release("b", rid, other))
-    again = run(store.acquire("a", rid))
-    assert again is not None
-    run(store.release("a", rid, again))
+    assert run(store.acquire("a", rid, "x"))
+    assert not run(store.acquire("a", rid, "y"))
+    assert run(store.acquire("b", rid, "z"))
+    run(store.release("a", rid, "x"))
+    run(store.release("b", rid, "z"))
+    assert run(store.acquire("a", rid, "w"))
+    run(store.release("a", rid, "w"))
 
 
-def test_store_serves_its_latest_save_from_memory_only_while_the_store_holds_that_save(make_backend):
-    backend = make_backend()
-    a, b = KVStore(backend, FP, timeout=5), KVStore(backend, FP, timeout=5)  # two replicas, one store
-    rid = uuid.uuid4().hex
-    first = record(20, fill=1.0)
-    run(a.save("t", rid, first))
-    got = run(a.load("t", rid))
-    assert got.status is CacheStatus.HIT and a.num_recent_hits == 1
-    assert got.record.token_ids == first.token_ids and torch.equal(got.record.keys[1], first.keys[1])
-
-    run(b.save("t", rid, record(30, fill=3.0)))  # the other replica continued the request_id
-    got = run(a.load("t", rid))
-    assert got.status is CacheStatus.HIT and a.num_recent_hits == 1  # read from the store, not memory
-    assert len(got.record.token_ids) == 30 and float(got.record.keys[0][0, 0, 0]) == 3.0
-
-    run(a.save("t", rid, record(12)))
-    run(b.delete("t", rid))  # gone from the store: a miss, whatever this process remembers
-    assert run(a.load("t", rid)).status is CacheStatus.MISS
-    for s in (a, b):
-        s._pool.shutdown(wait=True)
-
-
-def test_store_memory_for_recent_saves_is_bounded(make_backend):
-    rec = record(50)
-    s = KVStore(make_backend(), FP, timeout=5, recent_bytes=rec.nbytes - 1)
-    rid = uuid.uuid4().hex
-    run(s.save("t", rid, rec))
-    assert run(s.load("t", rid)).status is CacheStatus.HIT and s.num_recent_hits == 0
-    assert s._recent_nbytes == 0
+def test_store_memory_of_written_blocks_is_bounded(make_backend):
+    one_block = 2 * 2 * 2 * BLOCK * 8 * 4
+    s = KVStore(make_backend(), FP, block_tokens=BLOCK, timeout=5, memory_bytes=2 * one_block)
+    save(s, "t", "r", list(range(50)))
+    assert 0 < s._memory_nbytes <= 2 * one_block
     s._pool.shutdown(wait=True)
