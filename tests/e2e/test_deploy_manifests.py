@@ -165,3 +165,127 @@ def test_bentofile_matches_image_scripts() -> None:
     # The bento's src/ lands in /home/bentoml/bento/src; the included model dir must be the default.
     model = envs["KVBENTO_MODEL"].removeprefix("/home/bentoml/bento/src/")
     assert f"{model}/*" in bento["include"]
+
+
+# --- scale-out: the hashing front, the autoscaler, the Redis Cluster option ---------------------
+CLUSTER = K8S / "redis-cluster"
+
+
+def haproxy_cfg(resources: dict) -> str:
+    return resources[("ConfigMap", "kvbento-haproxy")]["data"]["haproxy.cfg"]
+
+
+def test_haproxy_hashes_conversations_on_the_request_id_header(resources: dict, tmp_path: Path) -> None:
+    from routes.http import REQUEST_ID_HEADER
+
+    cfg = haproxy_cfg(resources)
+    backend = cfg.split("backend replicas", 1)[1]
+    assert f"balance hdr({REQUEST_ID_HEADER})" in backend and "hash-type consistent" in backend
+    assert "option httpchk GET /readyz" in backend
+    # The servers are the kvbento pods, through a headless Service selecting them, on their http port.
+    target = re.search(r'server-template \S+ (\d+) "([^".]+)\.\$\{POD_NAMESPACE\}\.svc\.cluster\.local:(\d+)"',
+                       backend)
+    assert target, "server-template over the pods' headless Service"
+    slots, svc_name, port = int(target[1]), target[2], int(target[3])
+    pods_svc = resources[("Service", svc_name)]
+    assert pods_svc["spec"]["clusterIP"] == "None"
+    kvbento = resources[("Deployment", "kvbento")]
+    assert selects(pods_svc, kvbento)
+    assert port == 3000 and {p["containerPort"] for p in container(kvbento)["ports"]} == {3000}
+    assert slots >= resources[("HorizontalPodAutoscaler", "kvbento")]["spec"]["maxReplicas"]
+    # The HAProxy pods: the ConfigMap mounted where the image reads it, POD_NAMESPACE set, fronted.
+    lb = resources[("Deployment", "kvbento-haproxy")]
+    c = container(lb)
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+    volume = next(v for v in lb["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    assert volume["configMap"]["name"] == "kvbento-haproxy"
+    assert f'{mount["mountPath"]}/haproxy.cfg' in c["args"]
+    assert env_of(c)["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    bind = int(re.search(r"bind :(\d+)", cfg)[1])
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["http"] == bind
+    assert selects(resources[("Service", "kvbento-lb")], lb)
+    # The real parser, when haproxy is installed (`make test-deploy` installs it).
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("haproxy"):
+        path = tmp_path / "haproxy.cfg"
+        path.write_text(cfg)
+        check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True,
+                               env={**os.environ, "POD_NAMESPACE": "default"})
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_replicas_name_themselves_and_are_scraped(resources: dict) -> None:
+    tmpl = resources[("Deployment", "kvbento")]["spec"]["template"]
+    env = env_of(container(resources[("Deployment", "kvbento")]))
+    assert env["KVBENTO_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    notes = tmpl["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true" and int(notes["prometheus.io/port"]) == 3000
+
+
+def test_autoscaler_follows_the_queue_metric(resources: dict) -> None:
+    hpa = resources[("HorizontalPodAutoscaler", "kvbento")]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "kvbento"}
+    assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    (metric,) = hpa["metrics"]
+    name = metric["pods"]["metric"]["name"]
+    assert metric["type"] == "Pods" and name == "kvbento_num_requests_waiting"
+    # The gauge the pods export under that name.
+    source = (ROOT / "routes" / "metrics.py").read_text()
+    assert 'PREFIX = "kvbento_"' in source and 'PREFIX + "num_requests_waiting"' in source
+
+
+def cluster_overlay() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    kustomization = yaml.safe_load((CLUSTER / "kustomization.yaml").read_text())
+    return kustomization, [yaml.safe_load(p["patch"]) for p in kustomization["patches"]]
+
+
+@pytest.mark.parametrize("doc", load_docs(CLUSTER / "redis-cluster.yaml"), ids=lambda d: d["kind"])
+def test_redis_cluster_manifest_is_valid_against_kubernetes_schema(doc: dict) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_redis_cluster_overlay_replaces_the_one_redis(resources: dict) -> None:
+    """What `kubectl apply -k deploy/k8s/redis-cluster` builds, checked without kustomize: the
+    patches name resources of the base, the one Redis goes, the URL seeds the StatefulSet's pods."""
+    from cache.redis_cluster import parse_url
+
+    kustomization, patches = cluster_overlay()
+    assert kustomization["resources"] == ["../", "redis-cluster.yaml"]
+    deleted = {(p["kind"], p["metadata"]["name"]) for p in patches if p.get("$patch") == "delete"}
+    assert deleted == {("Deployment", "kvbento-redis"), ("Service", "kvbento-redis")}
+    assert deleted <= set(resources)
+    (env_patch,) = [p for p in patches if p.get("$patch") != "delete"]
+    assert (env_patch["kind"], env_patch["metadata"]["name"]) in resources
+    (c,) = env_patch["spec"]["template"]["spec"]["containers"]
+    assert c["name"] == container(resources[("Deployment", "kvbento")])["name"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["KVBENTO_CACHE_MAX_BYTES"] == {"name": "KVBENTO_CACHE_MAX_BYTES", "$patch": "delete"}, \
+        "a cluster's budget is each node's maxmemory; kvbento refuses its own with redis+cluster://"
+    url = env["KVBENTO_CACHE_URL"]["value"]
+    Settings(cache_url=url)
+    seeds = parse_url(url)["startup_nodes"]
+
+    cluster = {(d["kind"], d["metadata"]["name"]): d for d in load_docs(CLUSTER / "redis-cluster.yaml")}
+    sts = cluster[("StatefulSet", "kvbento-redis-cluster")]
+    svc = cluster[("Service", sts["spec"]["serviceName"])]
+    assert svc["spec"]["clusterIP"] == "None" and selects(svc, sts)
+    pod_names = {f'{sts["metadata"]["name"]}-{i}.{svc["metadata"]["name"]}' for i in range(sts["spec"]["replicas"])}
+    assert seeds and all(n.host in pod_names and n.port == 6379 for n in seeds)
+    # The create Job covers every pod, with replicas that fit the StatefulSet.
+    job = cluster[("Job", "kvbento-redis-cluster-create")]
+    job_env = {e["name"]: e["value"] for e in container(job)["env"]}
+    nodes, per_master = int(job_env["NODES"]), int(job_env["REPLICAS_PER_MASTER"])
+    assert nodes == sts["spec"]["replicas"] and nodes % (1 + per_master) == 0 and nodes // (1 + per_master) >= 3
+    script = container(job)["command"][-1]
+    assert "redis-cli --cluster create" in script and f'{sts["metadata"]["name"]}-$i.{svc["metadata"]["name"]}' in script
+    # Redis' own eviction is the budget; a dead master must not take the other slots down.
+    conf = dict(line.split(None, 1) for line in
+                cluster[("ConfigMap", "kvbento-redis-cluster")]["data"]["redis.conf"].splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert conf["cluster-enabled"] == "yes" and conf["maxmemory-policy"] == "allkeys-lru"
+    assert conf["cluster-require-full-coverage"] == "no" and conf["cluster-config-file"].startswith("/data/")
+    mounts = {m["mountPath"] for m in container(sts)["volumeMounts"]}
+    assert "/data" in mounts and "/etc/redis" in mounts
