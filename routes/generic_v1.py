@@ -10,13 +10,17 @@ from fastapi.responses import JSONResponse
 from protocol import generic_v1 as g
 from protocol.adapter import pump
 from protocol.common import SSE_DONE, sse
+from routes.docs import json_answer, post_doc, stream_answer
 from routes.http import Entry, stream
 
 router = APIRouter()
 entry = Entry(g.GenerateBody, g.to_engine, g.PARAM_NAMES, g.error_body)
 
 
-@router.post("/v1/generate")
+@router.post("/v1/generate", **post_doc(
+    g.GenerateBody, {"prompt": "Tell me a story", "maxTokens": 16},
+    json_answer({"id": "gen_1", "text": "Once upon a time", "finishReason": "length"}),
+    error_example={"error": {"type": "invalid_request_error", "message": "maxTokens: ..."}}))
 async def generate(request: Request):
     s, refused = await entry.start(request)
     if refused:
@@ -26,7 +30,10 @@ async def generate(request: Request):
                                             headers={"X-KV-Cache": s.cache_status.value})
 
 
-@router.post("/v1/generate/stream")
+@router.post("/v1/generate/stream", **post_doc(
+    g.GenerateBody, {"prompt": "Tell me a story", "maxTokens": 16, "temperature": 0.8},
+    stream_answer("text/event-stream", 'data: {"id": "gen_1", "text": "Once", "delta": "Once"}\n\ndata: [DONE]\n\n'),
+    error_example={"error": {"type": "invalid_request_error", "message": "maxTokens: ..."}}))
 async def generate_stream(request: Request):
     s, refused = await entry.start(request)
     if refused:

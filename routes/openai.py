@@ -17,6 +17,7 @@ from protocol import openai_framing as oa_framing
 from protocol import openai_logprobs as oa_logprobs
 from protocol.adapter import renamed
 from protocol.common import SSE_DONE, sse
+from routes.docs import json_answer, post_doc, stream_answer
 from routes.http import authenticate, error_response, read_body, runtime, stream
 
 router = APIRouter()
@@ -140,12 +141,31 @@ async def _answer(request: Request, chat: bool):
     return JSONResponse(framer.response(streams, entries), headers=headers)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", **post_doc(
+    oa.CompletionBody, {"model": "kvbento", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0},
+    json_answer({"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "kvbento",
+                 "choices": [{"index": 0, "text": " there was", "logprobs": None, "finish_reason": "length"}],
+                 "usage": {"prompt_tokens": 4, "completion_tokens": 16, "total_tokens": 20}},
+                "JSON; Server-Sent Events with stream true"),
+    stream_answer("text/event-stream", 'data: {"choices": [{"index": 0, "text": " there"}]}\n\ndata: [DONE]\n\n'),
+    error_example={"error": {"message": "logit_bias: Value error, logit_bias is not supported",
+                             "type": "invalid_request_error", "param": "logit_bias",
+                             "code": "invalid_request_error"}}))
 async def completions(request: Request):
     return await _answer(request, chat=False)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", **post_doc(
+    oa.ChatBody, {"model": "kvbento", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16},
+    json_answer({"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "kvbento",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
+                              "logprobs": None, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}},
+                "JSON; Server-Sent Events with stream true"),
+    stream_answer("text/event-stream", 'data: {"choices": [{"index": 0, "delta": {"content": "Hello"}}]}\n\n'
+                                       "data: [DONE]\n\n"),
+    error_example={"error": {"message": "tools: Value error, tools is not supported",
+                             "type": "invalid_request_error", "param": "tools", "code": "invalid_request_error"}}))
 async def chat_completions(request: Request):
     return await _answer(request, chat=True)
 

@@ -16,6 +16,7 @@ from model.types import EngineClosed
 from protocol.adapter import pump
 from protocol.common import BodyError, NotFound
 from protocol.request_id import BatchBody, GenerateBody, batch_item, from_engine, to_engine
+from routes.docs import json_answer, post_doc, stream_answer
 from routes.http import authenticate, read_body, runtime, stream
 
 router = APIRouter()
@@ -33,7 +34,14 @@ async def _text_stream(request: Request, s: RequestStream, only_new_tokens: bool
         yield frame
 
 
-@router.post("/api/generate")
+@router.post("/api/generate", **post_doc(
+    GenerateBody,
+    {"request_id": "chat-42", "prompt": "[INST] Write a poem about cats [/INST]\n\n", "only_new_tokens": True,
+     "stream_response": False, "generation_config": {"do_sample": False, "max_new_tokens": 16}},
+    json_answer({"request_id": "chat-42", "response": "Soft paws ...", "finish_reason": "length",
+                 "usage": {"prompt_tokens": 20, "completion_tokens": 16, "cached_tokens": 0}},
+                "JSON with stream_response false; streamed text/plain otherwise"),
+    stream_answer("text/plain", "Soft paws ...")))
 async def generate(request: Request):
     rt = runtime(request)
     tenant = authenticate(request)
@@ -49,7 +57,12 @@ async def generate(request: Request):
     return JSONResponse(from_engine(s, body.only_new_tokens, full), headers=headers)
 
 
-@router.post("/api/generate-batch")
+@router.post("/api/generate-batch", **post_doc(
+    BatchBody,
+    {"prompts": [{"request_id": "a", "prompt": "cats"}, {"request_id": "b", "prompt": "dogs"}],
+     "only_new_tokens": True, "generation_config": {"max_new_tokens": 16}},
+    json_answer([{"request_id": "a", "response": "..."}, {"request_id": "b", "response": "..."}],
+                "One item per prompt, in their order")))
 async def generate_batch(request: Request):
     rt = runtime(request)
     tenant = authenticate(request)

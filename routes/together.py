@@ -11,12 +11,17 @@ from model.types import EngineError
 from protocol import together
 from protocol.adapter import pump, renamed
 from protocol.common import SSE_DONE, sse
+from routes.docs import json_answer, post_doc, stream_answer
 from routes.http import authenticate, error_response, read_body, runtime, stream
 
 router = APIRouter()
 
 
-@router.post("/inference")
+@router.post("/inference", **post_doc(
+    together.InferenceBody, {"prompt": "Alan Turing was", "max_tokens": 16, "stop": ["\n\n"]},
+    json_answer({"id": "1", "choices": [{"text": " a mathematician"}], "output": {"choices": [{"text": " a mathematician"}]}},
+                "JSON; Server-Sent Events with stream_tokens true"),
+    stream_answer("text/event-stream", 'data: {"choices": [{"text": " a"}]}\n\ndata: [DONE]\n\n')))
 async def inference(request: Request):
     rt = runtime(request)
     try:

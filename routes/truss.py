@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from model.types import EngineError
 from protocol import truss
 from protocol.adapter import pump, renamed
+from routes.docs import json_answer, post_doc, stream_answer
 from routes.http import error_response, read_body, runtime, stream
 
 router = APIRouter()
@@ -31,11 +32,16 @@ async def _predict(request: Request):
     return JSONResponse(truss.from_engine(s), headers=headers)
 
 
-@router.post("/predict")
+_DOC = post_doc(truss.TrussBody, {"prompt": "What is the Mistral wind?", "max_new_tokens": 16},
+                json_answer({"output": " A cold northerly wind"}, "JSON; raw text with stream true"),
+                stream_answer("text/plain", " A cold northerly wind"))
+
+
+@router.post("/predict", **_DOC)
 async def predict(request: Request):
     return await _predict(request)
 
 
-@router.post("/v1/models/model:predict")
+@router.post("/v1/models/model:predict", **_DOC)
 async def model_predict(request: Request):
     return await _predict(request)
