@@ -22,6 +22,8 @@ def build_app() -> FastAPI:
     from routes.replica import ReplicaHeader
     app.add_middleware(ReplicaHeader)  # X-KV-Replica on every answer
     app.include_router(request_id.router)
+    from routes import playground
+    app.include_router(playground.router)
     from routes import health
     app.include_router(health.router)
     from routes import generic_v1, openai, takeoff, together, truss  # the stateless dialects (issue 4)
