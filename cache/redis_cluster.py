@@ -118,6 +118,9 @@ class RedisClusterBackend(Backend):
 
     # -- connection ----------------------------------------------------------------------------
     def _client(self) -> RedisCluster:
+        r = self._r
+        if r is not None:
+            return r
         with self._lock:
             if self._r is None:
                 self._r = RedisCluster(
