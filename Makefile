@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast test-deploy bench-model bench model clean image image-test image-check loadtest
+.PHONY: setup browser serve test test-fast test-deploy bench-model bench model clean image image-test image-check loadtest
 
 # (Re)create .venv when pyproject.toml changes. torch is pinned first so pip never resolves an
 # unpinned torch (which would pull gigabytes of CUDA wheels).
@@ -27,8 +27,16 @@ model: $(STAMP)
 serve: setup
 	$(BIN)/bentoml serve --port $(PORT)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium and its driver from apt, for the playground's browser test (nothing is
+# downloaded when it runs). Outside CI a failed install only makes that test skip.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; } \
+	  || { [ "$$CI" != true ] && echo "chromium not installed: tests/e2e/test_playground.py will skip"; }; }
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit tests/integration

@@ -75,9 +75,13 @@ def check(cond: bool, what: str) -> None:
 
 
 def exercise(base: str, name: str) -> None:
-    """The three requests of the smoke test, plus the non-root check."""
+    """The three requests of the smoke test, plus the non-root and playground page checks."""
     uid = podman("exec", name, "id", "-u").stdout.strip()
     check(uid != "0", f"server runs as non-root (uid {uid})")
+
+    with urllib.request.urlopen(f"{base}/playground", timeout=REQUEST_TIMEOUT_S) as resp:
+        page = resp.read()
+    check(resp.status == 200 and b"kvbento playground" in page, "the image serves the playground page")
 
     rid = f"smoke-{uuid.uuid4().hex[:12]}"
     config = {"do_sample": False, "max_new_tokens": 8}
