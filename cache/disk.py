@@ -55,6 +55,8 @@ class DiskBackend(Backend):
         handle = self._cache.get(key, default=None, read=True, retry=True)
         if handle is None:
             return None
+        if isinstance(handle, (bytes, bytearray)):  # a small value another writer stored inline
+            return handle
         with handle:
             if isinstance(handle, io.BytesIO):  # a small value kept inside the database
                 return handle.getvalue()

@@ -242,10 +242,12 @@ class Session:
             plan.token_ids = [self.tokenizer.bos_token_id or self.engine.pad_id]
             plan.num_prompt_tokens = 1
         if len(plan.token_ids) >= self.engine.m.max_context:
-            field = "request_id" if req.continue_stored and base is not None and not req.append else "prompt"
-            raise InvalidRequest(f"the sequence is {len(plan.token_ids)} tokens, the model's context is "
-                                 f"{self.engine.m.max_context}" + (": start a new request_id" if field == "request_id" else ""),
-                                 param=field)
+            n, ctx = len(plan.token_ids), self.engine.m.max_context
+            if req.continue_stored and base is not None and not req.append:
+                raise InvalidRequest(f"request_id {req.request_id!r} already holds {n} tokens, the model's "
+                                     f"context is {ctx}: start a new request_id", param="request_id")
+            field = "append" if req.append else "prompt"
+            raise InvalidRequest(f"{field} makes the sequence {n} tokens, the model's context is {ctx}", param=field)
         if available:
             try:
                 await self._restore(req, plan, text)

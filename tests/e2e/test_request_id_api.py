@@ -8,7 +8,8 @@ import diskcache
 import pytest
 import requests
 
-from cache.codec import read_header
+from cache import keys
+from cache.codec import decode
 
 pytestmark = pytest.mark.e2e
 
@@ -90,36 +91,34 @@ def test_cache_metadata_and_delete(srv):
     assert gen(srv, "meta", 2).headers["X-KV-Cache"] == "miss"
 
 
-def test_corrupted_record_is_a_miss_not_wrong_output(srv, cache_dir):
+def test_corrupted_head_is_a_miss_not_wrong_output(srv, cache_dir):
     first = gen(srv, "corrupt", 8).json()["response"]
     store = diskcache.Cache(str(cache_dir))
-    key = "kvbento:v1:public:corrupt"
+    key = keys.head_key("public", "corrupt")
     data = bytearray(store.get(key))
-    # As if another writer (a replica, a torn write) had stored damaged bytes since: a new nonce
-    # in the header (so the server's in-memory copy of its own save no longer applies) and a
-    # flipped body byte (so the checksum fails).
-    nonce = read_header(data)["nonce"].encode()
-    at = data.find(nonce)
-    data[at : at + len(nonce)] = nonce[::-1] if nonce[::-1] != nonce else b"0" * len(nonce)
-    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF  # as if a torn or foreign write: the checksum fails
     store.set(key, bytes(data))
     store.close()
     r = gen(srv, "corrupt", 8)
-    assert r.status_code == 200 and r.headers["X-KV-Cache"] == "miss"
+    assert r.status_code == 200 and r.headers["X-KV-Cache"] != "hit"
     assert r.json()["response"] == first  # regenerated from the prompt, not from damaged tensors
 
 
-def test_damage_to_its_own_last_save_does_not_reach_the_server_that_saved_it(srv, cache_dir):
-    """The server continues from its in-memory copy of that very save (same nonce): exact output."""
-    first = gen(srv, "damaged-after", 8).json()["response"]
+def test_damaged_blocks_do_not_reach_the_server_that_wrote_them(srv, cache_dir):
+    """Blocks are immutable: the server restores its own from memory, so damage on disk does not
+    matter to it (another replica would find the checksum wrong and recompute)."""
+    long = PROMPT * 6
+    first = gen(srv, "damaged-after", 8, prompt=long).json()["response"]
     store = diskcache.Cache(str(cache_dir))
-    key = "kvbento:v1:public:damaged-after"
-    data = bytearray(store.get(key))
-    data[len(data) // 2] ^= 0xFF
-    store.set(key, bytes(data))
+    head = decode(store.get(keys.head_key("public", "damaged-after")))
+    assert head.meta["blocks"]
+    for h in head.meta["blocks"]:
+        data = bytearray(store.get(keys.block_key("public", h)))
+        data[len(data) // 2] ^= 0xFF
+        store.set(keys.block_key("public", h), bytes(data))
     store.close()
-    r = gen(srv, "damaged-after", 8)
-    ref = gen(srv, "damaged-after-ref", 16)
+    r = gen(srv, "damaged-after", 8, prompt=long)
+    ref = gen(srv, "damaged-after-ref", 16, prompt=long)
     assert r.status_code == 200 and r.headers["X-KV-Cache"] == "hit"
     assert first + r.json()["response"] == ref.json()["response"]
 
