@@ -80,8 +80,8 @@ class HAProxy:
         subprocess.run([exe, "-c", "-f", str(self.cfg)], check=True, capture_output=True)
         self.log = workdir / "haproxy.log"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([exe, "-db", "-f", str(self.cfg)], stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen([exe, "-db", "-f", str(self.cfg)], stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -109,7 +109,8 @@ def cluster(redis_cluster_factory):
 def replicas(cluster, tiny_model_dir, tmp_path_factory):
     env = {"KVBENTO_MODEL": str(tiny_model_dir), "KVBENTO_CACHE_URL": cluster.url,
            "KVBENTO_CACHE_TIMEOUT": "1", "KVBENTO_API_KEYS": "", "KVBENTO_NUM_THREADS": "1"}
-    servers = [Server({**env, "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home"))}) for _ in range(3)]
+    homes = [str(tmp_path_factory.mktemp("bentoml_home")) for _ in range(3)]  # one per server
+    servers = [Server({**env, "BENTOML_HOME": home}) for home in homes]
     errors: list[BaseException] = []
 
     def start(s: Server) -> None:

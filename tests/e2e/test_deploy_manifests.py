@@ -183,8 +183,8 @@ def test_haproxy_hashes_conversations_on_the_request_id_header(resources: dict, 
     assert f"balance hdr({REQUEST_ID_HEADER})" in backend and "hash-type consistent" in backend
     assert "option httpchk GET /readyz" in backend
     # The servers are the kvbento pods, through a headless Service selecting them, on their http port.
-    target = re.search(r'server-template \S+ (\d+) "([^".]+)\.\$\{POD_NAMESPACE\}\.svc\.cluster\.local:(\d+)"',
-                       backend)
+    target = re.search(
+        r'server-template \S+ (\d+) "([^".]+)\.\$\{POD_NAMESPACE\}\.svc\.cluster\.local:(\d+)"', backend)
     assert target, "server-template over the pods' headless Service"
     slots, svc_name, port = int(target[1]), target[2], int(target[3])
     pods_svc = resources[("Service", svc_name)]
@@ -272,15 +272,17 @@ def test_redis_cluster_overlay_replaces_the_one_redis(resources: dict) -> None:
     sts = cluster[("StatefulSet", "kvbento-redis-cluster")]
     svc = cluster[("Service", sts["spec"]["serviceName"])]
     assert svc["spec"]["clusterIP"] == "None" and selects(svc, sts)
-    pod_names = {f'{sts["metadata"]["name"]}-{i}.{svc["metadata"]["name"]}' for i in range(sts["spec"]["replicas"])}
+    pod = f'{sts["metadata"]["name"]}-{{}}.{svc["metadata"]["name"]}'
+    pod_names = {pod.format(i) for i in range(sts["spec"]["replicas"])}
     assert seeds and all(n.host in pod_names and n.port == 6379 for n in seeds)
     # The create Job covers every pod, with replicas that fit the StatefulSet.
     job = cluster[("Job", "kvbento-redis-cluster-create")]
     job_env = {e["name"]: e["value"] for e in container(job)["env"]}
     nodes, per_master = int(job_env["NODES"]), int(job_env["REPLICAS_PER_MASTER"])
-    assert nodes == sts["spec"]["replicas"] and nodes % (1 + per_master) == 0 and nodes // (1 + per_master) >= 3
+    assert nodes == sts["spec"]["replicas"] and nodes % (1 + per_master) == 0
+    assert nodes // (1 + per_master) >= 3, "three masters at least"
     script = container(job)["command"][-1]
-    assert "redis-cli --cluster create" in script and f'{sts["metadata"]["name"]}-$i.{svc["metadata"]["name"]}' in script
+    assert "redis-cli --cluster create" in script and pod.format("$i") in script
     # Redis' own eviction is the budget; a dead master must not take the other slots down.
     conf = dict(line.split(None, 1) for line in
                 cluster[("ConfigMap", "kvbento-redis-cluster")]["data"]["redis.conf"].splitlines()

@@ -62,8 +62,8 @@ def test_a_bad_header_value_is_validated_like_the_body_field(srv):
 def test_other_dialects_take_the_header_too(srv):
     rid = "hdr-oa-" + uuid.uuid4().hex
     body = {"model": "kvbento", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
-    first = requests.post(srv.url + "/v1/completions", json=body, headers={"X-KV-Request-Id": rid}, timeout=60)
-    again = requests.post(srv.url + "/v1/completions", json=body, headers={"X-KV-Request-Id": rid}, timeout=60)
+    first, again = (requests.post(srv.url + "/v1/completions", json=body, headers={"X-KV-Request-Id": rid},
+                                  timeout=60) for _ in range(2))
     assert first.status_code == again.status_code == 200, first.text
     assert first.headers["X-KV-Cache"] == "miss" and again.headers["X-KV-Cache"] == "hit"
     bad = requests.post(srv.url + "/v1/completions", json={**body, "request_id": "other"},
