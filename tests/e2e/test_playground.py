@@ -19,8 +19,8 @@ CHROMEDRIVER = os.environ.get("KVBENTO_CHROMEDRIVER", "/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "playground"
 WAIT_S = 60
 # Tokens the server may send between the page's last shown token and its noticing the closed
-# connection (a few decode steps of the tiny model).
-MAX_IN_FLIGHT = 16
+# connection: a few decode steps of the tiny model (far below the 2,000 an unstopped answer makes).
+MAX_IN_FLIGHT = 64
 
 
 def _browser_or_skip() -> None:
@@ -221,3 +221,37 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
     d.set_window_size(1280, 900)
 
     assert console_errors(d) == []
+
+
+KEY = "playground-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_srv(server_factory):
+    return server_factory({"KVBENTO_API_KEYS": KEY})
+
+
+def test_playground_asks_for_a_key_on_401_and_keeps_it_for_the_tab(browser, keyed_srv):
+    d = browser
+    d.get(keyed_srv.url + "/playground")
+    wait_for(d, "document.querySelector('#key-dialog').open", what="the key dialog")
+    assert "401" in d.find_element("css selector", "#key-reason").text
+    d.save_screenshot(str(ARTIFACTS / "key-dialog.png"))
+    set_value(d, "#key-input", KEY)
+    d.find_element("css selector", "#key-save").click()
+    wait_for(d, "document.querySelector('#model').textContent.includes('kvbento-tiny')", what="the model name")
+    assert d.execute_script("return sessionStorage.getItem('kvbento.apiKey')") == KEY
+    assert d.execute_script("return localStorage.length") == 0  # the key never outlives the tab
+    set_value(d, "#max-tokens", "8")
+    send(d, "Hello with a key.")
+    wait_for(d, f"{LAST_ANSWER} && {IDLE}", what="the answer")
+    assert int(answer_stats(d)["completion"]) == 8
+    # A wrong key: the answer is an error message and the dialog asks again.
+    d.execute_script(f"sessionStorage.setItem('kvbento.apiKey', 'wrong')")
+    send(d, "And now?")
+    wait_for(d, "document.querySelector('#messages .msg.error')", what="the 401 message")
+    assert "401" in d.find_element("css selector", "#messages .msg.error").text
+    assert d.execute_script("return document.querySelector('#key-dialog').open")
+    # The refused requests are the only console errors.
+    errors = [e for e in console_errors(d) if "status of 401" not in e["message"]]
+    assert errors == []
