@@ -2,8 +2,9 @@
 Cluster (three masters), plus what only a cluster has: many slots, a scan over every primary, a
 master that dies and returns.
 
-The contract's tests (and its ``key``/``store`` fixtures) are collected here with this module's
-``make_backend``, so a test added to the contract runs on the cluster too. Tests that need a byte
+The contract's tests (and its ``key``/``store`` fixtures) and the scan tests of
+tests/unit/test_cache_scan.py are collected here with this module's ``make_backend`` and
+``backend``, so a test added to either runs on the cluster too. Tests that need a byte
 budget are skipped: on a cluster the budget is each node's maxmemory (cache/redis_cluster.py).
 """
 
@@ -16,6 +17,7 @@ import pytest
 
 from cache import keys
 from cache.base import Backend, BackendUnavailable
+from tests.unit import test_cache_scan as scan_contract
 from tests.unit import test_store_contract as contract
 
 pytestmark = [pytest.mark.redis]
@@ -29,6 +31,9 @@ def _runs_on_a_backend(fn) -> bool:
 for _name, _obj in vars(contract).items():
     if _name.startswith("test_") and inspect.isfunction(_obj) and _runs_on_a_backend(_obj):
         globals()[_name] = _obj
+for _name, _obj in vars(scan_contract).items():
+    if _name.startswith("test_") and inspect.isfunction(_obj) and "backend" in inspect.signature(_obj).parameters:
+        globals()["test_scan_contract_" + _name.removeprefix("test_")] = _obj
 key = contract.key
 store = contract.store
 
@@ -50,6 +55,11 @@ def make_backend(redis_cluster_url):
     yield make
     for b in made:
         b.close()
+
+
+@pytest.fixture
+def backend(make_backend) -> Backend:
+    return make_backend()
 
 
 def _slot(k: str) -> int:
