@@ -32,7 +32,8 @@ for _name, _obj in vars(contract).items():
     if _name.startswith("test_") and inspect.isfunction(_obj) and _runs_on_a_backend(_obj):
         globals()[_name] = _obj
 for _name, _obj in vars(scan_contract).items():
-    if _name.startswith("test_") and inspect.isfunction(_obj) and "backend" in inspect.signature(_obj).parameters:
+    if _name.startswith("test_") and inspect.isfunction(_obj) and \
+            "backend" in inspect.signature(_obj).parameters:
         globals()["test_scan_contract_" + _name.removeprefix("test_")] = _obj
 key = contract.key
 store = contract.store
