@@ -48,7 +48,8 @@ def _query(request: Request) -> tuple[str, int, str | None]:
     q = request.query_params
     unknown = sorted(set(q) - {"prefix", "limit", "cursor"})
     if unknown:
-        raise BodyError(f"{unknown[0]}: unknown query parameter (use prefix, limit, cursor)", param=unknown[0])
+        raise BodyError(f"{unknown[0]}: unknown query parameter (use prefix, limit, cursor)",
+                        param=unknown[0])
     prefix = q.get("prefix", "")
     if not _PREFIX.match(prefix):
         raise BodyError("prefix: at most 256 characters, no whitespace or slashes", param="prefix")

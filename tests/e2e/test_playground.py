@@ -89,6 +89,7 @@ def send(driver, text: str) -> None:
     box.send_keys(Keys.ENTER)
 
 
+MODEL_SHOWN = "document.querySelector('#model').textContent.includes('kvbento-tiny')"
 LAST_ANSWER = "[...document.querySelectorAll('#messages .msg.assistant')].at(-1)"
 IDLE = "document.querySelector('#stop').disabled && !document.querySelector('#send').disabled"
 
@@ -96,7 +97,8 @@ IDLE = "document.querySelector('#stop').disabled && !document.querySelector('#se
 def answer_stats(driver, index: int = -1) -> dict:
     return driver.execute_script(
         "const m = [...document.querySelectorAll('#messages .msg.assistant')].at(arguments[0]);"
-        "return {...m.querySelector('.stats').dataset, text: m.querySelector('.content').textContent};", index)
+        "return {...m.querySelector('.stats').dataset,"
+        "        text: m.querySelector('.content').textContent};", index)
 
 
 def watch_answer_growth(driver) -> None:
@@ -107,13 +109,15 @@ def watch_answer_growth(driver) -> None:
           const m = [...document.querySelectorAll('#messages .msg.assistant')].at(-1);
           const n = m ? m.querySelector('.content').textContent.length : 0;
           if (!window.__growth.length || window.__growth.at(-1) !== n) window.__growth.push(n);
-        }).observe(document.querySelector('#messages'), {childList: true, subtree: true, characterData: true});
+        }).observe(document.querySelector('#messages'),
+                   {childList: true, subtree: true, characterData: true});
     """)
 
 
 def prompt_tokens(srv, messages: list[dict]) -> int:
     """The prompt length of ``messages`` as the server counts it (a one-off request, no request_id)."""
-    r = requests.post(f"{srv.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)
+    r = requests.post(f"{srv.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 1},
+                      timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["usage"]["prompt_tokens"]
 
@@ -126,7 +130,7 @@ def current_request_id(driver) -> str:
 def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
     d = browser
     d.get(srv.url + "/playground")
-    wait_for(d, "document.querySelector('#model').textContent.includes('kvbento-tiny')", what="the model name")
+    wait_for(d, MODEL_SHOWN, what="the model name")
     wait_for(d, "document.querySelector('#cache-status').textContent !== ''", what="the cache panel")
     set_value(d, "#max-tokens", "48")
 
@@ -154,9 +158,8 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
 
     # Fork after turn 1: a new request_id with the first exchange, then its own turn.
     d.execute_script("document.querySelectorAll('#messages .msg.assistant .fork')[0].click()")
-    fork_id = wait_for(d, "document.querySelector('#conversations li.current button.open').dataset.requestId"
-                          f" !== '{conv_id}' && document.querySelector('#conversations li.current button.open')"
-                          ".dataset.requestId", what="the fork")
+    current = "document.querySelector('#conversations li.current button.open').dataset.requestId"
+    fork_id = wait_for(d, f"{current} !== '{conv_id}' && {current}", what="the fork")
     assert d.execute_script("return document.querySelectorAll('#messages .msg').length") == 2
     send(d, "What about birds?")
     wait_for(d, f"document.querySelectorAll('#messages .msg.assistant').length === 2 && {IDLE}",
@@ -187,7 +190,8 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
     record = requests.get(f"{srv.url}/api/cache/{stop_id}", timeout=10).json()
     assert int(stopped["stored"]) == record["tokens"]  # the page shows the record's count
     shown = int(stopped["completion"])
-    in_flight = record["tokens"] - prompt_tokens(srv, [{"role": "user", "content": "Write a very long story."}]) - shown
+    prompt = prompt_tokens(srv, [{"role": "user", "content": "Write a very long story."}])
+    in_flight = record["tokens"] - prompt - shown
     print(f"stop: shown {shown}, record {record['tokens']}, delivered but not shown {in_flight}")
     # The record keeps exactly the delivered tokens: every one shown, plus the few that were on the
     # wire when the page closed the connection (a client abort cannot take those back).
@@ -197,13 +201,16 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
     # The cache panel lists this tenant's request_ids; delete one there.
     d.find_element("css selector", "#cache-refresh").click()
     for rid in (conv_id, fork_id, stop_id):
-        wait_for(d, f"document.querySelector('#cache-table tr[data-request-id=\"{rid}\"]')", what=f"{rid} listed")
+        wait_for(d, f"document.querySelector('#cache-table tr[data-request-id=\"{rid}\"]')",
+                 what=f"{rid} listed")
     tokens = d.execute_script(
-        f"return document.querySelector('#cache-table tr[data-request-id=\"{conv_id}\"] .tokens').textContent")
+        f"return document.querySelector('#cache-table tr[data-request-id=\"{conv_id}\"] .tokens')"
+        ".textContent")
     assert int(tokens) == parent_rec.json()["tokens"]
     d.save_screenshot(str(ARTIFACTS / "playground.png"))
     d.find_element("css selector", f"#cache-table tr[data-request-id=\"{fork_id}\"] .cache-delete").click()
-    wait_for(d, f"!document.querySelector('#cache-table tr[data-request-id=\"{fork_id}\"]')", what="the delete")
+    wait_for(d, f"!document.querySelector('#cache-table tr[data-request-id=\"{fork_id}\"]')",
+             what="the delete")
     assert requests.get(f"{srv.url}/api/cache/{fork_id}", timeout=10).status_code == 404
 
     # Deleting a conversation from the list removes its record too.
@@ -239,7 +246,7 @@ def test_playground_asks_for_a_key_on_401_and_keeps_it_for_the_tab(browser, keye
     d.save_screenshot(str(ARTIFACTS / "key-dialog.png"))
     set_value(d, "#key-input", KEY)
     d.find_element("css selector", "#key-save").click()
-    wait_for(d, "document.querySelector('#model').textContent.includes('kvbento-tiny')", what="the model name")
+    wait_for(d, MODEL_SHOWN, what="the model name")
     assert d.execute_script("return sessionStorage.getItem('kvbento.apiKey')") == KEY
     assert d.execute_script("return localStorage.length") == 0  # the key never outlives the tab
     set_value(d, "#max-tokens", "8")

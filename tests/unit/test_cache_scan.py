@@ -57,7 +57,8 @@ def test_scan_prefix_of_request_ids(backend):
     tenant = "t" + uuid.uuid4().hex[:8]
     for rid in ("chat-1", "chat-2", "chatter", "fork-1"):
         backend.set(keys.head_key(tenant, rid), b"head")
-    got = {keys.request_id_of(tenant, k) for k in scan_all(backend, keys.head_key_prefix(tenant) + "chat-", 10)}
+    found = scan_all(backend, keys.head_key_prefix(tenant) + "chat-", 10)
+    got = {keys.request_id_of(tenant, k) for k in found}
     assert got == {"chat-1", "chat-2"}
 
 
@@ -66,7 +67,8 @@ def test_scan_treats_pattern_characters_literally(backend):
     for rid in ("a*b", "axb", "a?c", "a[1]", "a1", "a\\d", "%_x", "zz"):
         backend.set(keys.head_key(tenant, rid), b"head")
     start = keys.head_key_prefix(tenant)
-    for prefix, want in (("a*", {"a*b"}), ("a?", {"a?c"}), ("a[", {"a[1]"}), ("a\\", {"a\\d"}), ("%_", {"%_x"})):
+    cases = (("a*", {"a*b"}), ("a?", {"a?c"}), ("a[", {"a[1]"}), ("a\\", {"a\\d"}), ("%_", {"%_x"}))
+    for prefix, want in cases:
         assert {keys.request_id_of(tenant, k) for k in scan_all(backend, start + prefix, 5)} == want, prefix
 
 
