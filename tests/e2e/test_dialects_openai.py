@@ -112,20 +112,32 @@ def test_errors_have_openai_shape(client, srv):
 
 
 def test_request_id_continues_a_cached_sequence(srv):
+    """With a request_id the prompt is the whole conversation: sent back with the previous answer,
+    the stored sequence (the answer's own token ids included) is reused and generation goes on."""
     rid = f"oa-{uuid.uuid4().hex}"
     url = srv.url + "/v1/completions"
     body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
     first = requests.post(url, headers=AUTH, json={**body, "request_id": rid}, timeout=60)
-    second = requests.post(url, headers=AUTH, json={**body, "request_id": rid}, timeout=60)
+    a = first.json()["choices"][0]["text"]
+    second = requests.post(url, headers=AUTH, json={**body, "prompt": PROMPT + a, "request_id": rid}, timeout=60)
     whole = requests.post(url, headers=AUTH, json={**body, "max_tokens": 24}, timeout=60)
-    assert first.headers["X-KV-Cache"] == "miss" and second.headers["X-KV-Cache"] == "hit"
-    assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-    a, b, w = (r.json()["choices"][0]["text"] for r in (first, second, whole))
+    assert first.headers["X-KV-Cache"] in ("miss", "partial") and second.headers["X-KV-Cache"] == "hit"
+    assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == (
+        first.json()["usage"]["prompt_tokens"] + 12 - 1)
+    b, w = second.json()["choices"][0]["text"], whole.json()["choices"][0]["text"]
     assert whole.json()["usage"]["completion_tokens"] == 24
     assert a + b == w
-    # Without request_id nothing was stored: the same call is a miss again.
-    again = requests.post(url, headers=AUTH, json={**body, "max_tokens": 24}, timeout=60)
-    assert again.headers["X-KV-Cache"] == "miss"
+    # A new message under the same request_id is never dropped: it reaches the model.
+    third = requests.post(url, headers=AUTH, json={**body, "prompt": PROMPT + a + b + " More:", "request_id": rid},
+                          timeout=60).json()
+    assert third["usage"]["prompt_tokens"] > second.json()["usage"]["prompt_tokens"] + 12
+    # Without request_id a prompt's full blocks are reused too, with the same output.
+    long = {**body, "prompt": PROMPT * 6}
+    once = requests.post(url, headers=AUTH, json=long, timeout=60)
+    again = requests.post(url, headers=AUTH, json=long, timeout=60)
+    assert again.headers["X-KV-Cache"] in ("hit", "partial")
+    assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert again.json()["choices"][0]["text"] == once.json()["choices"][0]["text"]
 
 
 def test_client_disconnect_stops_generation(srv):
