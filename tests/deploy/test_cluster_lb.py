@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server, free_port
 
@@ -145,6 +146,20 @@ def replica_of(server: Server) -> str:
     return requests.get(f"{server.url}/api/cache/{uuid.uuid4().hex}", timeout=30).headers["X-KV-Replica"]
 
 
+def reuse(servers: list[Server]) -> dict[str, float]:
+    """kvbento_kv_reuse_total by source, summed over the live replicas' /metrics."""
+    out = {"local": 0.0, "store": 0.0}
+    for s in servers:
+        if s.proc is None or s.proc.poll() is not None:
+            continue
+        text = requests.get(s.url + "/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "kvbento_kv_reuse_total":
+                    out[sample.labels["source"]] += sample.value
+    return out
+
+
 def turn(url: str, rid: str, n: int) -> requests.Response:
     """One greedy turn of exactly n tokens, request_id in the header only (as an LB client sends it);
     the answer holds the whole text so far."""
@@ -188,6 +203,7 @@ def test_a_conversation_stays_on_one_replica(lb, replicas):
     ids = {replica_of(s) for s in replicas}
     assert len(ids) == 3, "each replica has its own id"
     used = set()
+    before = reuse(replicas)
     for i in range(9):
         rid = f"sticky-{i}"
         seen = {ok(turn(lb.url, rid, 4)).headers["X-KV-Replica"]}
@@ -198,6 +214,8 @@ def test_a_conversation_stays_on_one_replica(lb, replicas):
         assert len(seen) == 1, f"{rid} moved between replicas: {seen}"
         used |= seen
     assert used <= ids and len(used) >= 2, "the hash spreads conversations over the replicas"
+    after = reuse(replicas)  # each continued turn reused KV once (local or store: the session decides)
+    assert sum(after.values()) - sum(before.values()) == 18
 
 
 def test_killing_the_conversations_replica_continues_it_exactly_elsewhere(lb, replicas):
@@ -210,7 +228,11 @@ def test_killing_the_conversations_replica_continues_it_exactly_elsewhere(lb, re
     wait_stored(others, rid, usage["prompt_tokens"] + usage["completion_tokens"])
     sigkill_replica(owner)
 
+    before = reuse(others)
     second = ok(turn(lb.url, rid, 12))
+    after = reuse(others)
+    # The new replica never held this conversation: its KV was read from the cluster.
+    assert after["store"] - before["store"] == 1 and after["local"] == before["local"]
     assert second.headers["X-KV-Replica"] != owner_id
     assert second.headers["X-KV-Replica"] in {replica_of(s) for s in others}
     assert second.headers["X-KV-Cache"] == "hit", "continued from the cluster, not recomputed"
