@@ -26,8 +26,8 @@ def build_app() -> FastAPI:
     app.include_router(playground.router)
     from routes import health
     app.include_router(health.router)
-    from routes import generic_v1, openai, takeoff, together, truss  # the stateless dialects (issue 4)
-    for dialect in (openai, takeoff, together, truss, generic_v1):
+    from routes import generic_v1, openai, responses, takeoff, together, truss  # the stateless dialects (issue 4)
+    for dialect in (openai, responses, takeoff, together, truss, generic_v1):
         app.include_router(dialect.router)
 
     @app.exception_handler(EngineError)

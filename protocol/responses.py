@@ -1,0 +1,349 @@
+"""The OpenAI Responses dialect: /v1/responses bodies, the Response object, its stream events and
+the input-item listing (field names as in openai-python's ``types/responses``).
+
+A response continues a stored one with ``previous_response_id``: the session layer matches the
+re-rendered conversation against the parent's stored tokens, so only the new input is prefilled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+
+from model.engine import RequestStream
+from model.types import EngineError, InvalidRequest, Usage
+from protocol.adapter import OptionalRequestId, renamed, sampling_switch
+from protocol.common import BodyError, Stop, sampling_params
+
+log = logging.getLogger("kvbento.protocol")
+
+# Engine / session field name -> the Responses field a client sent.
+PARAM_NAMES = {"max_new_tokens": "max_output_tokens", "min_new_tokens": "min_tokens", "prompt": "input",
+               "parent_request_id": "previous_response_id"}
+
+ROLES = ("user", "system", "developer", "assistant")
+TEXT_PARTS = ("input_text", "output_text")
+MAX_METADATA = 16
+
+# Declared only to be refused unless they carry their no-op value: ignoring them would silently
+# change what the client asked for.
+_REFUSED = ("tools", "reasoning", "background", "conversation", "include", "prompt", "top_logprobs")
+
+
+def _is_noop(value: Any) -> bool:
+    return value in (None, False, 0, "", [], {})
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _parse_input(value: Any) -> list[dict[str, str]]:
+    """``input`` as plain ``{"role", "content"}`` messages; raises BodyError naming the item."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise BodyError("input: must be a string or a non-empty list of message items", param="input")
+    out = []
+    for i, item in enumerate(value):
+        at = f"input.{i}"
+        if not isinstance(item, dict):
+            raise BodyError(f"{at}: must be a message item (an object)", param=at)
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise BodyError(f"{at}.type: item type {kind!r} is not supported (text messages only)",
+                            param=f"{at}.type")
+        role = item.get("role")
+        if role not in ROLES:
+            raise BodyError(f"{at}.role: must be one of {', '.join(ROLES)}, got {role!r}", param=f"{at}.role")
+        content = item.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                pat = f"{at}.content.{j}"
+                if not isinstance(part, dict):
+                    raise BodyError(f"{pat}: must be a content part (an object)", param=pat)
+                if part.get("type") not in TEXT_PARTS:
+                    raise BodyError(f"{pat}.type: content part {part.get('type')!r} is not supported "
+                                    "(input_text and output_text only)", param=f"{pat}.type")
+                if not isinstance(part.get("text"), str):
+                    raise BodyError(f"{pat}.text: must be a string", param=f"{pat}.text")
+                texts.append(part["text"])
+            text = "".join(texts)
+        else:
+            raise BodyError(f"{at}.content: must be a string or a list of text parts", param=f"{at}.content")
+        out.append({"role": role, "content": text})
+    return out
+
+
+class ResponsesBody(BaseModel):
+    """``POST /v1/responses``. Unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: Any = Field(description="a string, or a list of message items (text content only)")
+    instructions: str | None = Field(default=None, max_length=1_000_000)
+    previous_response_id: str | None = OptionalRequestId
+    store: bool = True
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = Field(default=None, ge=1)
+    tool_choice: Any = None
+    text: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    # kvbento's sampling extensions, as the chat route accepts them.
+    stop: Stop = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
+    # Declared only to be refused (see _REFUSED).
+    tools: Any = None
+    reasoning: Any = None
+    background: Any = None
+    conversation: Any = None
+    include: Any = None
+    prompt: Any = None
+    top_logprobs: Any = None
+    _messages: list[dict[str, str]] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_request_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("request_id") is not None:
+            raise BodyError("request_id is not used by /v1/responses: continue a conversation with "
+                            "previous_response_id", param="request_id")
+        return data
+
+    @field_validator(*_REFUSED)
+    @classmethod
+    def _refused(cls, v: Any, info: ValidationInfo) -> Any:
+        if not _is_noop(v):
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        if v not in (None, "none", "auto"):
+            raise ValueError("tool_choice is not supported (no tools)")
+        return v
+
+    @field_validator("truncation")
+    @classmethod
+    def _truncation(cls, v: str | None) -> str | None:
+        if v == "auto":
+            raise ValueError("truncation 'auto' is not supported: a conversation past the context is refused")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            if len(v) > MAX_METADATA:
+                raise ValueError(f"at most {MAX_METADATA} key-value pairs, got {len(v)}")
+            if any(len(k) > 64 or len(val) > 512 for k, val in v.items()):
+                raise ValueError("keys are at most 64 characters, values at most 512")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> "ResponsesBody":
+        fmt = (self.text or {}).get("format")
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+            raise BodyError("text.format: only {\"type\": \"text\"} is supported", param="text.format")
+        if (self.text or {}).get("verbosity") not in (None, "medium"):
+            raise BodyError("text.verbosity: only the default (medium) is supported", param="text.verbosity")
+        self._messages = _parse_input(self.input)
+        return self
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The new input as ``{"role", "content"}`` messages."""
+        return self._messages
+
+    def overrides(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_output_tokens, "temperature": self.temperature,
+                "do_sample": sampling_switch(self.temperature), "top_p": self.top_p,
+                "stop": self.stop, "seed": self.seed,
+                "top_k": 0 if self.top_k == -1 else self.top_k, "min_new_tokens": self.min_tokens,
+                "ignore_eos": self.ignore_eos, "repetition_penalty": self.repetition_penalty,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
+
+    def params(self, defaults: dict[str, Any]):
+        return sampling_params(defaults, self.overrides())
+
+
+def input_items(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """The new input as ``input_items`` lists it: message items with ids, assistant text as
+    ``output_text``."""
+    items = []
+    for m in messages:
+        if m["role"] == "assistant":
+            part = {"type": "output_text", "text": m["content"], "annotations": []}
+        else:
+            part = {"type": "input_text", "text": m["content"]}
+        items.append({"id": new_id("msg"), "type": "message", "role": m["role"], "status": "completed",
+                      "content": [part]})
+    return items
+
+
+def list_items(items: list[dict[str, Any]], after: str | None, limit: int, order: str) -> dict[str, Any]:
+    """One page of ``items`` as OpenAI lists them (``order`` "asc" is input order).
+
+    Raises:
+        InvalidRequest: ``after`` names no item of the list.
+    """
+    ordered = list(items) if order == "asc" else list(reversed(items))
+    start = 0
+    if after is not None:
+        ids = [it["id"] for it in ordered]
+        if after not in ids:
+            raise InvalidRequest(f"after: no input item {after!r} in this response", param="after")
+        start = ids.index(after) + 1
+    page = ordered[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(ordered)}
+
+
+def usage(u: Usage) -> dict[str, Any]:
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+def error_body(exc: EngineError) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
+                      "code": getattr(exc, "code", None) or exc.type}}
+
+
+def own_names(exc: EngineError) -> EngineError:
+    """``exc`` with the session's and engine's field names replaced by the Responses ones."""
+    if exc.param == "prompt" and exc.message.startswith("prompt "):
+        exc.message = "input (with the conversation it continues) " + exc.message[len("prompt "):]
+    return renamed(exc, PARAM_NAMES)
+
+
+class Framer:
+    """The Response object of one request and its stream events (with rising sequence numbers)."""
+
+    def __init__(self, response_id: str, model: str, body: ResponsesBody, params) -> None:
+        self.id = response_id
+        self.model = model
+        self.body = body
+        self.params = params
+        self.created_at = int(time.time())
+        self.item_id = new_id("msg")
+        self.sequence_number = 0
+
+    def message(self, status: str, text: str | None) -> dict[str, Any]:
+        content = [] if text is None else [self.part(text)]
+        return {"id": self.item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+
+    @staticmethod
+    def part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def response(self, status: str, text: str | None = None, u: Usage | None = None, *,
+                 error: str | None = None) -> dict[str, Any]:
+        """The Response object: ``status`` is in_progress, completed, incomplete or failed."""
+        b, p = self.body, self.params
+        item_status = {"in_progress": "in_progress", "completed": "completed"}.get(status, "incomplete")
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "background": False,
+            "error": {"code": "server_error", "message": error} if error else None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
+            "max_tool_calls": b.max_tool_calls, "model": self.model,
+            "output": [self.message(item_status, text)] if text is not None else [],
+            "parallel_tool_calls": b.parallel_tool_calls if b.parallel_tool_calls is not None else True,
+            "previous_response_id": b.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "store": b.store, "temperature": p.temperature if p.do_sample else 0.0,
+            "text": {"format": {"type": "text"}}, "tool_choice": b.tool_choice or "auto", "tools": [],
+            "top_p": p.top_p, "truncation": "disabled", "usage": usage(u) if u is not None else None,
+            "user": b.user, "metadata": b.metadata or {},
+        }
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        out = {"type": kind, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return out
+
+    def item_event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return self.event(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)
+
+
+def status_of(finish_reason: str | None, error: str | None) -> str:
+    if error or finish_reason == "error":
+        return "failed"
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+async def events(stream: RequestStream, framer: Framer,
+                 on_done: Callable[[dict[str, Any]], Awaitable[None]]) -> AsyncIterator[dict[str, Any]]:
+    """The stream events of one response, in OpenAI's order, ending with ``response.completed``,
+    ``response.incomplete`` or (after an ``error`` event) ``response.failed``.
+
+    ``on_done(final_response)`` runs before the last event of a response that did not fail, so a
+    client that continues it as soon as it sees the end finds it stored. A client that goes away
+    aborts the sequence.
+    """
+    yield framer.event("response.created", response=framer.response("in_progress"))
+    yield framer.event("response.in_progress", response=framer.response("in_progress"))
+    yield framer.event("response.output_item.added", output_index=0, item=framer.message("in_progress", None))
+    yield framer.item_event("response.content_part.added", part=framer.part(""))
+    error = None
+    try:
+        async for delta in stream:
+            if delta.text:
+                yield framer.item_event("response.output_text.delta", delta=delta.text, logprobs=[])
+            if delta.error:
+                error = delta.error
+    except (asyncio.CancelledError, GeneratorExit):
+        stream.cancel()
+        raise
+    except Exception as exc:  # an exception must not end the stream silently
+        log.exception("stream failed")
+        error = f"{type(exc).__name__}: {exc}"
+    status = status_of(stream.finish_reason, error)
+    if status == "failed":
+        error = error or "generation failed"
+        yield framer.event("error", code="server_error", message=error, param=None)
+        yield framer.event("response.failed", response=framer.response("failed", stream.text, stream.usage,
+                                                                         error=error))
+        return
+    text, item_status = stream.text, "completed" if status == "completed" else "incomplete"
+    final = framer.response(status, text, stream.usage)
+    yield framer.item_event("response.output_text.done", text=text, logprobs=[])
+    yield framer.item_event("response.content_part.done", part=framer.part(text))
+    yield framer.event("response.output_item.done", output_index=0, item=framer.message(item_status, text))
+    await on_done(final)
+    yield framer.event(f"response.{status}", response=final)
+
+
+def sse_event(event: dict[str, Any]) -> bytes:
+    """One Server-Sent Event named by the event's type, as OpenAI sends them."""
+    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event['type']}\ndata: {data}\n\n".encode()
