@@ -101,6 +101,71 @@ def write_report(res: dict, path: Path) -> str:
                 f"| {_f(r['hf_first_ms'])} | {_f(r['hf_again_ms'])} | {_f(_ratio(r['hf_again_ms'], r['cont_ms']))}× |")
     add("")
 
+    # ---- conversations
+    conv = res.get("conversation")
+    conv_targets: list = []
+    if conv:
+        sh = conv["shape"]
+        bpt = conv["kv_bytes_per_token"]
+        add("## Conversations: every turn resends the whole history\n")
+        add(f"{sh['num_conv']} concurrent conversations × {sh['turns']} turns on `/v1/chat/completions` (streamed, "
+            f"greedy, {sh['n_out']} output tokens), ~{sh['turn_tokens']}-token user turns, a ~{sh['system_tokens']}-token "
+            f"system prompt shared by groups of {sh['group']}; each turn sends the whole conversation so far (the previous "
+            "answers as text), as OpenAI clients do. kvbento runs on a fresh disk store per run (32-token blocks), once "
+            "without request_id (a stock client) and once with one per conversation; `transformers serve` gets the same "
+            "conversations (it refuses `ignore_eos`/`min_tokens`, so its answers may be shorter). Median TTFT per turn; "
+            "cached = `usage.prompt_tokens_details.cached_tokens` (mean); written = bytes the store wrote per "
+            f"conversation in that turn (KV is {bpt / 1024:.0f} KiB per token).\n")
+        add("| contender | turn | prompt tokens | cached tokens | TTFT ms | bytes written | written / (new tokens' KV + head) |")
+        add("|---|---|---|---|---|---|---|")
+        for name, rows in conv["runs"].items():
+            for r in rows:
+                ratio = None
+                if r.get("head_bytes") and r["turn"] > 1 and r["new_tokens"] > 0:
+                    ratio = r["bytes_written"] / (r["new_tokens"] * bpt + r["head_bytes"])
+                written = f"{r['bytes_written'] / 1e6:.1f} MB" if not name.startswith("hf") else "—"
+                add(f"| {name} | {r['turn']} | {r['prompt_tokens']:.0f} | {r['cached_tokens']:.0f} | {_f(r['ttft_ms'])} "
+                    f"| {written} | {_f(ratio, 2) if ratio else '—'} |")
+        add("")
+        if len(conv.get("block_sizes", {})) > 1:
+            add("### Block size (with request_id; same conversations)\n")
+            add("| block tokens | TTFT turn 1 ms | TTFT turn 4 ms | cached at the last turn | bytes written per turn after the first (mean) |")
+            add("|---|---|---|---|---|")
+            for b, rows in sorted(conv["block_sizes"].items(), key=lambda kv: int(kv[0])):
+                if not rows:
+                    continue
+                later = [r["bytes_written"] for r in rows[1:]]
+                add(f"| {b} | {_f(rows[0]['ttft_ms'])} | {_f(rows[-1]['ttft_ms'])} | {rows[-1]['cached_tokens']:.0f} "
+                    f"| {(sum(later) / max(len(later), 1)) / 1e6:.1f} MB |")
+            add("")
+        shared = conv.get("shared")
+        if shared:
+            add(f"Shared system prompt: {shared['num_conv']} conversations with request_ids sharing a "
+                f"{shared['system_tokens']}-token system prompt (one turn each) wrote {shared['bytes_written'] / 1e6:.1f} MB; "
+                f"the prefix once plus the {shared['num_conv']} suffixes hold {shared['positions_unique']} positions "
+                f"= {shared['positions_unique'] * bpt / 1e6:.1f} MB of KV.\n")
+        anon = conv["runs"].get("kvbento without request_id") or []
+        named = conv["runs"].get("kvbento with request_id") or []
+        hfr = conv["runs"].get("hf-serve") or []
+        last = lambda rows: rows[-1]["ttft_ms"] if rows else None  # noqa: E731
+        ratios = [r["bytes_written"] / (r["new_tokens"] * bpt + r["head_bytes"]) for r in named[1:]
+                  if r.get("head_bytes") and r["new_tokens"] > 0]
+        conv_targets = [
+            ("TTFT at the last turn / TTFT at turn 1, history resent without request_id", "≤ 1.5",
+             _ratio(last(anon), anon[0]["ttft_ms"]) if anon else None, 1.5, False),
+            ("TTFT at the last turn, `transformers serve` / kvbento without request_id", "≥ 5×",
+             _ratio(last(hfr), last(anon)), 5, True),
+            ("… / kvbento with request_id", "≥ 5×", _ratio(last(hfr), last(named)), 5, True),
+            ("bytes written by a turn / (KV of its new tokens + one head), worst turn after the first", "≤ 1.25",
+             max(ratios) if ratios else None, 1.25, False),
+            ("8 conversations sharing a system prompt: bytes written / (prefix once + 8 suffixes)", "≤ 1.2",
+             _ratio(shared["bytes_written"], shared["positions_unique"] * bpt) if shared else None, 1.2, False),
+            ("cached tokens at turn k − (turn k−1 prompt + completion), with request_id, worst", "≥ −16",
+             min((r["min_cached_minus_prev"] for r in named[1:]), default=None), -16, True),
+            ("… without request_id, worst", "≥ −16 − one block (−48)",
+             min((r["min_cached_minus_prev"] for r in anon[1:]), default=None), -48, True),
+        ]
+
     # ---- store
     c = res["codec"]
     add("## KV store\n")
@@ -168,7 +233,7 @@ def write_report(res: dict, path: Path) -> str:
          _ratio(tput("16", "kvbento"), tput("16", "naive")), 5, True),
         ("ITL through HTTP / in-process (medians)", "≤ 1.05", _ratio(http_itl, ip["itl_ms_median"]), 1.05, False),
         ("KV record encode + decode (GB/s)", "≥ 1 GB/s", c["roundtrip_gbs"], 1.0, True),
-    ]
+    ] + conv_targets
     before = tput("16", "kvbento-torch")
     if before:
         add("## This repo's CPU kernels, before / after (same run)\n")

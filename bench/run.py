@@ -17,7 +17,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from bench import micro, servers
+from bench import conversation, micro, servers
 from bench.client import HFServe, Kvbento, Naive, run_load, summarize
 from bench.report import write_report
 
@@ -91,6 +91,56 @@ def overhead(kv: Kvbento, model_dir: str, tok, prompts: list[str], n: int, threa
         engine.close()
     return summary, {"rounds": rounds, "itl_ms_mean": 1000 * statistics.fmean(http) if http else None,
                      "itl_ms_median": 1000 * statistics.median(http) if http else None}
+
+
+def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HFServe | None, procs) -> dict:
+    """Chat conversations with the whole history resent: kvbento without and with request_id on a
+    fresh store each (so bytes written are the scenario's own), `transformers serve` on the same
+    conversation, then the same with other block sizes, and the shared-system-prompt store size."""
+    quick = a.quick
+    shape = dict(num_conv=2 if quick else 4, turns=2 if quick else 4, turn_tokens=48 if quick else 384,
+                 system_tokens=32 if quick else 256, group=2, n_out=8 if quick else 32)
+    out: dict = {"shape": shape, "runs": {}, "block_sizes": {}}
+    name = Path(model_dir).name
+
+    def kv_server(tag: str, block: int) -> servers.Proc:
+        pr = servers.kvbento(model_dir, f"disk://{tmp}/conv-{tag}", threads, name=f"kvbento-{tag}",
+                             extra_env={"KVBENTO_CACHE_BLOCK_TOKENS": str(block)})
+        print(f"starting {pr.name} ...", flush=True)
+        return pr.start()
+
+    if hf is not None:
+        print("conversation hf-serve ...", flush=True)
+        out["runs"]["hf-serve"] = asyncio.run(conversation.conversations(
+            hf.url, hf.model, tok, with_request_id=False, exact=False, measure_bytes=False, **shape))
+    for block in ([32] if quick else [32, 16, 64]):
+        for rid in (False, True):
+            if block != 32 and not rid:
+                continue
+            tag = f"b{block}-{'rid' if rid else 'anon'}"
+            pr = kv_server(tag, block)
+            try:
+                print(f"conversation {pr.name} ...", flush=True)
+                rows = asyncio.run(conversation.conversations(pr.url, name, tok, with_request_id=rid, **shape))
+                if block == 32:
+                    out["runs"]["kvbento " + ("with request_id" if rid else "without request_id")] = rows
+                    if rid:
+                        print("shared system prompt ...", flush=True)
+                        out["shared"] = asyncio.run(conversation.shared_system_prompt(
+                            pr.url, name, tok, num_conv=8, system_tokens=128 if quick else 1024,
+                            suffix_tokens=32 if quick else 128))
+                else:
+                    out["block_sizes"][str(block)] = rows
+            finally:
+                pr.stop()
+    out["block_sizes"]["32"] = out["runs"].get("kvbento with request_id")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out["kv_bytes_per_token"] = 2 * cfg.num_hidden_layers * heads * head_dim * 4
+    return out
 
 
 def machine() -> dict:
@@ -220,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"poisson {c.name} ...", flush=True)
                 r, wall = asyncio.run(run_load(c, prompts, n_out, rate=rate, seed=7, tag="poisson"))
                 res["poisson"][c.name] = summarize(r, wall)
+            res["conversation"] = conversation_scenario(a, model_dir, tok, tmp, threads, hf, procs)
         finally:
             for pr in procs + [base, twin]:
                 pr.stop()

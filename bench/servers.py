@@ -75,12 +75,12 @@ class Proc:
 
 
 def kvbento(model_dir: str, cache_url: str, threads: int, max_batch: int = 32, *, name: str = "kvbento",
-            cpu_kernels: str = "onednn", cache_max_bytes: int = 0) -> Proc:
+            cpu_kernels: str = "onednn", cache_max_bytes: int = 0, extra_env: dict | None = None) -> Proc:
     port = free_port()
     env = {"KVBENTO_MODEL": model_dir, "KVBENTO_CACHE_URL": cache_url, "KVBENTO_NUM_THREADS": str(threads),
            "KVBENTO_MAX_BATCH_SIZE": str(max_batch), "KVBENTO_MAX_QUEUE": "256",
            "KVBENTO_CPU_KERNELS": cpu_kernels, "KVBENTO_CACHE_MAX_BYTES": str(cache_max_bytes),
-           "OMP_NUM_THREADS": str(threads)}
+           "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
     return Proc(name, [str(BIN / "bentoml"), "serve", "--port", str(port), "--host", "127.0.0.1"],
                 "/readyz", env, port)
 

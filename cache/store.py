@@ -91,6 +91,7 @@ class RecordInfo:
     num_tokens: int
     num_prompt_tokens: int
     nbytes: int  # the head's bytes plus its blocks' (shared blocks counted in full)
+    head_nbytes: int
     num_blocks: int
     fingerprint: str
     created_at: float
@@ -403,6 +404,7 @@ class KVStore:
             num_tokens=int(header.get("num_tokens", 0)),
             num_prompt_tokens=int(header.get("num_prompt_tokens", 0)),
             nbytes=entry.nbytes + per_position * self.block_tokens * len(blocks),
+            head_nbytes=entry.nbytes,
             num_blocks=len(blocks),
             fingerprint=str(header.get("fingerprint", "")),
             created_at=float(header.get("created_at", 0.0)),

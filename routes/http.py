@@ -66,7 +66,7 @@ async def start(request: Request, model: type[M], to_engine: Callable[..., Any])
     rt = runtime(request)
     tenant = authenticate(request)
     body = await read_body(request, model)
-    return await rt.engine.generate(to_engine(body, rt.settings.generation_defaults(), tenant))
+    return await rt.session.generate(to_engine(body, rt.settings.generation_defaults(), tenant))
 
 
 @dataclass(frozen=True)

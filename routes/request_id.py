@@ -114,6 +114,7 @@ async def cache_info(request: Request, request_id: str):
             "tokens": info.num_tokens,
             "prompt_tokens": info.num_prompt_tokens,
             "bytes": info.nbytes,
+            "head_bytes": info.head_nbytes,
             "blocks": info.num_blocks,
             "model": rt.model.name,
             "fingerprint": info.fingerprint,

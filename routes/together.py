@@ -27,7 +27,7 @@ async def inference(request: Request):
     try:
         tenant = authenticate(request)
         body = await read_body(request, together.InferenceBody)
-        s = await rt.engine.generate(together.to_engine(body, rt.settings.generation_defaults(), tenant))
+        s = await rt.session.generate(together.to_engine(body, rt.settings.generation_defaults(), tenant))
     except EngineError as exc:
         return error_response(renamed(exc, together.PARAM_NAMES))
     answer_id = uuid.uuid4().hex

@@ -19,7 +19,7 @@ async def _predict(request: Request):
     try:
         tenant = rt.tenant(truss.authorization(request.headers.get("authorization")))
         body = await read_body(request, truss.TrussBody)
-        s = await rt.engine.generate(truss.to_engine(body, rt.settings.generation_defaults(), tenant))
+        s = await rt.session.generate(truss.to_engine(body, rt.settings.generation_defaults(), tenant))
     except EngineError as exc:
         return error_response(renamed(exc, {}))
     headers = {"X-KV-Cache": s.cache_status.value}

@@ -165,7 +165,9 @@ class Session:
             raise
         stream.cache_status = plan.status
         if plan.num_cached:
-            observer.on_reuse("local" if plan.local_tokens >= plan.num_cached else "store", plan.num_cached)
+            b = self.store.block_tokens
+            local = plan.local_tokens >= (plan.num_cached // b) * b  # the tail always comes with the head
+            observer.on_reuse("local" if local else "store", plan.num_cached)
         return stream
 
     async def _acquire(self, tenant: str, request_id: str) -> tuple[_Lease | None, bool]:
