@@ -226,8 +226,11 @@ def list_items(items: list[dict[str, Any]], after: str | None, limit: int, order
             "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(ordered)}
 
 
-def usage(u: Usage) -> dict[str, Any]:
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+def usage(u: Usage, store_up: bool = True) -> dict[str, Any]:
+    """Token counts; the input positions this request computed are the ones it leaves in the store."""
+    written = u.prompt_tokens - u.cached_tokens if store_up else 0
+    return {"input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": written},
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
@@ -248,8 +251,9 @@ def own_names(exc: EngineError) -> EngineError:
 class Framer:
     """The Response object of one request and its stream events (with rising sequence numbers)."""
 
-    def __init__(self, response_id: str, model: str, body: ResponsesBody, params) -> None:
+    def __init__(self, response_id: str, model: str, body: ResponsesBody, params, *, store_up: bool = True) -> None:
         self.id = response_id
+        self.store_up = store_up
         self.model = model
         self.body = body
         self.params = params
@@ -282,7 +286,7 @@ class Framer:
             "previous_response_id": b.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": b.store, "temperature": p.temperature if p.do_sample else 0.0,
             "text": {"format": {"type": "text"}}, "tool_choice": b.tool_choice or "auto", "tools": [],
-            "top_p": p.top_p, "truncation": "disabled", "usage": usage(u) if u is not None else None,
+            "top_p": p.top_p, "truncation": "disabled", "usage": usage(u, self.store_up) if u is not None else None,
             "user": b.user, "metadata": b.metadata or {},
         }
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from cache.base import BackendUnavailable
+from cache.store import CacheStatus
 from model.types import EngineClosed, EngineError, NotFound
 from protocol import openai as oa
 from protocol import responses as rs
@@ -88,7 +89,8 @@ async def create(request: Request):
         return error_response(_store_down(), rs.error_body)
     except EngineError as exc:
         return error_response(rs.own_names(exc), rs.error_body)
-    framer = rs.Framer(response_id, oa.model_id(rt.model.name), body, params)
+    framer = rs.Framer(response_id, oa.model_id(rt.model.name), body, params,
+                       store_up=started.stream.cache_status is not CacheStatus.UNAVAILABLE)
     items = rs.input_items(body.messages)
 
     async def keep(final: dict[str, Any]) -> None:

@@ -124,6 +124,22 @@ def test_response_object_fields(client):
     assert client.responses.retrieve(r.id).model_dump() == r.model_dump()
 
 
+def test_answers_validate_strictly_against_the_sdk_types(app_client):
+    from openai.types.responses import Response, ResponseItemList
+
+    tc, _ = app_client
+    body = {"model": "m", "input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            "max_output_tokens": 4}
+    r = tc.post("/v1/responses", json=body)
+    assert r.status_code == 200 and r.headers["X-KV-Cache"]
+    resp = Response.model_validate(r.json())  # every required field present, of the right type
+    items = ResponseItemList.model_validate(tc.get(f"/v1/responses/{resp.id}/input_items").json())
+    assert [i.role for i in items.data] == ["assistant", "user"]
+    assert Response.model_validate(tc.get(f"/v1/responses/{resp.id}").json()) == resp
+    d = tc.delete(f"/v1/responses/{resp.id}")
+    assert d.status_code == 200 and d.json() == {"id": resp.id, "object": "response", "deleted": True}
+
+
 def test_continuation_reuses_the_parent_and_instructions_are_not_carried(client):
     r1 = ask(client, "Tell me about cats")
     r2 = ask(client, "And dogs?", r1.id)
