@@ -18,8 +18,9 @@ import uuid
 import aiohttp
 
 # Plain English words: text of a predictable size whatever the tokenizer.
-_WORDS = ("the cat sat on a warm mat while rain fell over quiet hills and rivers ran past old stone "
-          "bridges where people walked slowly home after long days of work in busy towns").split()
+_WORDS = ["the", "cat", "sat", "on", "a", "warm", "mat", "while", "rain", "fell", "over", "quiet", "hills",
+          "and", "rivers", "ran", "past", "old", "stone", "bridges", "where", "people", "walked", "slowly",
+          "home", "after", "long", "days", "of", "work", "in", "busy", "towns"]
 
 
 def _text(num_words: int, seed: int) -> str:
@@ -53,7 +54,7 @@ async def _turn(session: aiohttp.ClientSession, url: str, body: dict, headers: d
                         elif kind in ("error", "response.failed"):
                             out["error"] = event.get("message") or json.dumps(event)[:200]
         out["ok"] = out["ttft"] is not None and out["response"] is not None
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     return out
 

@@ -15,7 +15,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from model.engine import RequestStream
 from model.types import EngineError, InvalidRequest, Usage
@@ -168,7 +176,7 @@ class ResponsesBody(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _checks(self) -> "ResponsesBody":
+    def _checks(self) -> ResponsesBody:
         fmt = (self.text or {}).get("format")
         if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
             raise BodyError("text.format: only {\"type\": \"text\"} is supported", param="text.format")

@@ -115,7 +115,7 @@ async def start(session: Session, responses: ResponseStore, *, tenant: str, resp
                 for m in system + messages]
     try:
         text = render(rendered)
-    except Exception as exc:  # jinja / tokenizer errors are the caller's messages, not a crash
+    except Exception as exc:  # noqa: BLE001 (jinja / tokenizer errors are the caller's, not a crash)
         raise InvalidRequest(f"input: the chat template failed: {exc}", param="input") from None
     req = GenerateRequest(request_id=response_id, prompt=text, special_tokens=False, named=store,
                           parent_request_id=previous_response_id, params=params, tenant=tenant)

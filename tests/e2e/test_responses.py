@@ -5,6 +5,8 @@ input_items / delete work anywhere, greedy text equals a one-replica run, and te
 
 from __future__ import annotations
 
+import itertools
+
 import openai
 import pytest
 
@@ -48,8 +50,8 @@ def check_events(events: list) -> openai.types.responses.Response:
 
 def turn(client: openai.OpenAI, k: int, previous: str | None, mode: str) -> openai.types.responses.Response:
     """Turn k, sent as a plain call, a stream=True iteration or the SDK's stream helper."""
-    kw = dict(model="kvbento", input=TURNS[k], instructions=INSTRUCTIONS, previous_response_id=previous,
-              max_output_tokens=MAX_TOKENS, temperature=0)
+    kw = {"model": "kvbento", "input": TURNS[k], "instructions": INSTRUCTIONS, "previous_response_id": previous,
+          "max_output_tokens": MAX_TOKENS, "temperature": 0}
     if mode == "create":
         return client.responses.create(**kw)
     if mode == "stream":
@@ -133,9 +135,23 @@ def test_bench_responses_turns_runs(replicas):
     rows = run_responses_turns(replicas[0].url, 3, turn_words=40, n_out=8, api_key=KEY_A)
     assert [r["turn"] for r in rows] == [1, 2, 3]
     assert all(r["chained_ok"] and r["resent_ok"] for r in rows), rows
-    for prev, r in zip(rows, rows[1:]):
+    for prev, r in itertools.pairwise(rows):
         # Both variants see a conversation of the same size (the resent answers are re-tokenized
         # text); the chained one restores all of its previous sequence.
         assert abs(r["chained_input_tokens"] - r["resent_input_tokens"]) <= 8
         assert r["chained_cached_tokens"] >= prev["chained_input_tokens"] + 8 - 16
     assert table(rows).count("\n") == 4
+
+
+def test_continues_on_a_replica_started_after_the_answer(server_factory, redis_url):
+    env = {"KVBENTO_CACHE_URL": redis_url, "KVBENTO_API_KEYS": KEY_A, "KVBENTO_CACHE_BLOCK_TOKENS": "16"}
+    first = server_factory(env)
+    r1 = turn(sdk(first), 0, None, "create")
+    first.stop()  # the process that answered is gone: only Redis holds the conversation
+    second = server_factory(env)
+    try:
+        r2 = turn(sdk(second), 1, r1.id, "stream")
+        assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.total_tokens - 16
+        assert sdk(second).responses.retrieve(r1.id).output_text == r1.output_text
+    finally:
+        second.stop()

@@ -227,3 +227,30 @@ def test_evicted_kv_is_recomputed_from_the_stored_text(client, app_client):
     a = ask(client, "And dogs?", kept.id, max_output_tokens=16)
     b = ask(client, "And dogs?", lost.id, max_output_tokens=16)
     assert b.output_text == a.output_text and b.previous_response_id == lost.id
+
+
+@pytest.mark.redis
+def test_store_down_parent_is_503_and_new_answers_are_not_stored(tiny_model_dir, redis_server_factory):
+    from config import Settings
+    from routes import build_app
+    from routes.runtime import Runtime
+
+    redis = redis_server_factory()
+    rt = Runtime.start(Settings(model=str(tiny_model_dir), cache_url=redis.url, cache_timeout=1, num_threads=1,
+                                api_keys=""))
+    app = build_app()
+    app.state.runtime = rt
+    try:
+        with TestClient(app) as tc:
+            c = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=tc, max_retries=0)
+            r1 = ask(c, "Tell me about cats")
+            redis.kill()
+            with pytest.raises(openai.InternalServerError) as e:
+                ask(c, "And dogs?", r1.id)
+            assert e.value.status_code == 503 and e.value.body["type"] == "unavailable_error"
+            alone = ask(c, "And dogs?")  # no parent to read: answered, just not kept
+            assert alone.output_text and alone.status in ("completed", "incomplete")
+            assert alone.usage.input_tokens_details.cache_write_tokens == 0
+            assert tc.get(f"/v1/responses/{alone.id}").status_code == 503
+    finally:
+        rt.close()
