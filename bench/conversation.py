@@ -137,7 +137,8 @@ async def shared_system_prompt(url: str, model: str, tok, *, num_conv: int = 8, 
                            n_out, f"share-{tag}-{i}", True)
             usage.append(r["usage"] or {})
         after = await metric(session, url, "kvbento_kv_store_write_bytes_total")
-    sys_ids = len(tok.apply_chat_template([{"role": "system", "content": system}], tokenize=True))
+    rendered = tok.apply_chat_template([{"role": "system", "content": system}], tokenize=False)
+    sys_ids = len(tok(rendered, add_special_tokens=False).input_ids)
     totals = [u.get("prompt_tokens", 0) + u.get("completion_tokens", 0) - 1 for u in usage]
     return {"num_conv": num_conv, "system_tokens": sys_ids, "bytes_written": after - before,
             "positions_unique": sys_ids + sum(t - sys_ids for t in totals)}

@@ -82,10 +82,12 @@ class InProcessEngine:
     def __init__(self, model_dir: str, threads: int) -> None:
         from model import loader
         from model.engine import Engine, EngineConfig
+        from session import Session
 
         torch.set_num_threads(threads)
         self.m = loader.load(model_dir, "cpu", "auto", 0)
-        self.engine = Engine(self.m, None, EngineConfig(max_batch_size=32))
+        self.engine = Engine(self.m, EngineConfig(max_batch_size=32))
+        self.session = Session(self.engine, None)
         self._n = 0
 
     def itls(self, prompt_ids: list[int], n: int) -> list[float]:
@@ -98,7 +100,7 @@ class InProcessEngine:
             req = GenerateRequest(request_id=f"inproc-{self._n}", prompt_ids=list(prompt_ids),
                                   params=SamplingParams(max_new_tokens=n, min_new_tokens=n), use_cache=False)
             times = []
-            async for d in await self.engine.generate(req):
+            async for d in await self.session.generate(req):
                 if d.token_ids:
                     times.append(time.perf_counter())
             return times
