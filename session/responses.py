@@ -56,8 +56,11 @@ class ResponseStore:
             rec = json.loads(bytes(data))
             if rec.get("v") != RECORD_VERSION:
                 return None
-            return StoredResponse(rec["response"], rec["messages"], rec["input_items"],
-                                  [int(t) for t in rec["token_ids"]])
+            # Token ids of another model (the server now serves a different one) mean nothing here:
+            # such a record is continued from its text alone.
+            same_model = rec.get("fingerprint") == self.store.fingerprint
+            ids = [int(t) for t in rec["token_ids"]] if same_model else []
+            return StoredResponse(rec["response"], rec["messages"], rec["input_items"], ids)
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("stored response %r is unreadable; treating it as absent", response_id)
             return None
@@ -65,7 +68,8 @@ class ResponseStore:
     async def save(self, tenant: str, response_id: str, rec: StoredResponse) -> None:
         """Write the record. Raises BackendUnavailable when the store cannot answer."""
         data = json.dumps({"v": RECORD_VERSION, "response": rec.response, "messages": rec.messages,
-                           "input_items": rec.input_items, "token_ids": rec.token_ids}, ensure_ascii=False, separators=(",", ":"))
+                           "input_items": rec.input_items, "token_ids": rec.token_ids,
+                           "fingerprint": self.store.fingerprint}, ensure_ascii=False, separators=(",", ":"))
         await self.store._call(self.store.backend.set, keys.response_key(tenant, response_id),
                                data.encode(), self.store.ttl)
 

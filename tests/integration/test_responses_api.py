@@ -254,3 +254,26 @@ def test_store_down_parent_is_503_and_new_answers_are_not_stored(tiny_model_dir,
             assert tc.get(f"/v1/responses/{alone.id}").status_code == 503
     finally:
         rt.close()
+
+
+def test_a_record_of_another_model_continues_from_its_text_alone(client, app_client):
+    import json as _json
+
+    from cache import keys
+    from session.responses import ResponseStore
+
+    tc, rt = app_client
+    r = ask(client, "Tell me about cats")
+    key = keys.response_key("public", r.id)
+    rec = _json.loads(bytes(rt.store.backend.get(key)))
+    responses = ResponseStore(rt.store)
+    assert tc.portal.call(responses.load, "public", r.id).token_ids  # this model's ids are kept
+    rec["fingerprint"] = "another-model"
+    rt.store.backend.set(key, _json.dumps(rec).encode())
+    tc.portal.call(rt.store.delete, "public", r.id)  # and its head is gone
+    assert tc.portal.call(responses.load, "public", r.id).token_ids == []
+    child = ask(client, "And dogs?", r.id)  # recomputed from the text: answered, not refused
+    assert child.status in ("completed", "incomplete") and child.output_text
+    rt.store.backend.set(key, b"{not json")  # a damaged record is absent, never a 500
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
