@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q ".[test,bench]"
+	$(BIN)/pip install -q -e ".[test,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP) model
@@ -56,14 +56,14 @@ bench-model: setup
 # Side-by-side benchmark (kvbento vs `transformers serve --continuous-batching` vs naive generate);
 # rewrites BENCHMARKS.md. `make bench BENCH_ARGS=--quick` is the seconds-long smoke run.
 bench: setup
-	$(BIN)/pip install -q ".[bench]"
+	$(BIN)/pip install -q -e ".[bench]"
 	@$(BIN)/python -m model.bundled --bench >/dev/null
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # The OCI image kvbento:latest, built with buildah from the bento (no Docker engine, no registry):
 # tools from apt, a cached debootstrap base image, the CPU torch wheel. See deploy/image/.
 image: setup
-	$(BIN)/pip install -q ".[image]"
+	$(BIN)/pip install -q -e ".[image]"
 	deploy/image/build.sh
 
 # Runs the image with podman, waits for /readyz, generates (plain, streamed, continued), stops it.

@@ -103,7 +103,7 @@ def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HF
     out: dict = {"shape": shape, "runs": {}, "block_sizes": {}}
     name = Path(model_dir).name
 
-    def kv_server(tag: str, block: int) -> servers.Proc:
+    def kv_server(tag: str, block: int) -> servers.ServeProcess:
         pr = servers.kvbento(model_dir, f"disk://{tmp}/conv-{tag}", threads, name=f"kvbento-{tag}",
                              extra_env={"KVBENTO_CACHE_BLOCK_TOKENS": str(block)})
         print(f"starting {pr.name} ...", flush=True)

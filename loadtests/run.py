@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,52 +26,26 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from launcher import BIN, ROOT, ServeProcess
+
 REPORTS = Path(os.environ.get("LOADTEST_REPORTS", ROOT / "loadtests" / "reports"))
-BIN = Path(sys.executable).parent
 
 
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, str(default)))
 
 
-def start_server(port: int, timeout: float = 300) -> subprocess.Popen:
+def start_server(port: int, timeout: float = 300) -> ServeProcess:
     """Start `bentoml serve` in its own process group and wait for /readyz (bounded)."""
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    env.setdefault("KVBENTO_CACHE_URL", "disk://" + tempfile.mkdtemp(prefix="kvbento-loadtest-"))
-    # bentoml serve wipes $BENTOML_HOME/prometheus_multiproc_dir at start: a home of our own keeps
-    # other servers on this host from erasing this one's /metrics (and this one theirs).
-    env.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="kvbento-loadtest-home-"))
-    log = open(REPORTS / "server.log", "wb")
-    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early; see {REPORTS / 'server.log'}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"server not ready after {timeout}s; see {REPORTS / 'server.log'}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop the process group we started (bentoml and its worker), by PID."""
-    if proc.poll() is not None:
-        return
+    env = {"KVBENTO_CACHE_URL": os.environ.get("KVBENTO_CACHE_URL")
+           or "disk://" + tempfile.mkdtemp(prefix="kvbento-loadtest-")}
+    if os.environ.get("BENTOML_HOME"):  # else the launcher gives the server a home of its own
+        env["BENTOML_HOME"] = os.environ["BENTOML_HOME"]
+    server = ServeProcess(env, port, name="loadtest-server", log_file=REPORTS / "server.log")
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+        return server.start(timeout)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{str(exc).splitlines()[0]}; see {REPORTS / 'server.log'}") from None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -139,12 +112,12 @@ def main() -> int:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     prefix = REPORTS / stamp
     host = os.environ.get("LOADTEST_HOST", "")
-    proc = None
+    server = None
     if not host:
         port = _env_int("LOADTEST_PORT", 3999)
         print(f"starting a server on 127.0.0.1:{port} ...", flush=True)
-        proc = start_server(port)
-        host = f"http://127.0.0.1:{port}"
+        server = start_server(port)
+        host = server.url
     try:
         summary_path = Path(f"{prefix}_summary.json")
         env = {**os.environ, "LOADTEST_HOST": host, "LOADTEST_SUMMARY": str(summary_path)}
@@ -159,8 +132,8 @@ def main() -> int:
         after = scrape(host)
         summary = json.loads(summary_path.read_text())
     finally:
-        if proc is not None:
-            stop_server(proc)
+        if server is not None:
+            server.stop(grace=30)
     print("\n=== kvbento load test ===")
     print(summarize(summary, users))
     print(server_side(before, after))

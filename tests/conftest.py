@@ -1,28 +1,16 @@
-"""Shared fixtures: the tiny model, an in-process engine, and real `bentoml serve` servers."""
+"""Shared fixtures: the tiny model, real `bentoml serve` servers (see launcher/), Redis and Redis Cluster."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-BENTOML = str(Path(sys.executable).parent / "bentoml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launcher import ServeProcess, free_port
 
 
 @pytest.fixture(scope="session")
@@ -32,68 +20,12 @@ def tiny_model_dir() -> Path:
     return bundled.ensure("kvbento-tiny")
 
 
-@dataclass
-class Server:
-    """A real `bentoml serve` subprocess (its own process group, stopped by PID)."""
-
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    password: str | None = None
-    unixsocket: str | None = None
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 180) -> "Server":
-        import requests
-
-        fd, path = tempfile.mkstemp(prefix="kvbento-serve-", suffix=".log")
-        self.log_path = Path(path)
-        env = {**os.environ, **self.env, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [BENTOML, "serve", "--port", str(self.port), "--host", "127.0.0.1"],
-            cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        os.close(fd)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log()}")
-            try:
-                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path else ""
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group we started: bentoml and its workers
-            self.proc.wait(timeout=20)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def server_factory(tiny_model_dir, tmp_path_factory):
     """Start servers with extra KVBENTO_* env; all are stopped at the end of the session."""
-    started: list[Server] = []
+    started: list[ServeProcess] = []
 
-    def make(env: dict[str, str] | None = None, *, cache_dir: Path | None = None) -> Server:
+    def make(env: dict[str, str] | None = None, *, cache_dir: Path | None = None) -> ServeProcess:
         cache_dir = cache_dir or tmp_path_factory.mktemp("kvcache")
         base = {
             "KVBENTO_MODEL": str(tiny_model_dir),
@@ -104,7 +36,7 @@ def server_factory(tiny_model_dir, tmp_path_factory):
             # sharing a home would erase each other's /metrics. One home per server.
             "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home")),
         }
-        server = Server({**base, **(env or {})})
+        server = ServeProcess({**base, **(env or {})})
         started.append(server)
         return server.start()
 
@@ -114,7 +46,7 @@ def server_factory(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(server_factory) -> Server:
+def server(server_factory) -> ServeProcess:
     """One default server per test module."""
     return server_factory()
 

@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, free_port
+from launcher import ServeProcess, free_port
 
 pytestmark = [
     pytest.mark.deploy,
@@ -70,7 +68,7 @@ backend replicas
 class HAProxy:
     """An haproxy process in the foreground of its own process group, stopped by PID."""
 
-    def __init__(self, backends: list[Server], workdir: Path) -> None:
+    def __init__(self, backends: list[ServeProcess], workdir: Path) -> None:
         exe = shutil.which("haproxy")
         if exe is None:
             pytest.fail("haproxy is not installed: run `make test-deploy`, which installs it")
@@ -111,10 +109,10 @@ def replicas(cluster, tiny_model_dir, tmp_path_factory):
     env = {"KVBENTO_MODEL": str(tiny_model_dir), "KVBENTO_CACHE_URL": cluster.url,
            "KVBENTO_CACHE_TIMEOUT": "1", "KVBENTO_API_KEYS": "", "KVBENTO_NUM_THREADS": "1"}
     homes = [str(tmp_path_factory.mktemp("bentoml_home")) for _ in range(3)]  # one per server
-    servers = [Server({**env, "BENTOML_HOME": home}) for home in homes]
+    servers = [ServeProcess({**env, "BENTOML_HOME": home}) for home in homes]
     errors: list[BaseException] = []
 
-    def start(s: Server) -> None:
+    def start(s: ServeProcess) -> None:
         try:
             s.start(timeout=300)
         except BaseException as exc:  # reported below, after every thread is done
@@ -141,12 +139,12 @@ def lb(replicas, tmp_path_factory):
     proxy.stop()
 
 
-def replica_of(server: Server) -> str:
+def replica_of(server: ServeProcess) -> str:
     """A replica's X-KV-Replica, asked directly (a 404 of the cache API answers without generating)."""
     return requests.get(f"{server.url}/api/cache/{uuid.uuid4().hex}", timeout=30).headers["X-KV-Replica"]
 
 
-def reuse(servers: list[Server]) -> dict[str, float]:
+def reuse(servers: list[ServeProcess]) -> dict[str, float]:
     """kvbento_kv_reuse_total by source, summed over the live replicas' /metrics."""
     out = {"local": 0.0, "store": 0.0}
     for s in servers:
@@ -173,21 +171,13 @@ def ok(r: requests.Response) -> requests.Response:
     return r
 
 
-def sigkill_replica(server: Server) -> None:
+def sigkill_replica(server: ServeProcess) -> None:
     """SIGKILL a replica: the `bentoml serve` process group and its workers, which circus starts in
     sessions of their own (a worker left alive would keep serving on the inherited socket)."""
-    tree = psutil.Process(server.proc.pid).children(recursive=True)
-    os.killpg(server.proc.pid, signal.SIGKILL)
-    for child in tree:
-        try:
-            os.killpg(os.getpgid(child.pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    server.proc.wait(timeout=30)
-    psutil.wait_procs(tree, timeout=30)
+    server.kill()
 
 
-def wait_stored(servers: list[Server], rid: str, tokens: int, timeout: float = 30) -> None:
+def wait_stored(servers: list[ServeProcess], rid: str, tokens: int, timeout: float = 30) -> None:
     """Until the conversation's record with ``tokens`` tokens is readable from the cluster (saves
     complete after the answer), asked of replicas other than the one that wrote it."""
     deadline = time.monotonic() + timeout

@@ -1,9 +1,9 @@
-"""The backend contract of tests/unit/test_store_contract.py, run again on a real local Redis
+"""The backend contract of tests/integration/test_store_contract.py, run again on a real local Redis
 Cluster (three masters), plus what only a cluster has: many slots, a scan over every primary, a
 master that dies and returns.
 
 The contract's tests (and its ``key``/``store`` fixtures) and the scan tests of
-tests/unit/test_cache_scan.py are collected here with this module's ``make_backend`` and
+tests/integration/test_cache_scan.py are collected here with this module's ``make_backend`` and
 ``backend``, so a test added to either runs on the cluster too. Tests that need a byte
 budget are skipped: on a cluster the budget is each node's maxmemory (cache/redis_cluster.py).
 """
@@ -17,8 +17,8 @@ import pytest
 
 from cache import keys
 from cache.base import Backend, BackendUnavailable
-from tests.unit import test_cache_scan as scan_contract
-from tests.unit import test_store_contract as contract
+from tests.integration import test_cache_scan as scan_contract
+from tests.integration import test_store_contract as contract
 
 pytestmark = [pytest.mark.redis]
 
@@ -135,7 +135,7 @@ def test_url_parsing_and_refusals():
     with pytest.raises(ValueError, match="maxmemory"):
         RedisClusterBackend("redis+cluster://h:1", max_bytes=1 << 30)
     # The server starts while the cluster is down: nothing is contacted before the first call.
-    from tests.conftest import free_port
+    from launcher import free_port
 
     b = open_backend(f"redis+cluster://127.0.0.1:{free_port()}", timeout=0.5)
     assert isinstance(b, RedisClusterBackend)

@@ -6,7 +6,7 @@ import torch
 
 from cache.codec import decode, encode
 from cache.memory import ReadBufferPool
-from tests.unit.test_store_contract import record
+from tests.integration.test_store_contract import record
 
 
 def test_a_buffer_is_reused_only_when_nothing_refers_to_it():

@@ -142,7 +142,7 @@ def test_budget_accounting_survives_overwrite_delete_and_expiry(make_backend, ke
 
 def test_unreachable_redis_is_unavailable(key):
     from cache.redis import RedisBackend
-    from tests.conftest import free_port
+    from launcher import free_port
 
     b = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
     with pytest.raises(BackendUnavailable):

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_quick_bench_writes_report(tmp_path: Path) -> None:
     """Runs kvbento and the naive server (and `transformers serve` when installed) on the tiny model."""
