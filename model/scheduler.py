@@ -60,8 +60,9 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
-    def next_prefill(self) -> Schedulable | None:
-        """The sequence to prefill now: the current one, else the oldest waiting if a slot is free."""
+    def schedule(self) -> Schedulable | None:
+        """The sequence to run a prefill chunk of now: the one prefilling, else the oldest waiting
+        if a batch slot is free (it becomes PREFILLING). The running batch is ``running``."""
         if self.prefilling is not None:
             return self.prefilling
         while self.waiting and self.waiting[0].is_aborted:

@@ -15,15 +15,15 @@ def test_one_prefill_at_a_time_and_batch_bound():
     a, b, c = FakeSeq("a"), FakeSeq("b"), FakeSeq("c")
     for x in (a, b, c):
         s.add(x)
-    assert s.next_prefill() is a and a.status is SeqStatus.PREFILLING
-    assert s.next_prefill() is a  # still prefilling: no second prefill
+    assert s.schedule() is a and a.status is SeqStatus.PREFILLING
+    assert s.schedule() is a  # still prefilling: no second prefill
     s.start_running(a)
-    assert s.next_prefill() is b
+    assert s.schedule() is b
     s.start_running(b)
-    assert s.next_prefill() is None  # batch full, c waits
+    assert s.schedule() is None  # batch full, c waits
     assert s.num_waiting == 1 and s.num_running == 2
     s.finish(a)
-    assert s.next_prefill() is c
+    assert s.schedule() is c
 
 
 def test_fifo_order_and_aborted_waiters_skipped():
@@ -32,7 +32,7 @@ def test_fifo_order_and_aborted_waiters_skipped():
     s.add(a)
     s.add(b)
     a.is_aborted = True
-    assert s.next_prefill() is b
+    assert s.schedule() is b
     assert a.status is SeqStatus.FINISHED
 
 
@@ -48,7 +48,7 @@ def test_finish_from_any_state():
     s.add(b)
     s.finish(b)  # waiting
     assert s.num_waiting == 1 and b.status is SeqStatus.FINISHED
-    s.next_prefill()
+    s.schedule()
     s.finish(a)  # prefilling
     assert not s.has_work()
 

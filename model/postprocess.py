@@ -1,0 +1,175 @@
+"""Postprocess: from a step's logits to what the client sees, and a sequence's retirement.
+
+``postprocess`` samples one token per running sequence, detokenizes it, checks EOS, stop strings
+and lengths, and emits the delta; a finished sequence is retired by ``finish``: it leaves the
+batch, its new KV is copied out for ``on_finish`` (after its last token is emitted, so the client
+does not wait for the copy) and the final delta is handed over with it. Owned by the model thread;
+deltas leave through the two callables the engine gives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from model.runner import KV, ModelRunner
+from model.sampling import RowSpec, TokenLogprob, sample, with_request_extras
+from model.scheduler import Scheduler, SeqStatus
+from model.sequence import Sequence
+from model.types import Delta, Finished
+
+# emit(seq, delta): hand a delta to the request's consumer (thread-safe).
+Emit = Callable[[Sequence, Delta], None]
+# retire(seq, finished, final): give the retired sequence to its on_finish, then send ``final``.
+Retire = Callable[[Sequence, Finished, Delta], None]
+
+
+def row_spec(seq: Sequence) -> RowSpec:
+    """What the sampler needs for ``seq``'s next token."""
+    p = seq.params
+    seen = None
+    if p.repetition_penalty != 1.0:
+        if seq.seen_tensor is None or seq.seen_tensor.numel() != len(seq.seen_ids):
+            seq.seen_tensor = torch.tensor(sorted(seq.seen_ids), dtype=torch.long)
+        seen = seq.seen_tensor
+    block = None
+    if seq.eos_tensor is not None and (p.ignore_eos or seq.num_generated < p.min_new_tokens):
+        block = seq.eos_tensor
+    spec = RowSpec(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, seen, block, seq.generator)
+    return with_request_extras(spec, p, seq.token_ids, seq.num_base_tokens)
+
+
+def append_token(seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> tuple[Delta | None, str | None]:
+    """Record a generated token (and its logprob, when asked): detokenize, check stops.
+
+    Returns:
+        (the delta to emit or None, the finish reason or None).
+    """
+    p = seq.params
+    seq.token_ids.append(token)
+    seq.num_generated += 1
+    if p.repetition_penalty != 1.0:
+        seq.seen_ids.add(token)
+    seq.pending_ids.append(token)
+    if logprob is not None:  # rides with the token ids of the same delta
+        seq.pending_logprobs = [*(seq.pending_logprobs or []), logprob]
+    finish = None
+    if token in seq.eos_ids and not p.ignore_eos:
+        finish = "stop"
+    text = seq.detok.push(token)
+    text, hit_stop = _apply_stop(seq, text)
+    if hit_stop:
+        finish = "stop"
+    elif finish is None and (seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= seq.max_context):
+        finish = "length"
+    if finish and not hit_stop:
+        tail, _ = _apply_stop(seq, seq.detok.flush(), final=True)
+        text += tail
+    if not text and not finish:
+        return None, None
+    delta = Delta(text=text, token_ids=seq.pending_ids, logprobs=seq.pending_logprobs)
+    seq.pending_ids = []
+    seq.pending_logprobs = None
+    return delta, finish
+
+
+def _apply_stop(seq: Sequence, text: str, final: bool = False) -> tuple[str, bool]:
+    """``text`` cut at the first stop string (True), else with any tail that may start one held back."""
+    stops = seq.params.stop
+    if not stops:
+        return text, False
+    buf = seq.held_text + text
+    cut = min((i for i in (buf.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        seq.held_text = ""
+        return buf[:cut], True
+    if final:
+        seq.held_text = ""
+        return buf, False
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(buf)), 0, -1):
+            if buf.endswith(s[:k]):
+                keep = max(keep, k)
+                break
+    seq.held_text = buf[len(buf) - keep:] if keep else ""
+    return buf[: len(buf) - keep], False
+
+
+class Postprocessor:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, emit: Emit, retire: Retire) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.emit = emit
+        self.retire = retire
+
+    def postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample the next token of each of ``seqs`` from its row of ``logits``; emit, retire."""
+        specs = [row_spec(s) for s in seqs]
+        logprobs: list[TokenLogprob | None] = []
+        tokens = sample(logits, specs, logprobs)
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            delta, finish = append_token(seq, token, logprob)
+            if delta is not None and not finish:
+                self.emit(seq, delta)
+            if finish:
+                self.finish(seq, finish, last=delta)
+
+    def append_beam(self, seq: Sequence, tokens: list[int]) -> tuple[Delta | None, str]:
+        """Record a beam search's tokens up to the first stop; return (their delta, finish reason)."""
+        delta, finish = None, None
+        for token in tokens:
+            d, finish = append_token(seq, token)
+            if d is not None:
+                delta = d if delta is None else Delta(delta.text + d.text, delta.token_ids + d.token_ids)
+            if finish:
+                break
+        return delta, finish or "length"
+
+    def finish(self, seq: Sequence, reason: str, *, last: Delta | None = None, error: str | None = None,
+               kv: KV | None = None) -> None:
+        """Retire ``seq``: out of the batch, its new KV (``kv``, else its slab row's) to ``on_finish``.
+
+        Args:
+            last: the sequence's last delta, not yet emitted.
+            kv: the KV of the whole sequence when it has no slab row (a beam search).
+        """
+        keep = seq.num_tokens_to_keep
+        finished = Finished(seq.token_ids[:keep], keep - seq.num_base_tokens if keep > seq.num_base_tokens else 0,
+                            reason, error=error)
+        lo, hi = seq.kv_from, keep - 1
+        if seq.on_finish is not None and error is None and hi >= lo:
+            if kv is not None and kv[0]:
+                keys, values = kv
+                finished.keys = [k[:, lo:hi].cpu() for k in keys]
+                finished.values = [v[:, lo:hi].cpu() for v in values]
+            elif seq.row is not None:
+                if last is not None and (last.text or last.token_ids):
+                    self.emit(seq, last)  # the client's token does not wait for the copy-out
+                    last = None
+                finished.keys, finished.values = self.runner.extract(seq, lo, hi)
+            elif hi == lo:  # nothing new to store (a one-token sequence)
+                finished.keys, finished.values = self.runner.empty_kv()
+        self.runner.release(seq)
+        self.scheduler.finish(seq)
+        if last is not None and (last.text or last.token_ids):
+            self.emit(seq, last)
+        self.retire(seq, finished, Delta(finish_reason=reason, error=error))
+
+    def abort(self, seq: Sequence, num_delivered: int) -> None:
+        """Stop ``seq`` now; its record keeps the ``num_delivered`` generated tokens."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        seq.is_aborted = True
+        seq.num_delivered = num_delivered
+        self.finish(seq, "abort")
+
+    def fail_all(self, message: str) -> None:
+        """End every sequence with an error delta (their rows are not read: the slab is suspect)."""
+        seqs = list(self.scheduler.waiting) + list(self.scheduler.running)
+        if self.scheduler.prefilling is not None:
+            seqs.append(self.scheduler.prefilling)
+        for seq in seqs:
+            seq.row = None
+            self.finish(seq, "error", error=message)
