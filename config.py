@@ -10,8 +10,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.params import PARAMS, settings_fields
 
 ROOT = Path(__file__).resolve().parent
 # The tiny default model is created deterministically by `python -m model.bundled` (make setup).
@@ -72,16 +74,9 @@ class Settings(BaseSettings):
     # Comma-separated bearer keys; empty = no auth. Request ids are scoped per key.
     api_keys: str = ""
 
-    # --- generation_config defaults (one per field of the request-id API) -------------------
-    num_beams: int = Field(default=1, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=50, ge=0)
-    max_new_tokens: int = Field(default=128, ge=1)
-    min_new_tokens: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0)
-    length_penalty: float = 1.0
+    # --- generation_config defaults: one KVBENTO_<NAME> per sampling parameter of model/params.py
+    # (num_beams, do_sample, temperature, top_p, top_k, max_new_tokens, min_new_tokens,
+    # repetition_penalty, length_penalty), added below from that table.
 
     @field_validator("cache_url")
     @classmethod
@@ -97,13 +92,11 @@ class Settings(BaseSettings):
 
     def generation_defaults(self) -> dict:
         """The generation_config defaults, as a dict keyed like the request-id API."""
-        return {
-            name: getattr(self, name)
-            for name in (
-                "num_beams", "do_sample", "temperature", "top_p", "top_k", "max_new_tokens",
-                "min_new_tokens", "repetition_penalty", "length_penalty",
-            )
-        }
+        return {name: getattr(self, name) for name, p in PARAMS.items() if p.setting}
+
+
+# The sampling defaults join the settings from the one table that declares them.
+Settings = create_model("Settings", __base__=Settings, __module__=__name__, **settings_fields())
 
 
 @lru_cache(maxsize=1)

@@ -15,8 +15,8 @@ from pydantic import Field
 from config import get_settings
 from model.types import EngineError
 from protocol.request_id import BatchItem, GenerationConfig, Prompt, RequestId
-from routes import bentoml_api as api
-from routes import build_app
+from server import bentoml_api as api
+from server import build_app
 
 app = build_app()
 logging.getLogger("kvbento").setLevel(logging.INFO)
@@ -31,10 +31,10 @@ logging.getLogger("kvbento").setLevel(logging.INFO)
 @bentoml.asgi_app(app, path="/")
 class KVBento:
     def __init__(self) -> None:
-        from routes.metrics import PrometheusObserver
-        from routes.runtime import Runtime
+        from server.metrics import PrometheusObserver
+        from server.runtime import Runtime
 
-        observer = PrometheusObserver()  # here, not at import: see routes/metrics.py
+        observer = PrometheusObserver()  # here, not at import: see server/metrics.py
         self.runtime = Runtime.start(get_settings(), observer)
         observer.bind(self.runtime.engine)
         app.state.runtime = self.runtime
@@ -43,7 +43,7 @@ class KVBento:
     def shutdown(self) -> None:
         self.runtime.close()
 
-    # The request-id API as typed BentoML APIs (for bentoml.SyncHTTPClient); see routes/bentoml_api.py.
+    # The request-id API as typed BentoML APIs (for bentoml.SyncHTTPClient); see server/bentoml_api.py.
     @bentoml.api(route=api.ROUTE_GENERATE)
     async def generate(self, request_id: Annotated[str, RequestId], prompt: Annotated[str, Prompt],
                        only_new_tokens: bool = True, generation_config: GenerationConfig | None = None,

@@ -88,36 +88,25 @@ class SamplingParams:
     logprobs: int | None = None
 
     def validate(self, max_new_tokens_limit: int) -> None:
-        """Check ranges. Raises InvalidRequest naming the field."""
+        """Check every parameter against its declared range (model/params.py), and the rules
+        between them. Raises InvalidRequest naming the field."""
+        from model.params import PARAMS
 
         def bad(name: str, why: str) -> InvalidRequest:
             return InvalidRequest(f"generation_config.{name} {why}", param=name)
 
-        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+        for name, p in PARAMS.items():
+            value = getattr(self, name)
+            if not p.contains(value):
+                raise bad(name, f"must be in {p.describe()}, got {value}")
+        if self.max_new_tokens > max_new_tokens_limit:
             raise bad("max_new_tokens", f"must be between 1 and {max_new_tokens_limit}, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        if self.min_new_tokens > self.max_new_tokens:
             raise bad("min_new_tokens", f"must be between 0 and max_new_tokens, got {self.min_new_tokens}")
-        if self.temperature < 0 or self.temperature > 100:
-            raise bad("temperature", f"must be between 0 and 100, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise bad("top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.repetition_penalty <= 100:
-            raise bad("repetition_penalty", f"must be in (0, 100], got {self.repetition_penalty}")
-        if not 1 <= self.num_beams <= 16:
-            raise bad("num_beams", f"must be between 1 and 16, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
             raise bad("num_beams", "beam search runs without sampling: set do_sample to false")
-        if not -100 <= self.length_penalty <= 100:
-            raise bad("length_penalty", f"must be between -100 and 100, got {self.length_penalty}")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise bad("stop", "allows at most 16 non-empty strings of at most 256 characters")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise bad(name, f"must be between -2 and 2, got {getattr(self, name)}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise bad("logprobs", f"must be between 0 and 20, got {self.logprobs}")
 
 
 @dataclass

@@ -7,18 +7,13 @@ the new one; without it the request still reuses (and leaves) content-addressed 
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 from pydantic import Field
 
-from model.types import Delta, EngineError, GenerateRequest
+from model.types import GenerateRequest
 from protocol.common import sampling_params
-
-log = logging.getLogger("kvbento.protocol")
 
 # Same rules as the request-id API's request_id, but optional.
 OptionalRequestId: Any = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
@@ -49,46 +44,3 @@ def engine_request(prefix: str, request_id: str | None, tenant: str, defaults: d
 def sampling_switch(temperature: float | None) -> bool | None:
     """``do_sample`` implied by a dialect's temperature: > 0 samples, 0 is greedy, None = default."""
     return None if temperature is None else temperature > 0
-
-
-def renamed(exc: EngineError, names: dict[str, str]) -> EngineError:
-    """``exc`` with the engine's field name (``max_new_tokens``) replaced by the dialect's own
-    (``max_tokens``), in ``param`` and in the message, so clients see the name they sent. Fields not
-    in ``names`` keep their name but lose the request-id API's ``generation_config.`` prefix."""
-    if exc.param:
-        own = names.get(exc.param, exc.param)
-        exc.message = exc.message.replace(f"generation_config.{exc.param}", own)
-        exc.param = own
-    return exc
-
-
-async def pump(deltas: AsyncIterable[Delta], on_delta: Callable[[Delta], bytes | None],
-               on_error: Callable[[str], bytes], end: bytes = b"",
-               cancel: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
-    """Frame an engine stream for the wire.
-
-    Yields ``on_delta(delta)`` for each delta (None = nothing to send). An engine error delta or an
-    exception becomes ``on_error(message)`` — then the stream still ends normally with ``end``. A
-    client that goes away (cancel / generator close) aborts the sequence through ``cancel``.
-    """
-    try:
-        async for delta in deltas:
-            if delta.error:
-                if delta.text:
-                    frame = on_delta(Delta(text=delta.text, token_ids=delta.token_ids))
-                    if frame:
-                        yield frame
-                yield on_error(delta.error)
-                break
-            frame = on_delta(delta)
-            if frame:
-                yield frame
-    except (asyncio.CancelledError, GeneratorExit):
-        if cancel is not None:
-            cancel()
-        raise
-    except Exception as exc:  # an exception must not end the stream silently
-        log.exception("stream failed")
-        yield on_error(f"{type(exc).__name__}: {exc}")
-    if end:
-        yield end

@@ -5,14 +5,62 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model, model_validator
 
-from model.types import EngineError, InvalidRequest, NotFound, SamplingParams, Usage  # noqa: F401 (NotFound re-exported)
+from model.params import PARAMS, wire
+from model.types import EngineError, InvalidRequest, SamplingParams, Usage
 
 M = TypeVar("M", bound=BaseModel)
+NOOP_VALUES = (None, False, 0, "", [], {})
 
 # A ``stop`` field as every dialect sends it: one string or a list of strings.
 Stop = Annotated[list[str] | None, BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+
+
+class OpenAISampling(BaseModel):
+    """The sampling fields of OpenAI's APIs and vLLM's extensions to them (as benchmark tools
+    send them), shared by chat/completions and Responses; ranges from model/params.py."""
+
+    temperature: float | None = wire("temperature", le=2)
+    top_p: float | None = wire("top_p")
+    stop: Stop = None
+    seed: int | None = wire("seed")
+    presence_penalty: float | None = wire("presence_penalty")
+    frequency_penalty: float | None = wire("frequency_penalty")
+    top_k: int | None = wire("top_k", ge=-1)  # vLLM's -1 = off
+    min_tokens: int | None = wire("min_new_tokens")
+    ignore_eos: bool | None = None
+    repetition_penalty: float | None = wire("repetition_penalty")
+
+
+def body_model(name: str, fields: dict[str, str | tuple[str, ...]], **others: Any) -> type[BaseModel]:
+    """A dialect's body model whose sampling fields come from its field table (engine parameter ->
+    the dialect's field names), typed and ranged by model/params.py; ``others`` are the rest of the
+    body as pydantic field definitions. Unknown fields are ignored, as the seed services do."""
+    defs: dict[str, Any] = {}
+    for engine, names in fields.items():
+        for wire_name in (names,) if isinstance(names, str) else names:
+            if engine in PARAMS:
+                defs[wire_name] = (PARAMS[engine].type | None, wire(engine))
+            elif engine == "stop":
+                defs[wire_name] = (Stop, None)
+            elif engine == "ignore_eos":
+                defs[wire_name] = (bool | None, None)
+    return create_model(name, __config__=ConfigDict(extra="ignore"), **defs, **others)
+
+
+def refuse(*names: str, allowed: tuple = NOOP_VALUES, why: str = "is not supported") -> Any:
+    """A body-model validator refusing ``names`` unless they carry one of the ``allowed`` values (their
+    no-op): a field the server cannot honour is refused by name, never silently dropped. The fields
+    need no declaration. Use as a class attribute: ``_no_tools = refuse("tools", "functions")``."""
+    def check(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in names:
+                if data.get(name) not in allowed:
+                    raise BodyError(f"{name} {why}", param=name)
+        return data
+
+    return model_validator(mode="before")(classmethod(check))
 
 
 def usage_body(u: Usage) -> dict[str, int]:

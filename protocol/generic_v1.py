@@ -4,74 +4,62 @@ event only, then ``data: [DONE]``; errors inside a stream as ``{"error": {"type"
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from model.engine import RequestStream
-from model.types import Delta, EngineError, GenerateRequest
-from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
-from protocol.common import Stop
-
-PARAM_NAMES = {"max_new_tokens": "maxTokens", "temperature": "temperature", "top_p": "topP",
-               "top_k": "topK", "stop": "stop"}
+from protocol.adapter import OptionalRequestId
+from protocol.common import body_model
+from protocol.spec import Dialect, Route, SseFraming
 
 
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str = Field(max_length=1_000_000)
-    maxTokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=100)
-    topP: float | None = Field(default=None, gt=0, le=1)
-    topK: int | None = Field(default=None, ge=0)
-    stop: Stop = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    request_id: str | None = OptionalRequestId  # kvbento: continue this cached sequence
-
-
-def to_engine(body: GenerateBody, defaults: dict[str, Any], tenant: str) -> GenerateRequest:
-    overrides = {"max_new_tokens": body.maxTokens, "temperature": body.temperature,
-                 "do_sample": sampling_switch(body.temperature), "top_p": body.topP, "top_k": body.topK,
-                 "stop": body.stop, "seed": body.seed}
-    return engine_request("gen", body.request_id, tenant, defaults, overrides, prompt=body.prompt)
+# Engine parameter -> the generic v1 field.
+FIELDS = {"max_new_tokens": "maxTokens", "temperature": "temperature", "top_p": "topP", "top_k": "topK",
+          "stop": "stop", "seed": "seed"}
+GenerateBody = body_model("GenerateBody", FIELDS, prompt=(str, Field(max_length=1_000_000)),
+                          request_id=(str | None, OptionalRequestId))
 
 
 def finish_reason(reason: str | None) -> str | None:
     return None if reason is None else ("length" if reason == "length" else "stop")
 
 
-class Framer:
-    """Tracks the text so far of one stream and frames its events."""
+def _answer_id() -> str:
+    return f"gen_{uuid.uuid4().hex[:24]}"
 
-    def __init__(self, answer_id: str) -> None:
-        self.id = answer_id
-        self.text = ""
 
-    def event(self, delta: Delta) -> dict[str, Any] | None:
+_ERROR = {"error": {"type": "invalid_request_error", "message": "maxTokens: ..."}}
+
+
+class GenericV1(Dialect):
+    name = "generic_v1"
+    body = GenerateBody
+    routes = (Route("/v1/generate", stream=False, example={"prompt": "Tell me a story", "maxTokens": 16},
+                    answer_example={"id": "gen_1", "text": "Once upon a time", "finishReason": "length"}),
+              Route("/v1/generate/stream", stream=True,
+                    example={"prompt": "Tell me a story", "maxTokens": 16, "temperature": 0.8},
+                    stream_example='data: {"id": "gen_1", "text": "Once", "delta": "Once"}\n\ndata: [DONE]\n\n'))
+    error_example = _ERROR
+    fields = FIELDS
+    id_prefix = "gen"
+    media_type = "text/event-stream"
+    framing = SseFraming
+    stream_field = None
+
+    def event(self, call, stream, delta, state) -> dict[str, Any] | None:
+        """``text`` is everything so far, ``delta`` the new part; ``finishReason`` in the last only."""
         if not delta.text and not delta.finish_reason:
             return None
-        self.text += delta.text
-        out: dict[str, Any] = {"id": self.id, "text": self.text, "delta": delta.text}
+        state["text"] = state.get("text", "") + delta.text
+        out: dict[str, Any] = {"id": state.setdefault("id", _answer_id()), "text": state["text"], "delta": delta.text}
         if delta.finish_reason:
             out["finishReason"] = finish_reason(delta.finish_reason)
         return out
 
-
-def from_engine(answer_id: str, s: RequestStream) -> dict[str, Any]:
-    u = s.usage
-    return {"id": answer_id, "text": s.text, "finishReason": finish_reason(s.finish_reason),
-            "usage": {"promptTokens": u.prompt_tokens, "completionTokens": u.completion_tokens,
-                      "cachedTokens": u.cached_tokens}}
-
-
-def error_body(exc: EngineError) -> dict[str, Any]:
-    """The seed's error shape ``{"error": {"type", "message"}}`` (+ ``param`` when one is named)."""
-    body: dict[str, Any] = {"type": exc.type, "message": exc.message}
-    if exc.param:
-        body["param"] = exc.param
-    return {"error": body}
-
-
-def stream_error(message: str) -> dict[str, Any]:
-    return {"error": {"type": "internal_error", "message": message}}
+    async def answer(self, call, streams, logprobs) -> dict[str, Any]:
+        s = streams[0]
+        u = s.usage
+        return {"id": _answer_id(), "text": s.text, "finishReason": finish_reason(s.finish_reason),
+                "usage": {"promptTokens": u.prompt_tokens, "completionTokens": u.completion_tokens,
+                          "cachedTokens": u.cached_tokens}}

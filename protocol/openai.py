@@ -5,79 +5,47 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.types import EngineError, GenerateRequest, InvalidRequest
-from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
-from protocol.common import BodyError, Stop
-from protocol.openai_framing import Framer, finish_reason, usage  # noqa: F401 (the dialect's names)
-
-# Engine field name -> the OpenAI field a client sent (for error messages).
-PARAM_NAMES = {"max_new_tokens": "max_tokens", "top_p": "top_p", "temperature": "temperature",
-               "stop": "stop", "seed": "seed", "min_new_tokens": "min_tokens"}
+from model.types import Delta, EngineError, GenerateRequest, InvalidRequest
+from protocol.adapter import OptionalRequestId, engine_request
+from model.params import wire
+from protocol.common import NOOP_VALUES, SSE_DONE, BodyError, OpenAISampling, refuse, sse
+from protocol.openai_framing import Framer, finish_reason, total_usage  # noqa: F401 (finish_reason: the dialect's name)
+from protocol.openai_logprobs import TokenTexts
+from protocol.spec import Call, Dialect, Framing, Route
 
 MAX_N = 8  # choices per request: each is one engine sequence of the same prompt
 MAX_TOP_LOGPROBS = 20
 
 # OpenAI / vLLM fields that are refused unless they carry their no-op value: ignoring them would
 # silently change what the client asked for.
-_REFUSED_COMMON = ("logit_bias", "best_of", "min_p", "use_beam_search", "guided_json", "guided_regex",
+_REFUSED_COMMON = ("logit_bias", "min_p", "use_beam_search", "guided_json", "guided_regex",
                    "guided_choice", "guided_grammar", "prompt_logprobs")
 _REFUSED_CHAT = ("tools", "functions", "function_call", "audio", "prediction")
-
-
-def _is_noop(name: str, value: Any) -> bool:
-    return value in (None, False, 0, "", [], {}) or (name == "best_of" and value == 1)
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _Common(OpenAISampling):
     """Fields both routes share. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Stop = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    max_tokens: int | None = wire("max_new_tokens")
     user: str | None = None
-    # vLLM's extensions, as benchmark tools send them.
-    top_k: int | None = Field(default=None, ge=-1)
-    min_tokens: int | None = Field(default=None, ge=0)
-    ignore_eos: bool | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
     request_id: str | None = OptionalRequestId  # kvbento: the conversation's stored sequence
     parent_request_id: str | None = OptionalRequestId  # kvbento: start request_id as a fork of this one
-    # Declared only to be refused (see _REFUSED_COMMON).
-    logit_bias: Any = None
-    best_of: Any = None
-    min_p: Any = None
-    use_beam_search: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    prompt_logprobs: Any = None
-
-    @field_validator(*_REFUSED_COMMON)
-    @classmethod
-    def _refused(cls, v: Any, info: ValidationInfo) -> Any:
-        if not _is_noop(info.field_name, v):
-            raise ValueError(f"{info.field_name} is not supported")
-        return v
+    _refused = refuse(*_REFUSED_COMMON)
+    _one_candidate = refuse("best_of", allowed=(*NOOP_VALUES, 1))
 
     @model_validator(mode="after")
     def _one_choice_per_cached_sequence(self) -> "_Common":
@@ -86,19 +54,14 @@ class _Common(BaseModel):
                             param="n")
         return self
 
-    def overrides(self, max_new_tokens: int | None) -> dict[str, Any]:
-        return {"max_new_tokens": max_new_tokens, "temperature": self.temperature,
-                "do_sample": sampling_switch(self.temperature), "top_p": self.top_p,
-                "stop": self.stop, "seed": self.seed,
-                "top_k": 0 if self.top_k == -1 else self.top_k, "min_new_tokens": self.min_tokens,
-                "ignore_eos": self.ignore_eos, "repetition_penalty": self.repetition_penalty,
-                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "logprobs": self.num_logprobs}
-
     @property
     def num_logprobs(self) -> int | None:
         """Alternatives per token to report; None = no logprobs."""
         return None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
 
     @property
     def include_usage(self) -> bool:
@@ -165,29 +128,12 @@ class ChatBody(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Declared only to refuse them: silently ignoring tools or a JSON schema would mislead clients.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    # Checked, then unused: silently ignoring a JSON schema or audio output would mislead clients.
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
-    functions: Any = None
-    function_call: Any = None
-    audio: Any = None
-    prediction: Any = None
 
-    @field_validator(*_REFUSED_CHAT)
-    @classmethod
-    def _refused_chat(cls, v: Any, info: ValidationInfo) -> Any:
-        if not _is_noop(info.field_name, v):
-            raise ValueError(f"{info.field_name} is not supported")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, v: Any) -> Any:
-        if v not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported (no tools)")
-        return v
+    _refused_chat = refuse(*_REFUSED_CHAT)
+    _tool_choice = refuse("tool_choice", allowed=(None, "none", "auto"), why="is not supported (no tools)")
 
     @field_validator("response_format")
     @classmethod
@@ -216,34 +162,6 @@ class ChatBody(_Common):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-
-def completion_to_engine(body: CompletionBody, defaults: dict[str, Any], tenant: str) -> GenerateRequest:
-    """The engine request of a /v1/completions body (a string prompt or token ids)."""
-    prompt_ids = body.prompt if isinstance(body.prompt, list) else None
-    prompt = body.prompt if isinstance(body.prompt, str) else None
-    return engine_request("cmpl", body.request_id, tenant, defaults, body.overrides(body.max_tokens),
-                          prompt=prompt, prompt_ids=prompt_ids)
-
-
-def chat_to_engine(body: ChatBody, defaults: dict[str, Any], tenant: str,
-                   template: Callable[[list[dict[str, str]]], str]) -> GenerateRequest:
-    """The engine request of a /v1/chat/completions body.
-
-    Args:
-        template: renders messages with the model's chat template (generation prompt added).
-    Raises:
-        InvalidRequest: the model has no chat template or the template rejects the messages.
-    """
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
-    try:
-        text = template(messages)
-    except Exception as exc:  # jinja / tokenizer errors are the caller's messages, not a crash
-        raise InvalidRequest(f"messages: the chat template failed: {exc}", param="messages") from None
-    return engine_request("chatcmpl", body.request_id, tenant, defaults,
-                          body.overrides(body.max_new_tokens), prompt=text, special_tokens=False,
-                          parent_request_id=body.parent_request_id)
 
 
 def fan_out(req: GenerateRequest, n: int) -> list[GenerateRequest]:
@@ -276,3 +194,120 @@ def models(model_id: str, created: int) -> dict[str, Any]:
     """The /v1/models list: the one model this server serves."""
     return {"object": "list",
             "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "kvbento"}]}
+
+
+# Engine sampling parameter -> OpenAI's field (vLLM's names for its extensions).
+_FIELDS = {"temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed", "top_k": "top_k",
+           "min_new_tokens": "min_tokens", "ignore_eos": "ignore_eos", "repetition_penalty": "repetition_penalty",
+           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+
+
+class _OpenAIFraming(Framing):
+    """Chunks of ``chat.completion.chunk`` / ``text_completion``, the usage chunk, ``[DONE]``."""
+
+    def __init__(self, spec: "_OpenAI", call: Call, streams) -> None:
+        super().__init__(spec, call, streams)
+        self.framer = spec.framer(call)
+
+    def head(self) -> list[bytes]:
+        return [sse(self.framer.echo_chunk(i)) for i in range(len(self.streams))] if self.framer.echo else []
+
+    def chunk(self, index: int, delta: Delta) -> bytes | None:
+        chunk = self.framer.chunk(delta, index)
+        return sse(chunk) if chunk else None
+
+    def error(self, message: str) -> bytes:
+        return sse({"error": {"message": message, "type": "internal_error", "param": None, "code": "internal_error"}})
+
+    async def tail(self, failed: bool) -> list[bytes]:
+        out = [sse(self.framer.usage_chunk(total_usage(self.streams)))] if self.framer.include_usage and not failed else []
+        return out + [SSE_DONE]
+
+
+class _OpenAI(Dialect):
+    chat: bool = False
+    media_type = "text/event-stream"
+    framing = _OpenAIFraming
+
+    def overrides(self, body) -> dict[str, Any]:
+        out = super().overrides(body)
+        if out.get("top_k") == -1:  # vLLM's "off"
+            out["top_k"] = 0
+        out["max_new_tokens"] = body.max_new_tokens
+        out["logprobs"] = body.num_logprobs
+        return out
+
+    def framer(self, call: Call) -> Framer:
+        body = call.body
+        echo = ""
+        if not self.chat and body.echo:
+            echo = body.prompt if isinstance(body.prompt, str) else call.decode(body.prompt)
+        texts = TokenTexts(call.tokenizer) if body.num_logprobs is not None else None
+        return Framer(self.chat, model_id(call.model_name), body.include_usage, texts=texts, echo=echo)
+
+    async def answer(self, call, streams, logprobs) -> dict[str, Any]:
+        return self.framer(call).response(streams, logprobs)
+
+    def error_body(self, exc: EngineError) -> dict[str, Any]:
+        return error_body(exc)
+
+
+class Completions(_OpenAI):
+    name = "openai_completions"
+    body = CompletionBody
+    routes = (Route("/v1/completions",
+                    example={"model": "kvbento", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0},
+                    answer_example={"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "kvbento",
+                                    "choices": [{"index": 0, "text": " there was", "logprobs": None,
+                                                 "finish_reason": "length"}],
+                                    "usage": {"prompt_tokens": 4, "completion_tokens": 16, "total_tokens": 20}},
+                    stream_example='data: {"choices": [{"index": 0, "text": " there"}]}\n\ndata: [DONE]\n\n'),)
+    error_example = {"error": {"message": "logit_bias: Value error, logit_bias is not supported",
+                               "type": "invalid_request_error", "param": "logit_bias", "code": "invalid_request_error"}}
+    fields = {"max_new_tokens": "max_tokens", **_FIELDS}
+    id_prefix = "cmpl"
+
+    async def requests(self, call: Call) -> list[GenerateRequest]:
+        """A string prompt or token ids; ``n`` choices are ``n`` engine requests of it."""
+        body = call.body
+        prompt_ids = body.prompt if isinstance(body.prompt, list) else None
+        prompt = body.prompt if isinstance(body.prompt, str) else None
+        req = engine_request("cmpl", body.request_id, call.tenant, call.defaults, self.overrides(body),
+                             prompt=prompt, prompt_ids=prompt_ids)
+        return fan_out(req, body.n)
+
+
+class Chat(_OpenAI):
+    name = "openai_chat"
+    chat = True
+    body = ChatBody
+    routes = (Route("/v1/chat/completions",
+                    example={"model": "kvbento", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16},
+                    answer_example={"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "kvbento",
+                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
+                                                 "logprobs": None, "finish_reason": "stop"}],
+                                    "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}},
+                    stream_example='data: {"choices": [{"index": 0, "delta": {"content": "Hello"}}]}\n\n'
+                                   "data: [DONE]\n\n"),)
+    error_example = {"error": {"message": "tools: Value error, tools is not supported",
+                               "type": "invalid_request_error", "param": "tools", "code": "invalid_request_error"}}
+    fields = {"max_new_tokens": ("max_completion_tokens", "max_tokens"), **_FIELDS}
+    id_prefix = "chatcmpl"
+
+    async def requests(self, call: Call) -> list[GenerateRequest]:
+        """The model's chat template renders the messages (as text: the session matches it against a
+        stored conversation's own tokens); ``n`` choices are ``n`` engine requests.
+
+        Raises:
+            InvalidRequest: the model has no chat template or the template rejects the messages.
+        """
+        body = call.body
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            text = call.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja / tokenizer errors are the caller's messages, not a crash
+            raise InvalidRequest(f"messages: the chat template failed: {exc}", param="messages") from None
+        req = engine_request("chatcmpl", body.request_id, call.tenant, call.defaults, self.overrides(body),
+                             prompt=text, special_tokens=False, parent_request_id=body.parent_request_id)
+        return fan_out(req, body.n)

@@ -7,8 +7,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.engine import RequestStream
-from model.types import GenerateRequest
-from protocol.common import Stop, sampling_params, usage_body
+from model.params import wire
+from model.types import EngineError, GenerateRequest
+from protocol.common import BodyError, Stop, sampling_params, usage_body
+from protocol.spec import Call, Dialect, Framing, Route
 
 
 class GenerationConfig(BaseModel):
@@ -16,17 +18,17 @@ class GenerationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_beams: int | None = Field(default=None, ge=1, le=16)
-    do_sample: bool | None = None
-    temperature: float | None = Field(default=None, ge=0, le=100)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    max_new_tokens: int | None = Field(default=None, ge=1)
-    min_new_tokens: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
-    length_penalty: float | None = Field(default=None, ge=-100, le=100)
+    num_beams: int | None = wire("num_beams")
+    do_sample: bool | None = wire("do_sample")
+    temperature: float | None = wire("temperature")
+    top_p: float | None = wire("top_p")
+    top_k: int | None = wire("top_k")
+    max_new_tokens: int | None = wire("max_new_tokens")
+    min_new_tokens: int | None = wire("min_new_tokens")
+    repetition_penalty: float | None = wire("repetition_penalty")
+    length_penalty: float | None = wire("length_penalty")
     stop: Stop = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = wire("seed")
 
 
 RequestId = Field(min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
@@ -83,3 +85,78 @@ def batch_item(stream: RequestStream, only_new_tokens: bool, full_text: str) -> 
     else:
         item["response"] = stream.text
     return item
+
+
+class _TextFraming(Framing):
+    """The streamed text, after the whole sequence so far when ``only_new_tokens`` is false."""
+
+    def head(self) -> list[bytes]:
+        if self.call.body.only_new_tokens:
+            return []
+        return [self.call.decode(self.streams[0].base_token_ids).encode()]
+
+
+class RequestIdApi(Dialect):
+    """POST /api/generate: a stored sequence is continued (``prompt`` ignored), as the seed defines."""
+
+    name = "request_id"
+    body = GenerateBody
+    routes = (Route("/api/generate",
+                    example={"request_id": "chat-42", "prompt": "[INST] Write a poem about cats [/INST]\n\n",
+                             "only_new_tokens": True, "stream_response": False,
+                             "generation_config": {"do_sample": False, "max_new_tokens": 16}},
+                    answer_example={"request_id": "chat-42", "response": "Soft paws ...", "finish_reason": "length",
+                                    "usage": {"prompt_tokens": 20, "completion_tokens": 16, "cached_tokens": 0}},
+                    stream_example="Soft paws ..."),)
+    framing = _TextFraming
+    stream_field = "stream_response"
+
+    def renamed(self, exc: EngineError) -> EngineError:
+        return exc  # the engine's names are generation_config's own
+
+    async def requests(self, call: Call) -> list[GenerateRequest]:
+        b = call.body
+        return [to_engine(b.request_id, b.prompt, b.generation_config, call.defaults, call.tenant,
+                          append=b.append, parent_request_id=b.parent_request_id)]
+
+    async def collect(self, call: Call, streams: list[RequestStream]) -> Any:
+        """An engine error is part of the answer here (``error`` beside what was generated)."""
+        for s in streams:
+            await s.collect()
+        return await self.answer(call, streams, [])
+
+    async def answer(self, call, streams, logprobs) -> dict[str, Any]:
+        s = streams[0]
+        full = call.decode(s.token_ids) if not call.body.only_new_tokens else ""
+        return from_engine(s, call.body.only_new_tokens, full)
+
+
+class Batch(RequestIdApi):
+    """POST /api/generate-batch: one request per prompt (each its own request_id), answered in order."""
+
+    name = "request_id_batch"
+    body = BatchBody
+    routes = (Route("/api/generate-batch", stream=False,
+                    example={"prompts": [{"request_id": "a", "prompt": "cats"}, {"request_id": "b", "prompt": "dogs"}],
+                             "only_new_tokens": True, "generation_config": {"max_new_tokens": 16}},
+                    answer_example=[{"request_id": "a", "response": "..."}, {"request_id": "b", "response": "..."}],
+                    summary="One item per prompt, in their order"),)
+    stream_field = None
+
+    async def requests(self, call: Call) -> list[GenerateRequest]:
+        b = call.body
+        ids = [p.request_id for p in b.prompts]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise BodyError(f"prompts: request_id {dupes[0]!r} appears more than once", param="prompts")
+        return [to_engine(p.request_id, p.prompt, b.generation_config, call.defaults, call.tenant) for p in b.prompts]
+
+    async def answer(self, call, streams, logprobs) -> list[dict[str, Any]]:
+        only_new = call.body.only_new_tokens
+        return [batch_item(s, only_new, call.decode(s.token_ids) if not only_new else "") for s in streams]
+
+    def headers(self, streams: list[RequestStream]) -> dict[str, str]:
+        statuses = [s.cache_status.value for s in streams]
+        overall = "hit" if all(x == "hit" for x in statuses) else (
+            "unavailable" if "unavailable" in statuses else "miss")
+        return {"X-KV-Cache": overall, "X-KV-Cache-Items": ",".join(statuses)}

@@ -15,20 +15,16 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from model.engine import RequestStream
 from model.types import EngineError, InvalidRequest, Usage
-from protocol.adapter import OptionalRequestId, renamed, sampling_switch
-from protocol.common import BodyError, Stop, sampling_params
+from protocol.adapter import OptionalRequestId, sampling_switch
+from model.params import wire
+from protocol.common import BodyError, OpenAISampling, refuse, sampling_params
+from protocol.openai import model_id
+from protocol.spec import Call, Dialect, Route
+from session import responses as stored
 
 log = logging.getLogger("kvbento.protocol")
 
@@ -43,10 +39,6 @@ MAX_METADATA = 16
 # Declared only to be refused unless they carry their no-op value: ignoring them would silently
 # change what the client asked for.
 _REFUSED = ("tools", "reasoning", "background", "conversation", "include", "prompt", "top_logprobs")
-
-
-def _is_noop(value: Any) -> bool:
-    return value in (None, False, 0, "", [], {})
 
 
 def new_id(prefix: str) -> str:
@@ -93,7 +85,7 @@ def _parse_input(value: Any) -> list[dict[str, str]]:
     return out
 
 
-class ResponsesBody(BaseModel):
+class ResponsesBody(OpenAISampling):
     """``POST /v1/responses``. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(extra="ignore")
@@ -105,9 +97,7 @@ class ResponsesBody(BaseModel):
     store: bool = True
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_output_tokens: int | None = wire("max_new_tokens")
     metadata: dict[str, str] | None = None
     user: str | None = None
     safety_identifier: str | None = None
@@ -117,23 +107,6 @@ class ResponsesBody(BaseModel):
     tool_choice: Any = None
     text: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
-    # kvbento's sampling extensions, as the chat route accepts them.
-    stop: Stop = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_tokens: int | None = Field(default=None, ge=0)
-    ignore_eos: bool | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
-    # Declared only to be refused (see _REFUSED).
-    tools: Any = None
-    reasoning: Any = None
-    background: Any = None
-    conversation: Any = None
-    include: Any = None
-    prompt: Any = None
-    top_logprobs: Any = None
     _messages: list[dict[str, str]] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="before")
@@ -144,19 +117,8 @@ class ResponsesBody(BaseModel):
                             "previous_response_id", param="request_id")
         return data
 
-    @field_validator(*_REFUSED)
-    @classmethod
-    def _refused(cls, v: Any, info: ValidationInfo) -> Any:
-        if not _is_noop(v):
-            raise ValueError(f"{info.field_name} is not supported")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, v: Any) -> Any:
-        if v not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported (no tools)")
-        return v
+    _refused = refuse(*_REFUSED)
+    _tool_choice = refuse("tool_choice", allowed=(None, "none", "auto"), why="is not supported (no tools)")
 
     @field_validator("truncation")
     @classmethod
@@ -247,13 +209,6 @@ def error_body(exc: EngineError) -> dict[str, Any]:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
                       "code": getattr(exc, "code", None) or exc.type}}
-
-
-def own_names(exc: EngineError) -> EngineError:
-    """``exc`` with the session's and engine's field names replaced by the Responses ones."""
-    if exc.param == "prompt" and exc.message.startswith("prompt "):
-        exc.message = "input (with the conversation it continues) " + exc.message[len("prompt "):]
-    return renamed(exc, PARAM_NAMES)
 
 
 class Framer:
@@ -359,3 +314,85 @@ def sse_event(event: dict[str, Any]) -> bytes:
     """One Server-Sent Event named by the event's type, as OpenAI sends them."""
     data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
     return f"event: {event['type']}\ndata: {data}\n\n".encode()
+
+
+_EXAMPLE_ANSWER = {
+    "id": "resp_1", "object": "response", "created_at": 0, "status": "completed", "model": "kvbento",
+    "output": [{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": "Hello", "annotations": []}]}],
+    "usage": {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 2,
+              "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 11},
+    "previous_response_id": None, "instructions": None, "metadata": {}, "incomplete_details": None}
+
+
+class Responses(Dialect):
+    """POST /v1/responses: a response continues ``previous_response_id``'s stored conversation; its
+    own record (the Response, the messages, the token ids) is kept next to its head."""
+
+    name = "responses"
+    body = ResponsesBody
+    routes = (Route("/v1/responses", example={"model": "kvbento", "input": "Hi", "max_output_tokens": 16,
+                                              "temperature": 0},
+                    answer_example=_EXAMPLE_ANSWER,
+                    stream_example='event: response.output_text.delta\ndata: {"type": "response.output_text.delta", '
+                                   '"delta": "Hello", "sequence_number": 4}\n\n'),)
+    error_example = {"error": {"message": "no stored response 'resp_x'", "type": "not_found_error",
+                               "param": "previous_response_id", "code": "not_found_error"}}
+    fields = PARAM_NAMES
+    media_type = "text/event-stream"
+
+    def renamed(self, exc: EngineError) -> EngineError:
+        if exc.param == "prompt" and exc.message.startswith("prompt "):
+            exc.message = "input (with the conversation it continues) " + exc.message[len("prompt "):]
+        return super().renamed(exc)
+
+    def error_body(self, exc: EngineError) -> dict[str, Any]:
+        return error_body(exc)
+
+    async def start(self, call: Call, session: Any) -> list[RequestStream]:
+        body = call.body
+        params = body.params(call.defaults)
+        response_id = new_id("resp")
+        responses = stored.ResponseStore(call.store)
+
+        def render(messages: list[dict[str, str]]) -> str:
+            # Text, not ids: the session matches it against the parent's stored tokens.
+            return call.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        started = await stored.start(
+            session, responses, tenant=call.tenant, response_id=response_id,
+            previous_response_id=body.previous_response_id, instructions=body.instructions,
+            new_messages=body.messages, render=render, params=params, store=body.store)
+        store_up = started.stream.cache_status.value != "unavailable"
+        call.state.update(started=started, responses=responses, response_id=response_id,
+                          framer=Framer(response_id, model_id(call.model_name), body, params, store_up=store_up))
+        return [started.stream]
+
+    def _events(self, call: Call) -> AsyncIterator[dict[str, Any]]:
+        body, st = call.body, call.state
+        started = st["started"]
+
+        async def keep(final: dict[str, Any]) -> None:
+            if not body.store:
+                return
+            answer = {"role": "assistant", "content": started.stream.text}
+            rec = stored.StoredResponse(final, started.messages + [answer], input_items(body.messages),
+                                        list(started.stream.token_ids))
+            try:
+                await st["responses"].save(call.tenant, st["response_id"], rec)
+            except stored.BackendUnavailable:
+                log.warning("the KV store is unavailable: response %s is answered but not stored", st["response_id"])
+
+        return events(started.stream, st["framer"], keep)
+
+    async def frames(self, call: Call, streams: list[RequestStream]) -> AsyncIterator[bytes]:
+        async for event in self._events(call):
+            yield sse_event(event)
+
+    async def collect(self, call: Call, streams: list[RequestStream]) -> Any:
+        last: dict[str, Any] = {}
+        async for event in self._events(call):
+            last = event
+        if last.get("type") == "response.failed":
+            raise EngineError(last["response"]["error"]["message"])
+        return last["response"]

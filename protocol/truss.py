@@ -5,48 +5,42 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from model.engine import RequestStream
-from model.types import GenerateRequest
-from protocol.common import Stop, usage_body
-from protocol.adapter import OptionalRequestId, engine_request, sampling_switch
-from protocol.takeoff import error_line  # the same raw-text error line
-
-__all__ = ["TrussBody", "to_engine", "from_engine", "error_line", "authorization"]
+from protocol.adapter import OptionalRequestId
+from protocol.common import body_model, usage_body
+from protocol.spec import Dialect, Route
 
 
-class TrussBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str = Field(max_length=1_000_000)
-    stream: bool = False
-    max_new_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)  # many Baseten LLM trusses use this name
-    temperature: float | None = Field(default=None, ge=0, le=100)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
-    stop: Stop = None
-    request_id: str | None = OptionalRequestId  # kvbento: continue this cached sequence
+# Engine parameter -> Truss's fields (many Baseten LLM trusses name max_new_tokens max_tokens).
+FIELDS = {"max_new_tokens": ("max_new_tokens", "max_tokens"), "temperature": "temperature", "top_p": "top_p",
+          "top_k": "top_k", "repetition_penalty": "repetition_penalty", "stop": "stop"}
+TrussBody = body_model("TrussBody", FIELDS, prompt=(str, Field(max_length=1_000_000)), stream=(bool, False),
+                       request_id=(str | None, OptionalRequestId))
 
 
-def to_engine(body: TrussBody, defaults: dict[str, Any], tenant: str) -> GenerateRequest:
-    overrides = {"max_new_tokens": body.max_new_tokens or body.max_tokens, "temperature": body.temperature,
-                 "do_sample": sampling_switch(body.temperature), "top_p": body.top_p, "top_k": body.top_k,
-                 "repetition_penalty": body.repetition_penalty, "stop": body.stop}
-    return engine_request("truss", body.request_id, tenant, defaults, overrides, prompt=body.prompt)
+_EXAMPLE = {"prompt": "What is the Mistral wind?", "max_new_tokens": 16}
 
 
-def from_engine(s: RequestStream) -> dict[str, Any]:
-    """The non-streaming answer: ``output`` is the generated text."""
-    return {"output": s.text, "request_id": s.request_id, "finish_reason": s.finish_reason,
-            "usage": usage_body(s.usage)}
+class Truss(Dialect):
+    name = "truss"
+    body = TrussBody
+    routes = tuple(Route(path, example=_EXAMPLE, answer_example={"output": " A cold northerly wind"},
+                         stream_example=" A cold northerly wind")
+                   for path in ("/predict", "/v1/models/model:predict"))
+    fields = FIELDS
+    id_prefix = "truss"
 
+    @staticmethod
+    def authorization(header: str | None) -> str | None:
+        """Baseten clients send ``Authorization: Api-Key <key>``; read it as a bearer key."""
+        scheme, _, key = (header or "").partition(" ")
+        if scheme.lower() == "api-key" and key:
+            return f"Bearer {key.strip()}"
+        return header
 
-def authorization(header: str | None) -> str | None:
-    """Baseten clients send ``Authorization: Api-Key <key>``; read it as a bearer key."""
-    scheme, _, key = (header or "").partition(" ")
-    if scheme.lower() == "api-key" and key:
-        return f"Bearer {key.strip()}"
-    return header
+    async def answer(self, call, streams, logprobs) -> dict[str, Any]:
+        """``output`` is the generated text."""
+        s = streams[0]
+        return {"output": s.text, "request_id": s.request_id, "finish_reason": s.finish_reason,
+                "usage": usage_body(s.usage)}

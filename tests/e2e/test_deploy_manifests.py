@@ -176,7 +176,7 @@ def haproxy_cfg(resources: dict) -> str:
 
 
 def test_haproxy_hashes_conversations_on_the_request_id_header(resources: dict, tmp_path: Path) -> None:
-    from routes.http import REQUEST_ID_HEADER
+    from server.http import REQUEST_ID_HEADER
 
     cfg = haproxy_cfg(resources)
     backend = cfg.split("backend replicas", 1)[1]
@@ -233,7 +233,7 @@ def test_autoscaler_follows_the_queue_metric(resources: dict) -> None:
     name = metric["pods"]["metric"]["name"]
     assert metric["type"] == "Pods" and name == "kvbento_num_requests_waiting"
     # The gauge the pods export under that name.
-    source = (ROOT / "routes" / "metrics.py").read_text()
+    source = (ROOT / "server" / "metrics.py").read_text()
     assert 'PREFIX = "kvbento_"' in source and 'PREFIX + "num_requests_waiting"' in source
 
 

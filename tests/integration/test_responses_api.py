@@ -14,8 +14,8 @@ BRIEF = "Answer briefly."
 @pytest.fixture(scope="module")
 def app_client(tiny_model_dir, tmp_path_factory):
     from config import Settings
-    from routes import build_app
-    from routes.runtime import Runtime
+    from server import build_app
+    from server.runtime import Runtime
 
     settings = Settings(model=str(tiny_model_dir), cache_url=f"disk://{tmp_path_factory.mktemp('kv')}",
                         num_threads=1, cache_block_tokens=8, api_keys="")
@@ -232,8 +232,8 @@ def test_evicted_kv_is_recomputed_from_the_stored_text(client, app_client):
 @pytest.mark.redis
 def test_store_down_parent_is_503_and_new_answers_are_not_stored(tiny_model_dir, redis_server_factory):
     from config import Settings
-    from routes import build_app
-    from routes.runtime import Runtime
+    from server import build_app
+    from server.runtime import Runtime
 
     redis = redis_server_factory()
     rt = Runtime.start(Settings(model=str(tiny_model_dir), cache_url=redis.url, cache_timeout=1, num_threads=1,

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from fastapi.testclient import TestClient
 
-from routes import build_app
+from server import build_app
 
 
 def test_loading_and_shutting_down_are_503():

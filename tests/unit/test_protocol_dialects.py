@@ -1,5 +1,6 @@
-"""The stateless dialect adapters without a server: body validation, engine requests, framing, and
-the stream pump's error path (an exception mid-stream is an error frame, then the normal end)."""
+"""The dialect specs without a server: body validation, engine requests from the field tables,
+framing, and the streamed answer's error path (an exception mid-stream is an error frame, then the
+normal end)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 
 from model.types import Delta, InvalidRequest
 from protocol import generic_v1, openai as oa, takeoff, together, truss
-from protocol.adapter import engine_request, pump, renamed
-from protocol.common import SSE_DONE, BodyError, parse_json, sse
+from protocol.adapter import engine_request
+from protocol.common import SSE_DONE, BodyError, parse_json
+from protocol.spec import Call
 
 DEFAULTS = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
 
@@ -43,11 +45,22 @@ def test_request_id_is_checked(bad):
     assert exc.value.param == "request_id"
 
 
-def test_renamed_uses_the_dialect_field_name():
-    exc = InvalidRequest("generation_config.max_new_tokens must be between 1 and 9, got 99",
-                         param="max_new_tokens")
-    renamed(exc, oa.PARAM_NAMES)
-    assert exc.param == "max_tokens" and exc.message.startswith("max_tokens must be")
+def test_renamed_uses_the_dialect_field_name_from_its_field_table():
+    def exc():
+        return InvalidRequest("generation_config.max_new_tokens must be between 1 and 9, got 99",
+                              param="max_new_tokens")
+    e = oa.Completions().renamed(exc())
+    assert e.param == "max_tokens" and e.message.startswith("max_tokens must be")
+    assert generic_v1.GenericV1().renamed(exc()).param == "maxTokens"
+    assert oa.Chat().renamed(exc()).param == "max_completion_tokens"
+
+
+def call(body_, tenant="t"):
+    return Call(body_, tenant, DEFAULTS, "m", tokenizer=None)
+
+
+def requests(spec, body_):
+    return asyncio.run(spec.requests(call(body_)))
 
 
 # --- OpenAI ------------------------------------------------------------------------------------
@@ -62,36 +75,40 @@ def test_openai_body_rules():
         body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}])
     with pytest.raises(BodyError, match="response_format"):
         body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"})
-    b = body(oa.CompletionBody, prompt=["only"], stop="\n", temperature=0)
-    req = oa.completion_to_engine(b, DEFAULTS, "t")
+    [req] = requests(oa.Completions(), body(oa.CompletionBody, prompt=["only"], stop="\n", temperature=0))
     assert req.prompt == "only" and req.params.stop == ["\n"] and req.params.max_new_tokens == 16
     assert req.params.do_sample is False
-    ids = oa.completion_to_engine(body(oa.CompletionBody, prompt=[5, 6, 7]), DEFAULTS, "t")
+    [ids] = requests(oa.Completions(), body(oa.CompletionBody, prompt=[5, 6, 7]))
     assert ids.prompt_ids == [5, 6, 7] and ids.prompt is None
+    assert len(requests(oa.Completions(), body(oa.CompletionBody, prompt="x", n=3, seed=1))) == 3
+
+
+class _Template:
+    """A tokenizer whose chat template records what it was asked to render."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.seen, self.fail = None, fail
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        if self.fail:
+            raise ValueError("no template")
+        self.seen = messages
+        return "<rendered>"
 
 
 def test_openai_chat_passes_template_text_and_prefers_max_completion_tokens():
-    seen = {}
-
-    def template(messages):
-        seen["m"] = messages
-        return "<rendered>"
-
+    tok = _Template()
     b = body(oa.ChatBody, messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}]},
                                     {"role": "user", "content": "b"}],
-             max_tokens=5, max_completion_tokens=9, temperature=0.5, seed=3)
-    req = oa.chat_to_engine(b, DEFAULTS, "t", template)
-    assert seen["m"] == [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]
+             max_tokens=5, max_completion_tokens=9, temperature=0.5, seed=3, top_k=-1)
+    [req] = asyncio.run(oa.Chat().requests(Call(b, "t", DEFAULTS, "m", tok)))
+    assert tok.seen == [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]
     assert req.prompt == "<rendered>" and req.prompt_ids is None and req.special_tokens is False
-    assert req.params.max_new_tokens == 9
+    assert req.params.max_new_tokens == 9 and req.params.top_k == 0
     assert req.params.do_sample is True and req.params.seed == 3
-
-    def broken(_):
-        raise ValueError("no template")
-
-    with pytest.raises(InvalidRequest) as exc:
-        oa.chat_to_engine(b, DEFAULTS, "t", broken)
-    assert exc.value.param == "messages"
+    with pytest.raises(InvalidRequest) as err:
+        asyncio.run(oa.Chat().requests(Call(b, "t", DEFAULTS, "m", _Template(fail=True))))
+    assert err.value.param == "messages"
 
 
 def test_openai_chat_chunks():
@@ -109,65 +126,81 @@ def test_openai_chat_chunks():
 
 # --- the others --------------------------------------------------------------------------------
 def test_takeoff_truss_together_generic_map_their_fields():
-    t = takeoff.to_engine(body(takeoff.TakeoffBody, text="x", sampling_topk=3, max_new_tokens=4),
-                          DEFAULTS, "t")
+    [t] = requests(takeoff.Takeoff(), body(takeoff.TakeoffBody, text="x", sampling_topk=3, max_new_tokens=4))
     assert (t.prompt, t.params.top_k, t.params.max_new_tokens) == ("x", 3, 4)
-    r = truss.to_engine(body(truss.TrussBody, prompt="y", stream=True, max_new_tokens=5), DEFAULTS, "t")
+    [r] = requests(truss.Truss(), body(truss.TrussBody, prompt="y", stream=True, max_new_tokens=5))
     assert (r.prompt, r.params.max_new_tokens) == ("y", 5)
-    g = together.to_engine(body(together.InferenceBody, prompt="z", stop="##", max_tokens=6, temperature=0.7,
-                                model="any"), DEFAULTS, "t")
+    [r2] = requests(truss.Truss(), body(truss.TrussBody, prompt="y", max_tokens=7))
+    assert r2.params.max_new_tokens == 7  # the alias in the field table
+    [g] = requests(together.Together(), body(together.InferenceBody, prompt="z", stop="##", max_tokens=6,
+                                             temperature=0.7, model="any"))
     assert (g.params.stop, g.params.max_new_tokens, g.params.do_sample) == (["##"], 6, True)
-    v = generic_v1.to_engine(body(generic_v1.GenerateBody, prompt="w", maxTokens=2), DEFAULTS, "t")
+    [v] = requests(generic_v1.GenericV1(), body(generic_v1.GenerateBody, prompt="w", maxTokens=2))
     assert v.params.max_new_tokens == 2
 
 
 def test_truss_reads_api_key_as_bearer():
-    assert truss.authorization("Api-Key abc") == "Bearer abc"
-    assert truss.authorization("Bearer abc") == "Bearer abc"
-    assert truss.authorization(None) is None
+    auth = truss.Truss.authorization
+    assert auth("Api-Key abc") == "Bearer abc"
+    assert auth("Bearer abc") == "Bearer abc"
+    assert auth(None) is None
+
+
+class FakeStream:
+    """A stand-in for the engine's RequestStream: the given deltas, then an optional exception."""
+
+    def __init__(self, exc: Exception | None, *items: Delta) -> None:
+        self.exc, self.items, self.cancelled = exc, items, False
+
+    async def _gen(self):
+        for d in self.items:
+            yield d
+        if self.exc is not None:
+            raise self.exc
+
+    def __aiter__(self):
+        return self._gen()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def frames(spec, streams, body_=None) -> list[bytes]:
+    return drain(spec.frames(call(body_), streams))
 
 
 def test_together_and_generic_events():
-    ev = together.event("id1", Delta(text=" a"))
-    assert ev == {"choices": [{"text": " a"}], "result_type": "language-model-inference", "id": "id1"}
-    assert together.event("id1", Delta()) is None
-    f = generic_v1.Framer("gen_1")
-    assert f.event(Delta(text="Once")) == {"id": "gen_1", "text": "Once", "delta": "Once"}
-    assert f.event(Delta(text=" upon")) == {"id": "gen_1", "text": "Once upon", "delta": " upon"}
-    assert f.event(Delta(finish_reason="stop"))["finishReason"] == "stop"
+    state: dict = {}
+    ev = together.Together().event(None, None, Delta(text=" a"), state)
+    assert ev == {"choices": [{"text": " a"}], "result_type": "language-model-inference", "id": state["id"]}
+    assert together.Together().event(None, None, Delta(), state) is None
+    g, state = generic_v1.GenericV1(), {"id": "gen_1"}
+    assert g.event(None, None, Delta(text="Once"), state) == {"id": "gen_1", "text": "Once", "delta": "Once"}
+    assert g.event(None, None, Delta(text=" upon"), state) == {"id": "gen_1", "text": "Once upon", "delta": " upon"}
+    assert g.event(None, None, Delta(finish_reason="stop"), state)["finishReason"] == "stop"
 
 
-# --- the pump ----------------------------------------------------------------------------------
-async def deltas_then(exc: Exception | None, *items: Delta):
-    for d in items:
-        yield d
-    if exc is not None:
-        raise exc
+# --- the streamed answer's error path ----------------------------------------------------------
+def test_an_exception_mid_stream_is_an_error_event_then_the_normal_end():
+    out = frames(generic_v1.GenericV1(), [FakeStream(RuntimeError("boom"), Delta(text="a"))])
+    assert json.loads(out[0][6:])["delta"] == "a"
+    assert json.loads(out[1][6:])["error"] == {"type": "internal_error", "message": "RuntimeError: boom"}
+    assert out[2] == SSE_DONE and len(out) == 3
 
 
-def test_pump_turns_an_exception_into_an_error_event_then_ends():
-    frames = drain(pump(deltas_then(RuntimeError("boom"), Delta(text="a")), lambda d: sse({"t": d.text}),
-                        lambda m: sse(generic_v1.stream_error(m)), SSE_DONE))
-    assert frames[0] == b'data: {"t":"a"}\n\n'
-    assert json.loads(frames[1][6:])["error"] == {"type": "internal_error", "message": "RuntimeError: boom"}
-    assert frames[2] == SSE_DONE and len(frames) == 3
-
-
-def test_pump_turns_an_engine_error_delta_into_an_error_event():
+def test_an_engine_error_delta_is_an_error_line_in_a_raw_stream():
     failed = Delta(text="b", finish_reason="error", error="oom")
-    frames = drain(pump(deltas_then(None, Delta(text="a"), failed), lambda d: d.text.encode(),
-                        takeoff.error_line))
-    assert frames[:2] == [b"a", b"b"] and b'"message": "oom"' in frames[2] and len(frames) == 3
+    out = frames(takeoff.Takeoff(), [FakeStream(None, Delta(text="a"), failed)])
+    assert out[:2] == [b"a", b"b"] and b'"message": "oom"' in out[2] and len(out) == 3
 
 
-def test_pump_cancels_when_the_client_goes_away():
-    cancelled = []
+def test_the_stream_is_cancelled_when_the_client_goes_away():
+    s = FakeStream(None, Delta(text="a"), Delta(text="b"))
 
     async def run():
-        gen = pump(deltas_then(None, Delta(text="a"), Delta(text="b")), lambda d: d.text.encode(),
-                   takeoff.error_line, cancel=lambda: cancelled.append(True))
+        gen = takeoff.Takeoff().frames(call(None), [s])
         assert await gen.__anext__() == b"a"
         await gen.aclose()
 
     asyncio.run(run())
-    assert cancelled == [True]
+    assert s.cancelled

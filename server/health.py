@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from model.types import EngineClosed
-from routes.http import error_response
+from server.http import error_response
 
 router = APIRouter()
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -12,9 +11,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from model.types import EngineError, QueueFull
-from protocol.adapter import renamed
 from protocol.common import PayloadTooLarge, check_content_type, error_body, parse_json
-from routes.runtime import Runtime
+from server.runtime import Runtime
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("kvbento.http")
@@ -55,40 +53,6 @@ async def read_body(request: Request, model: type[M]) -> M:
 def authenticate(request: Request) -> str:
     """The caller's tenant; raises Unauthorized when keys are configured and not met."""
     return runtime(request).tenant(request.headers.get("authorization"))
-
-
-async def start(request: Request, model: type[M], to_engine: Callable[..., Any]):
-    """Authenticate, read the body as ``model``, and start its generation.
-
-    ``to_engine(body, generation_defaults, tenant)`` builds the engine request. Returns the
-    engine's RequestStream; raises the engine's typed errors.
-    """
-    rt = runtime(request)
-    tenant = authenticate(request)
-    body = await read_body(request, model)
-    return await rt.session.generate(to_engine(body, rt.settings.generation_defaults(), tenant))
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A dialect whose body alone makes the engine request: its body model, the mapping, the
-    dialect's names for engine parameters (for error messages) and its error shape."""
-
-    model: type[BaseModel]
-    to_engine: Callable[..., Any]
-    param_names: Mapping[str, str] = field(default_factory=dict)
-    error_shape: Callable[[EngineError], Any] = error_body
-
-    async def start(self, request: Request) -> tuple[Any, JSONResponse | None]:
-        """``(stream, None)``, or ``(None, the error response)`` for a refused request."""
-        try:
-            return await start(request, self.model, self.to_engine), None
-        except EngineError as exc:
-            return None, error_response(renamed(exc, self.param_names), self.error_shape)
-
-    def failure(self, s: Any) -> JSONResponse | None:
-        """The error response for a collected stream that ended in an engine error, else None."""
-        return error_response(EngineError(s.error), self.error_shape) if s.error else None
 
 
 def error_response(exc: EngineError, shape: Callable[[EngineError], Any] = error_body) -> JSONResponse:

@@ -1,4 +1,6 @@
-"""The HTTP layer: one router per dialect, mounted on one FastAPI app that service.py serves."""
+"""The HTTP layer: the app factory. Dialects come from their specs (server/dialects.py); the other
+modules here add the record, model-list, stored-response, playground and health routes, the
+runtime wiring (runtime.py) and the metrics observer (metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,25 +12,20 @@ from fastapi.responses import JSONResponse
 
 from model.types import EngineError
 from protocol.common import BodyError
-from routes.http import error_response
+from server.http import error_response
 
 log = logging.getLogger("kvbento.http")
 
 
 def build_app() -> FastAPI:
-    from routes import request_id
+    from server import dialects, health, openai, playground, records, responses
+    from server.replica import ReplicaHeader
 
     app = FastAPI(title="kvbento", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
-    from routes.replica import ReplicaHeader
     app.add_middleware(ReplicaHeader)  # X-KV-Replica on every answer
-    app.include_router(request_id.router)
-    from routes import playground
-    app.include_router(playground.router)
-    from routes import health
-    app.include_router(health.router)
-    from routes import generic_v1, openai, responses, takeoff, together, truss  # the stateless dialects (issue 4)
-    for dialect in (openai, responses, takeoff, together, truss, generic_v1):
-        app.include_router(dialect.router)
+    app.include_router(dialects.router())  # every dialect's POST paths, from its spec
+    for extra in (records, openai, responses, playground, health):
+        app.include_router(extra.router)
 
     @app.exception_handler(EngineError)
     async def _engine_error(_: Request, exc: EngineError):

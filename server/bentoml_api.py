@@ -18,7 +18,7 @@ from model.engine import RequestStream
 from model.types import EngineError
 from protocol.common import BodyError
 from protocol.request_id import BatchItem, GenerationConfig, batch_item, from_engine, to_engine
-from routes.runtime import Runtime
+from server.runtime import Runtime
 
 ROUTE_GENERATE = "/bentoml/generate"
 ROUTE_GENERATE_STREAM = "/bentoml/generate_stream"

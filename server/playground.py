@@ -14,7 +14,7 @@ from cache.base import BackendUnavailable
 from cache.listing import list_heads
 from model.types import EngineClosed
 from protocol.common import BodyError
-from routes.http import authenticate, runtime
+from server.http import authenticate, runtime
 
 router = APIRouter()
 

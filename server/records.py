@@ -1,0 +1,60 @@
+"""The request-id API's record endpoints: GET and DELETE /api/cache/{request_id}."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from cache.base import BackendUnavailable
+from model.types import EngineClosed, NotFound
+from server.http import authenticate, runtime
+
+router = APIRouter()
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
+
+
+@router.get("/api/cache/{request_id}")
+async def cache_info(request: Request, request_id: str):
+    rt = runtime(request)
+    tenant = authenticate(request)
+    try:
+        info = await rt.store.info(tenant, request_id)
+    except BackendUnavailable:
+        raise EngineClosed("the KV store is unavailable") from None
+    if info is None:
+        raise NotFound(f"no cache record for request_id {request_id!r}", param="request_id")
+    return JSONResponse(
+        {
+            "request_id": request_id,
+            "tokens": info.num_tokens,
+            "prompt_tokens": info.num_prompt_tokens,
+            "bytes": info.nbytes,
+            "head_bytes": info.head_nbytes,
+            "blocks": info.num_blocks,
+            "model": rt.model.name,
+            "fingerprint": info.fingerprint,
+            "fingerprint_matches": info.fingerprint == rt.model.fingerprint,
+            "created_at": _iso(info.created_at),
+            "last_used_at": _iso(info.last_used_at),
+            "expires_at": _iso(info.expires_at),
+        },
+        headers={"X-KV-Cache": "hit"},
+    )
+
+
+@router.delete("/api/cache/{request_id}")
+async def cache_delete(request: Request, request_id: str):
+    rt = runtime(request)
+    tenant = authenticate(request)
+    try:
+        existed = await rt.store.delete(tenant, request_id)
+    except BackendUnavailable:
+        raise EngineClosed("the KV store is unavailable") from None
+    if not existed:
+        raise NotFound(f"no cache record for request_id {request_id!r}", param="request_id")
+    return Response(status_code=204)
