@@ -124,12 +124,13 @@ class ServeProcess:
             self._drop_home()
             return
         tree = self._tree()
+        deadline = time.monotonic() + grace
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=grace)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
-        _, alive = psutil.wait_procs(tree, timeout=grace if self.proc.poll() is None else 5)
+        _, alive = psutil.wait_procs(tree, timeout=max(deadline - time.monotonic(), 0.1))
         if self.proc.poll() is None or alive:
             self._kill(tree)
         self._drop_home()
