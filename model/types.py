@@ -1,4 +1,5 @@
-"""Plain request/response types of the engine, and the errors it raises. No HTTP here."""
+"""Plain request/response types of the engine, and the errors it raises. No HTTP here: an error
+carries a kind, and the server maps kinds to statuses (server/http.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 
 
 class EngineError(Exception):
-    """Base of the typed errors the protocol layer maps to HTTP answers."""
+    """Base of the typed errors. ``kind`` says what went wrong; ``type`` is the name error bodies
+    show clients."""
 
-    status: int = 500
+    kind: str = "internal"
     type: str = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
@@ -22,14 +24,14 @@ class EngineError(Exception):
 class InvalidRequest(EngineError):
     """The request cannot be served as asked (bad parameter, prompt too long)."""
 
-    status = 400
+    kind = "invalid"
     type = "invalid_request_error"
 
 
 class QueueFull(EngineError):
     """The waiting queue is full; the client should retry after ``retry_after`` seconds."""
 
-    status = 429
+    kind = "overloaded"
     type = "overloaded_error"
 
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
@@ -40,28 +42,28 @@ class QueueFull(EngineError):
 class RequestBusy(EngineError):
     """Another request with the same request_id is running; requests per request_id are serial."""
 
-    status = 409
+    kind = "busy"
     type = "conflict_error"
 
 
 class NotFound(EngineError):
     """A named thing (a request_id's record, a stored response) does not exist."""
 
-    status = 404
+    kind = "not_found"
     type = "not_found_error"
 
 
 class Conflict(EngineError):
     """The request contradicts what is stored (e.g. forking onto a request_id that has a record)."""
 
-    status = 409
+    kind = "conflict"
     type = "conflict_error"
 
 
 class EngineClosed(EngineError):
     """The engine is shutting down or failed."""
 
-    status = 503
+    kind = "unavailable"
     type = "unavailable_error"
 
 

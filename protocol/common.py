@@ -74,17 +74,17 @@ class BodyError(InvalidRequest):
 
 
 class PayloadTooLarge(InvalidRequest):
-    status = 413
+    kind = "too_large"
     type = "payload_too_large"
 
 
 class Unauthorized(EngineError):
-    status = 401
+    kind = "unauthorized"
     type = "authentication_error"
 
 
 class UnsupportedMediaType(InvalidRequest):
-    status = 415
+    kind = "unsupported_media_type"
     type = "unsupported_media_type"
 
 

@@ -18,6 +18,7 @@ from model.engine import RequestStream
 from model.types import EngineError
 from protocol.common import BodyError
 from protocol.request_id import BatchItem, GenerationConfig, batch_item, from_engine, to_engine
+from server.http import status_of
 from server.runtime import Runtime
 
 ROUTE_GENERATE = "/bentoml/generate"
@@ -51,7 +52,7 @@ def client_error(exc: EngineError):
     """An engine error as BentoML's own error answer, with the same status code."""
     from bentoml.exceptions import BentoMLException
 
-    return BentoMLException(exc.message, error_code=HTTPStatus(exc.status))
+    return BentoMLException(exc.message, error_code=HTTPStatus(status_of(exc)))
 
 
 async def start_one(rt: Runtime, authorization: str | None, request_id: str, prompt: str,

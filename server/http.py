@@ -55,13 +55,22 @@ def authenticate(request: Request) -> str:
     return runtime(request).tenant(request.headers.get("authorization"))
 
 
+# Error kinds (model/types.py, protocol/common.py) -> HTTP status.
+STATUS = {"invalid": 400, "unauthorized": 401, "not_found": 404, "busy": 409, "conflict": 409, "too_large": 413,
+          "unsupported_media_type": 415, "overloaded": 429, "internal": 500, "unavailable": 503}
+
+
+def status_of(exc: EngineError) -> int:
+    return STATUS.get(exc.kind, 500)
+
+
 def error_response(exc: EngineError, shape: Callable[[EngineError], Any] = error_body) -> JSONResponse:
     headers = {}
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(exc.retry_after)
-    if exc.status == 401:
+    if exc.kind == "unauthorized":
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(shape(exc), status_code=exc.status, headers=headers)
+    return JSONResponse(shape(exc), status_code=status_of(exc), headers=headers)
 
 
 def stream(body: AsyncIterator[bytes], media_type: str, headers: dict[str, str] | None = None) -> StreamingResponse:
