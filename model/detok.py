@@ -46,8 +46,3 @@ class IncrementalDetokenizer:
         after = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
         return after[len(before):] if len(after) > len(before) else ""
-
-    @property
-    def num_pending(self) -> int:
-        """Tokens pushed whose text has not been emitted yet."""
-        return len(self._ids) - self._read
