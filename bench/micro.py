@@ -55,6 +55,41 @@ def codec_gbs(record: KVRecord, reps: int = 5) -> dict:
             "decode_gbs": nb / d / 1e9, "roundtrip_gbs": nb / (p + d) / 1e9}
 
 
+def block_reads(url: str, num_layers: int, kv_heads: int, head_dim: int, block_tokens: list[int],
+                context: int = 1024, reps: int = 3) -> dict:
+    """Reading a ``context``-token prefix from Redis as blocks of each size: ms (median) with the
+    backend's ranged bulk reader and with plain redis-py GETs, decode included."""
+    from cache.redis import RedisBackend
+
+    out: dict = {}
+    for b in block_tokens:
+        rec = make_record(num_layers, kv_heads, head_dim, b + 1)
+        keys = [f"kvbento:bench:blk:{uuid.uuid4().hex}" for _ in range(context // b)]
+        backend = RedisBackend(url, timeout=30, namespace=f"bench-{uuid.uuid4().hex[:6]}")
+        plain = RedisBackend(url, timeout=30, namespace=f"bench-{uuid.uuid4().hex[:6]}")
+        plain._bulk = None  # redis-py's GET path
+        try:
+            data = encode(rec)
+            for k in keys:
+                backend.set(k, data)
+            row = {"block_mb": len(data) / 1e6, "blocks": len(keys)}
+            for name, be in (("bulk_ms", backend), ("redis_py_ms", plain)):
+                times = []
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    for k in keys:
+                        decode(be.get(k))
+                    times.append(time.perf_counter() - t)
+                row[name] = 1000 * statistics.median(times)
+            out[str(b)] = row
+            for k in keys:
+                backend.delete(k)
+        finally:
+            backend.close()
+            plain.close()
+    return out
+
+
 def backend_latency(url: str, record: KVRecord, reps: int = 5) -> dict:
     """Median save (encode + set) and load (get + decode) latency in ms through the backend."""
     backend = open_backend(url, timeout=30)

@@ -185,6 +185,17 @@ def write_report(res: dict, path: Path) -> str:
             add(f"| {name} | {_f(b['save_ms'])} | {_f(b['load_ms'])} |")
     add("")
 
+    br = res.get("block_reads")
+    if br:
+        add("Reading a 1,024-token prefix from Redis as blocks (decode included; median ms): the "
+            "backend's ranged bulk reader vs plain redis-py `GET`s.\n")
+        add("| block tokens | block MB | blocks | bulk reader ms | redis-py ms | redis-py / bulk |")
+        add("|---|---|---|---|---|---|")
+        for b, r in br.items():
+            add(f"| {b} | {r['block_mb']:.1f} | {r['blocks']} | {_f(r['bulk_ms'])} | {_f(r['redis_py_ms'])} "
+                f"| {_f(_ratio(r['redis_py_ms'], r['bulk_ms']), 2)}× |")
+        add("")
+
     # ---- server overhead and bandwidth
     ip = res["inproc"]
     http1 = res.get("load", {}).get("1", {}).get("kvbento")

@@ -209,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                 res["backends"][name] = micro.backend_latency(url, record, 3 if a.quick else 5)
             except Exception as exc:  # Redis down: say so in the report, go on
                 res["backends"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+        if "error" not in res["backends"]["redis"]:
+            print("redis block reads ...", flush=True)
+            res["block_reads"] = micro.block_reads(a.redis, cfg.num_hidden_layers, heads, head_dim,
+                                                   [32] if a.quick else [16, 32, 64, 256, 1024],
+                                                   context=256 if a.quick else 1024)
 
         # -- HTTP contenders, interleaved --------------------------------------------------------------
         procs = [servers.kvbento(model_dir, f"disk://{tmp}/kv", threads)]
