@@ -162,8 +162,8 @@ def encode(record: KVRecord) -> bytearray:
     return buf
 
 
-# Reusable encode buffers. A fresh buffer costs a page fault per 4 KiB page on first write, which on
-# this kind of VM is slower than the copy and the checksum together (~1 GB/s vs ~10 GB/s reused).
+# Reusable encode buffers. A fresh buffer costs a page fault per 4 KiB page on first write, which can
+# be slower than the copy and the checksum together (bench/NOTES.md).
 _POOL: list[bytearray] = []
 _POOL_SIZE = 2  # retained memory: at most this many buffers of the largest record seen
 _POOL_LOCK = threading.Lock()

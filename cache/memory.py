@@ -2,9 +2,9 @@
 buffers that are not faulted in again at all.
 
 A fresh multi-megabyte buffer is touched page by page on its first write; with 4 KiB pages that
-fault storm costs ~0.4 s per GB on this VM, more than copying the data into it. With THP in
-``madvise`` mode (the common Linux default) 2 MiB pages cut it ~4x (512 MB: 0.21 -> 0.05 s
-measured). Used for the KV slab (model/kv.py) and the buffers a record is read into.
+fault storm costs more than copying the data into it. With THP in ``madvise`` mode (the common
+Linux default) 2 MiB pages cut it several times over (figures in bench/NOTES.md). Used for the KV
+slab (model/kv.py) and the buffers a record is read into.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class ReadBufferPool:
     """Buffers that store reads land in, reused once nothing refers to them any more.
 
     A record load fills tens of MB; in fresh memory that is first-touch faults on every page, and on
-    a VM whose host backs guest memory lazily they cost 40-250 ms per 75 MB, at random (measured:
-    Redis loads of 75 MB took 35-277 ms into fresh buffers, 34-52 ms into a reused one). Decoded
+    a VM whose host backs guest memory lazily they can cost more than the load itself, at random
+    (bench/NOTES.md). Decoded
     records are views of the buffer, so a buffer is reused only when no view of it is left: each
     hands out ``memoryview``s of one numpy array, and the array's reference count says whether one
     (or a tensor made from one) is alive.

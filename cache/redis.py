@@ -102,8 +102,8 @@ class _BulkReader:
     """GET of large values straight into one huge-page buffer, for plain TCP Redis URLs.
 
     Through redis-py a bulk reply is copied three times (socket chunks, the parser's growing buffer,
-    the final ``bytes``), each into memory nobody has touched yet: a 150 MB record took ~390 ms to
-    load, most of it first-touch page faults. This reader speaks just enough RESP2 for ``GET`` on a
+    the final ``bytes``), each into memory nobody has touched yet, and first-touch page faults
+    are most of a large load (bench/NOTES.md). This reader speaks just enough RESP2 for ``GET`` on a
     connection of its own per worker thread (``AUTH`` and ``SELECT`` as the URL says) and receives
     the value with ``recv_into``. TLS and unix-socket URLs keep redis-py's path.
     """
@@ -245,8 +245,8 @@ class _BulkReader:
         """STRLEN, then GETRANGE by chunks (two in flight) into one buffer.
 
         Not one GET: Redis 7 copies a whole large reply into a new buffer of its own before
-        sending it, and on this VM its first-touch faults made a 75 MB GET 120-360 ms where
-        4 MiB ranges, whose reply buffers Redis reuses, take ~60 ms (measured). A continuation
+        sending it, and that buffer's first-touch faults cost more than the transfer; the reply
+        buffers of 4 MiB ranges are reused (bench/NOTES.md). A continuation
         reads while it holds the request_id's lease, so no save of that key runs meanwhile; a
         value replaced anyway (a save without the lease, a delete) fails the length check here
         or the record's checksum.

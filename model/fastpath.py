@@ -1,8 +1,8 @@
 """A lean decode step for Llama-family models on CPU, over the HF modules' own weights.
 
 The HF forward of one decode step is ~50 tensor ops and a dozen module calls per layer; on CPU
-each costs microseconds of Python and dispatch, ~10 ms per step on the bench model (15 % of a
-16-row step). ``LlamaDecodeStep`` runs the same arithmetic with ~12 calls per layer: fused
+each costs microseconds of Python and dispatch, a sizeable share of a step on a small model
+(bench/NOTES.md). ``LlamaDecodeStep`` runs the same arithmetic with ~12 calls per layer: fused
 RMSNorm, the oneDNN linears with their activation and residual add fused as post-ops, RoPE on q
 and k together, the new K/V column written straight into the slab, and the native attention
 kernel over each row's live span.
@@ -156,8 +156,8 @@ def build(model: torch.nn.Module, dtype: torch.dtype, max_context: int) -> Llama
         return None
     # A layout mistake moves logits wholesale; rounding moves them by a few units of the dtype's
     # precision per layer. Half types get 64 machine epsilons of the largest logit (fp16 ~0.06,
-    # bf16 ~0.5 at |logit| ~1): bf16 rounds 8x coarser than fp16 and the two orders of the same
-    # arithmetic differ by ~0.07 on the tiny model.
+    # bf16 ~0.5 at |logit| ~1): bf16 rounds 8x coarser than fp16, and on the tiny model the two
+    # orders of the same bf16 arithmetic already differ by more than fp16's bound.
     tol = 1e-3 if dtype == torch.float32 else 64 * torch.finfo(dtype).eps * max(1.0, scale)
     if not err <= tol:
         log.warning("decode step: HF forward (fast step differs from it by %.3g)", err)

@@ -2,9 +2,8 @@
 
 On CPU the forward of a decoder is almost all ``nn.Linear``: torch runs it as an MKL sgemm on
 the row-major weight, which at the small row counts of decode (1-32 tokens per step) reaches
-~60-75 % of what oneDNN reaches on the same weight re-ordered once into its blocked layout
-(measured on the bench model's shapes, fp32, one core: 64 ms -> 44 ms for all linears of a
-16-row decode step; 2.3 -> 1.9 ms for a 64-token prefill chunk of one MLP projection). Same
+clearly less than oneDNN does on the same weight re-ordered once into its blocked layout
+(bench/NOTES.md has the figures). Same
 fp32 arithmetic (errors ~1e-6 against float64, like MKL's); only the summation order differs,
 which is why the choice is part of the model fingerprint (KV records stay exact).
 
@@ -91,8 +90,8 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     only the live span of every row, at near the memory bandwidth (fp32 or bf16 K/V). Without it
     (no compiler, fp16, another caller) decode falls back to batched GEMVs:
 
-    There, torch's SDPA kernel spends ~1.7x the time of two batched GEMVs over the same K/V
-    (1.94 vs 1.14 ms per layer at 16 rows x 160 columns): decode attention only has to stream
+    There, torch's SDPA kernel is slower than two batched GEMVs over the same K/V
+    (bench/NOTES.md): decode attention only has to stream
     K and V once, and ``bmm`` on the slab's strided views does exactly that, with grouped query
     heads folded into the GEMV's rows instead of repeating K/V. The mask may be the engine's
     additive float mask ``[rows, 1, 1, kv]`` (built once per step) or a boolean one.
@@ -160,7 +159,7 @@ _native: ctypes.CDLL | None = None
 _native_tried = False
 _native_lock = threading.Lock()
 # (compile flags, link flags), best first. -ffast-math buys vectorised expf (glibc's libmvec) and
-# reductions, ~1.7x on the kernel; it is safe there because the kernel itself uses no inf/NaN.
+# reductions, the kernel's largest gain; it is safe there because the kernel itself uses no inf/NaN.
 # OpenMP resolves to the libgomp torch already loaded.
 _VARIANTS = (
     (("-O3", "-fPIC", "-ffast-math", "-fopenmp"), ("-lmvec", "-lm")),

@@ -146,9 +146,8 @@ class BatchKV:
         kept for the life of the engine and taken back whenever the sequence fits it. A longer one
         gets the reserve's memory laid out anew, as fewer rows of more columns (32 x 512 holds 12
         rows of 1,280): widening every reserved row would cost rows x its length, and a fresh slab
-        costs first-touch faults on every byte — on this VM ~190 ms for the 94 MB one row of a
-        1,024-token sequence needs, 30x the copy into it (measured). Only when even one row of the
-        reserve is too short is a new slab made (by ``insert``).
+        costs first-touch faults on every byte, many times the copy into it (bench/NOTES.md). Only
+        when even one row of the reserve is too short is a new slab made (by ``insert``).
         """
         res = self._reserved
         if res is not None and n + 1 <= res[2].shape[1]:
