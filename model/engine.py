@@ -296,4 +296,5 @@ class Engine:
 
     def _retire(self, seq: Sequence, finished: Finished, final: Delta) -> None:
         sink = self._sinks.pop(seq)
-        sink.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._finalize(seq, sink, finished, final)))
+        sink.loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(self._finalize(seq, sink, finished, final)))

@@ -6,8 +6,8 @@ column ``end`` for all rows in place (no concatenation, no copy of the past). A 
 writing its KV into a free row, and leaves by freeing its row; neither touches the other rows.
 The slab is re-laid out (one copy) only when it runs out of columns or rows, with headroom so
 that happens rarely, and it is kept across idle periods (its size is the high-water mark of the
-running batch, as with any preallocated KV pool). The forward sees ``[:num_rows, :, start:end + 1]`` views through
-``SlabCache``, a transformers ``Cache`` whose layers write into the slab.
+running batch, as with any preallocated KV pool). The forward sees ``[:num_rows, :, start:end + 1]``
+views through ``SlabCache``, a transformers ``Cache`` whose layers write into the slab.
 """
 
 from __future__ import annotations
@@ -239,7 +239,8 @@ class BatchKV:
         else:
             self.start = self.end
 
-    def extract(self, row: int, end: int | None = None, start: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def extract(self, row: int, end: int | None = None,
+                start: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copy KV columns ``[start, end)`` (default all) of ``row`` to host memory: per layer
         contiguous ``[kv_heads, n, head_dim]`` CPU tensors, views of one huge-page buffer (fresh
         pages cost more in first-touch faults than the copy; see bench/NOTES.md)."""

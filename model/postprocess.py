@@ -36,11 +36,13 @@ def row_spec(seq: Sequence) -> RowSpec:
     block = None
     if seq.eos_tensor is not None and (p.ignore_eos or seq.num_generated < p.min_new_tokens):
         block = seq.eos_tensor
-    spec = RowSpec(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, seen, block, seq.generator)
+    spec = RowSpec(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, seen, block,
+                   seq.generator)
     return with_request_extras(spec, p, seq.token_ids, seq.num_base_tokens)
 
 
-def append_token(seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> tuple[Delta | None, str | None]:
+def append_token(seq: Sequence, token: int,
+                 logprob: TokenLogprob | None = None) -> tuple[Delta | None, str | None]:
     """Record a generated token (and its logprob, when asked): detokenize, check stops.
 
     Returns:
@@ -136,8 +138,7 @@ class Postprocessor:
             kv: the KV of the whole sequence when it has no slab row (a beam search).
         """
         keep = seq.num_tokens_to_keep
-        finished = Finished(seq.token_ids[:keep], keep - seq.num_base_tokens if keep > seq.num_base_tokens else 0,
-                            reason, error=error)
+        finished = Finished(seq.token_ids[:keep], max(0, keep - seq.num_base_tokens), reason, error=error)
         lo, hi = seq.kv_from, keep - 1
         if seq.on_finish is not None and error is None and hi >= lo:
             if kv is not None and kv[0]:

@@ -122,8 +122,8 @@ class ModelRunner:
             logits = self.m.decode_step(ids_t, pos_t, self.kv, lo, mask)
         else:
             extra = {"kvbento_lo": lo} if self._native_attention else {}
-            out = self.m.model(input_ids=ids_t.unsqueeze(1), position_ids=pos_t.unsqueeze(1), attention_mask=mask,
-                               past_key_values=cache, use_cache=True, **extra)
+            out = self.m.model(input_ids=ids_t.unsqueeze(1), position_ids=pos_t.unsqueeze(1),
+                               attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
             logits = out.logits[:, -1, :]
         self.kv.finish_step()
         order = [s.row for s in seqs]

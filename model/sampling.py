@@ -2,8 +2,8 @@
 
 One call handles the whole running batch: repetition, presence and frequency penalties and
 min_new_tokens are applied per row where they are set, greedy rows take the argmax, sampling rows
-go through temperature, top-k and top-p on one sorted tensor. Rows with a seed draw from their own generator, so a seeded
-request gives the same tokens whatever else shares the batch.
+go through temperature, top-k and top-p on one sorted tensor. Rows with a seed draw from their own
+generator, so a seeded request gives the same tokens whatever else shares the batch.
 """
 
 from __future__ import annotations
