@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from cache import memory
+from model import memory
 
 
 class _SlabLayer(DynamicLayer):
