@@ -93,6 +93,12 @@ class PrometheusObserver(EngineObserver):
         for source in REUSE_SOURCES:
             self.reuse.labels(source=source)
             self.reuse_tokens.labels(source=source)
+        self.prefix_hits = Counter(PREFIX + "kv_prefix_hits", "Requests that restored a stored prefix, by how "
+                                   "it was found: head (the request_id's or its parent's), anchor (the "
+                                   "previous turn of a client without request_id) or blocks (content only).",
+                                   ["found_by"])
+        for found_by in ("head", "anchor", "blocks"):
+            self.prefix_hits.labels(found_by=found_by)
         self.read_seconds = Histogram(PREFIX + "kv_store_read_seconds", "Seconds to read one KV record.",
                                       buckets=STORE_BUCKETS)
         self.write_seconds = Histogram(PREFIX + "kv_store_write_seconds",
@@ -122,6 +128,9 @@ class PrometheusObserver(EngineObserver):
         if status is not CacheStatus.UNAVAILABLE:
             self.read_seconds.observe(seconds)
             self.read_bytes.inc(nbytes)
+
+    def on_prefix(self, found_by: str) -> None:
+        self.prefix_hits.labels(found_by=found_by).inc()
 
     def on_reuse(self, source: str, tokens: int) -> None:
         self.reuse.labels(source=source).inc()

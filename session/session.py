@@ -75,6 +75,7 @@ class Plan:
         self.read_bytes = 0
         self.read_seconds = 0.0
         self.local_tokens = 0
+        self.found_by = "blocks"  # head, anchor or blocks: where the restored prefix was found
 
 
 class Session:
@@ -168,6 +169,7 @@ class Session:
             b = self.store.block_tokens
             local = plan.local_tokens >= (plan.num_cached // b) * b  # the tail always comes with the head
             observer.on_reuse("local" if local else "store", plan.num_cached)
+            observer.on_prefix(plan.found_by)
         return stream
 
     async def _acquire(self, tenant: str, request_id: str) -> tuple[_Lease | None, bool]:
@@ -319,6 +321,8 @@ class Session:
             plan.status = CacheStatus.HIT
         else:
             plan.status = CacheStatus.PARTIAL
+        if head is not None and 0 < m <= common:  # the head's own sequence covers what was restored
+            plan.found_by = "head" if head is plan.head else "anchor"
         if head is not plan.head:
             plan.head = head  # an anchor: the sequence this one extends
 
