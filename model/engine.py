@@ -122,6 +122,12 @@ class RequestStream:
         if self.finish_reason is None:
             self._engine.abort(self._seq, self.num_delivered)
 
+    def stop(self) -> None:
+        """End generation at the next step, keeping every token generated so far: the consumer
+        reads on to the stream's end (finish reason "abort") and the record holds what it read."""
+        if self.finish_reason is None:
+            self._engine.abort(self._seq, None)
+
     async def collect(self) -> str:
         """Drain the stream; return all generated text."""
         async for _ in self:
@@ -207,8 +213,9 @@ class Engine:
         self._post(("add", seq, sink))
         return stream
 
-    def abort(self, seq: Sequence, num_delivered: int) -> None:
-        """Stop ``seq`` at its next step; its record keeps the ``num_delivered`` generated tokens."""
+    def abort(self, seq: Sequence, num_delivered: int | None) -> None:
+        """Stop ``seq`` at its next step; its record keeps the ``num_delivered`` generated tokens
+        (None: every token generated, all of which still reach the stream's consumer)."""
         self._post(("abort", seq, num_delivered))
 
     def _post(self, msg: tuple) -> None:

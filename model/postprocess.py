@@ -158,13 +158,19 @@ class Postprocessor:
             self.emit(seq, last)
         self.retire(seq, finished, Delta(finish_reason=reason, error=error))
 
-    def abort(self, seq: Sequence, num_delivered: int) -> None:
-        """Stop ``seq`` now; its record keeps the ``num_delivered`` generated tokens."""
+    def abort(self, seq: Sequence, num_delivered: int | None) -> None:
+        """Stop ``seq`` now; its record keeps the ``num_delivered`` generated tokens (None: all of
+        them, for a stop asked while the client reads on — the tokens held back go out first)."""
         if seq.status is SeqStatus.FINISHED:
             return
         seq.is_aborted = True
         seq.num_delivered = num_delivered
-        self.finish(seq, "abort")
+        last = None
+        if num_delivered is None and seq.pending_ids:
+            tail, _ = _apply_stop(seq, seq.detok.flush(), final=True)
+            last = Delta(text=tail, token_ids=seq.pending_ids, logprobs=seq.pending_logprobs)
+            seq.pending_ids, seq.pending_logprobs = [], None
+        self.finish(seq, "abort", last=last)
 
     def fail_all(self, message: str) -> None:
         """End every sequence with an error delta (their rows are not read: the slab is suspect)."""

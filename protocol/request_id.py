@@ -112,7 +112,10 @@ class RequestIdApi(Dialect):
     stream_field = "stream_response"
 
     def renamed(self, exc: EngineError) -> EngineError:
-        return exc  # the engine's names are generation_config's own
+        """The engine's parameter names are generation_config's own: named with its path."""
+        if exc.param in GenerationConfig.model_fields:
+            exc.param = f"generation_config.{exc.param}"
+        return exc
 
     async def requests(self, call: Call) -> list[GenerateRequest]:
         b = call.body

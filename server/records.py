@@ -1,4 +1,5 @@
-"""The request-id API's record endpoints: GET and DELETE /api/cache/{request_id}."""
+"""The request-id API's record endpoints: GET and DELETE /api/cache/{request_id}, and stopping a
+running generation by its request_id (POST /api/stop/{request_id})."""
 
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ async def cache_info(request: Request, request_id: str):
         },
         headers={"X-KV-Cache": "hit"},
     )
+
+
+@router.post("/api/stop/{request_id}")
+async def stop(request: Request, request_id: str):
+    """Stop the generation running under ``request_id`` on this replica: its stream ends at the next
+    step with every token generated so far, which the record keeps. ``stopped`` is false when none
+    runs here (already finished, or on another replica)."""
+    rt = runtime(request)
+    tenant = authenticate(request)
+    return JSONResponse({"request_id": request_id, "stopped": rt.session.stop(tenant, request_id)})
 
 
 @router.delete("/api/cache/{request_id}")

@@ -86,6 +86,18 @@ class Session:
         self.store = store
         self.tokenizer = engine.m.tokenizer
         self.lease_wait_seconds = lease_wait_seconds
+        # Named requests running here, so a client can stop one by its request_id (one at a time
+        # per request_id: the lease serializes them).
+        self._running: dict[tuple[str, str], RequestStream] = {}
+
+    def stop(self, tenant: str, request_id: str) -> bool:
+        """Stop the request running here under ``request_id``, keeping what it generated; False
+        when none runs on this replica."""
+        stream = self._running.get((tenant, request_id))
+        if stream is None:
+            return False
+        stream.stop()
+        return True
 
     # -- tokens ----------------------------------------------------------------------------
     def tokenize(self, text: str, special_tokens: bool = True) -> list[int]:
@@ -165,6 +177,8 @@ class Session:
                 await lease.release()
             raise
         stream.cache_status = plan.status
+        if lease is not None:
+            self._running[(req.tenant, req.request_id)] = stream
         if plan.num_cached:
             b = self.store.block_tokens
             local = plan.local_tokens >= (plan.num_cached // b) * b  # the tail always comes with the head
@@ -348,13 +362,14 @@ class Session:
                 observer.on_store_write(saved.seconds, saved.nbytes, saved.ok)
             finally:
                 if lease is not None:
+                    self._running.pop((req.tenant, req.request_id), None)
                     await lease.release()
 
         return finish
 
-    @staticmethod
-    def _releaser(lease: _Lease):
+    def _releaser(self, lease: _Lease):
         async def release(_: Finished) -> None:
+            self._running.pop((lease.tenant, lease.request_id), None)
             await lease.release()
 
         return release

@@ -182,3 +182,25 @@ async def _collect(engine, req):
     s = await engine.generate(req)
     await s.collect()
     return s
+
+
+def test_stop_keeps_every_token_the_reader_got(engine, loop):
+    async def go():
+        s = await engine.generate(GenerateRequest("stop-me", PROMPT_LONG, params=SamplingParams(max_new_tokens=400),
+                                                  continue_stored=True))
+        got, stopped = [], False
+        async for d in s:
+            got.extend(d.token_ids)
+            if len(got) >= 5 and not stopped:
+                stopped = engine.stop("public", "stop-me")
+                assert stopped
+        return s, got
+
+    s, got = run(loop, go())
+    assert s.finish_reason == "abort" and 5 <= len(got) < 400
+    assert not engine.stop("public", "stop-me")  # nothing runs under it any more
+    info = run(loop, engine.store.info("public", "stop-me"))
+    assert info.num_tokens == len(s.base_token_ids) + len(got)  # exactly what the reader got
+
+
+PROMPT_LONG = "A story that goes on and on: " * 4
