@@ -101,6 +101,25 @@ def write_report(res: dict, path: Path) -> str:
                 f"| {_f(r['hf_first_ms'])} | {_f(r['hf_again_ms'])} | {_f(_ratio(r['hf_again_ms'], r['cont_ms']))}× |")
     add("")
 
+    # ---- routing
+    rt = res.get("routing") or {}
+    if any(isinstance(v, list) for v in rt.values()):
+        add("## Routing a conversation back to its replica vs elsewhere\n")
+        add("TTFT (median ms) of a request_id's next turn (1 new token) on the replica that served the "
+            "previous one (its blocks are in that replica's memory: nothing is read but the head) vs on "
+            "another replica (every block read from the store), with the context's fresh prefill for "
+            "scale. What conversation-affine routing (`X-KV-Request-Id` hashed by the load balancer) "
+            "saves.\n")
+        add("| store | context tokens | fresh prefill | same replica | other replica | other / same |")
+        add("|---|---|---|---|---|---|")
+        for store, rows in rt.items():
+            if not isinstance(rows, list):
+                continue
+            for r in rows:
+                add(f"| {store} | {r['ctx']} | {_f(r['fresh_ms'])} | {_f(r['cont_ms'])} | {_f(r['replica_ms'])} "
+                    f"| {_f(_ratio(r['replica_ms'], r['cont_ms']), 2)}× |")
+        add("")
+
     # ---- conversations
     conv = res.get("conversation")
     conv_targets: list = []

@@ -93,6 +93,46 @@ def overhead(kv: Kvbento, model_dir: str, tok, prompts: list[str], n: int, threa
                      "itl_ms_median": 1000 * statistics.median(http) if http else None}
 
 
+def routing(a, model_dir: str, tok, threads: int) -> dict:
+    """A turn's TTFT when it is routed back to the replica that served the previous one (its blocks
+    are in that replica's memory) vs routed to another replica (it reads them from the store), at
+    1k and 4k context, on one Redis and on a local three-master Redis Cluster."""
+    import tempfile as _tempfile
+
+    from launcher.redis import RedisClusterServer, RedisMissing, RedisServer
+
+    ctxs = [256] if a.quick else [1024, 4000]
+    out: dict = {}
+    with _tempfile.TemporaryDirectory(prefix="kvbento-bench-cluster-") as tmp:
+        stores = []
+        try:
+            single = RedisServer().start()
+            stores.append(("redis", single.url, single))
+            cluster = RedisClusterServer(Path(tmp), maxmemory="4gb").start()
+            stores.append(("redis cluster", cluster.url, cluster))
+        except (RedisMissing, RuntimeError, OSError) as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            for name, url, _ in stores:
+                pa = servers.kvbento(model_dir, url, threads, name=f"kvbento-{name}-a")
+                pb = servers.kvbento(model_dir, url, threads, name=f"kvbento-{name}-b")
+                try:
+                    print(f"routing ({name}) ...", flush=True)
+                    pa.start()
+                    pb.start()
+                    ka, kb = Kvbento(pa.url), Kvbento(pb.url)
+                    for c in (ka, kb):
+                        asyncio.run(run_load(c, [make_prompt(tok, 32, 5)], 4, concurrency=1, tag="warm"))
+                    out[name] = [asyncio.run(continuation(ka, None, tok, ctx, 1 if a.quick else 3, kb)) for ctx in ctxs]
+                finally:
+                    pa.stop()
+                    pb.stop()
+        finally:
+            for _, _, proc in stores:
+                proc.stop() if hasattr(proc, "stop") else proc.kill()
+    return out
+
+
 def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HFServe | None, procs) -> dict:
     """Chat conversations with the whole history resent: kvbento without and with request_id on a
     fresh store each (so bytes written are the scenario's own), `transformers serve` on the same
@@ -296,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 rp.stop()
                 rp2.stop()
+        res["routing"] = routing(a, model_dir, tok, threads)
     res["seconds"] = time.time() - started
     res["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     text = write_report(res, a.out)

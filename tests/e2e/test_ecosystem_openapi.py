@@ -17,8 +17,11 @@ def spec(server) -> dict:
     return r.json()
 
 
+BODYLESS = {"/api/stop/{request_id}"}  # POST routes that take no body
+
+
 def _posts(doc: dict) -> dict[str, dict]:
-    return {path: item["post"] for path, item in doc["paths"].items() if "post" in item}
+    return {path: item["post"] for path, item in doc["paths"].items() if "post" in item and path not in BODYLESS}
 
 
 def test_the_document_validates(spec):
