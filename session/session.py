@@ -180,8 +180,10 @@ class Session:
         if lease is not None:
             self._running[(req.tenant, req.request_id)] = stream
         if plan.num_cached:
-            b = self.store.block_tokens
-            local = plan.local_tokens >= (plan.num_cached // b) * b  # the tail always comes with the head
+            # Local: every block came from this replica's memory (a head and its tail are always
+            # read from the store, so a tail-only restore is a store read on any replica).
+            full = (plan.num_cached // self.store.block_tokens) * self.store.block_tokens
+            local = full > 0 and plan.local_tokens >= full
             observer.on_reuse("local" if local else "store", plan.num_cached)
             observer.on_prefix(plan.found_by)
         return stream

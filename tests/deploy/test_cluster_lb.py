@@ -158,10 +158,10 @@ def reuse(servers: list[ServeProcess]) -> dict[str, float]:
     return out
 
 
-def turn(url: str, rid: str, n: int) -> requests.Response:
+def turn(url: str, rid: str, n: int, prompt: str = PROMPT) -> requests.Response:
     """One greedy turn of exactly n tokens, request_id in the header only (as an LB client sends it);
     the answer holds the whole text so far."""
-    body = {"prompt": PROMPT, "stream_response": False, "only_new_tokens": False,
+    body = {"prompt": prompt, "stream_response": False, "only_new_tokens": False,
             "generation_config": {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n}}
     return requests.post(url + "/api/generate", json=body, headers={"X-KV-Request-Id": rid}, timeout=120)
 
@@ -210,7 +210,10 @@ def test_a_conversation_stays_on_one_replica(lb, replicas):
 
 def test_killing_the_conversations_replica_continues_it_exactly_elsewhere(lb, replicas):
     rid = "failover-" + uuid.uuid4().hex
-    first = ok(turn(lb.url, rid, 12))
+    # A prompt of its own: blocks are shared by content, and other conversations' turns left the
+    # blocks of the common prompt in every replica's memory.
+    prompt = f"[{rid}] {PROMPT}"
+    first = ok(turn(lb.url, rid, 12, prompt))
     owner_id = first.headers["X-KV-Replica"]
     owner = next(s for s in replicas if replica_of(s) == owner_id)
     others = [s for s in replicas if s is not owner]
@@ -219,7 +222,7 @@ def test_killing_the_conversations_replica_continues_it_exactly_elsewhere(lb, re
     sigkill_replica(owner)
 
     before = reuse(others)
-    second = ok(turn(lb.url, rid, 12))
+    second = ok(turn(lb.url, rid, 12, prompt))
     after = reuse(others)
     # The new replica never held this conversation: its KV was read from the cluster.
     assert after["store"] - before["store"] == 1 and after["local"] == before["local"]
@@ -227,10 +230,10 @@ def test_killing_the_conversations_replica_continues_it_exactly_elsewhere(lb, re
     assert second.headers["X-KV-Replica"] in {replica_of(s) for s in others}
     assert second.headers["X-KV-Cache"] == "hit", "continued from the cluster, not recomputed"
     assert second.json()["usage"]["completion_tokens"] == 12
-    reference = ok(turn(lb.url, "failover-ref-" + uuid.uuid4().hex, 24))
+    reference = ok(turn(lb.url, "failover-ref-" + uuid.uuid4().hex, 24, prompt))
     assert second.json()["response"] == reference.json()["response"]
     # The conversation now lives on its new replica.
-    third = ok(turn(lb.url, rid, 2))
+    third = ok(turn(lb.url, rid, 2, prompt))
     assert third.headers["X-KV-Replica"] == second.headers["X-KV-Replica"]
 
 
