@@ -7,6 +7,8 @@ import math
 import time
 from pathlib import Path
 
+from bench.responses_turns import table as responses_table
+
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
@@ -156,6 +158,14 @@ def write_report(res: dict, path: Path) -> str:
                 later = [r["bytes_written"] for r in rows[1:]]
                 add(f"| {b} | {_f(rows[0]['ttft_ms'])} | {_f(rows[-1]['ttft_ms'])} | {rows[-1]['cached_tokens']:.0f} "
                     f"| {(sum(later) / max(len(later), 1)) / 1e6:.1f} MB |")
+            add("")
+        resp = conv.get("responses")
+        if resp:
+            add("### Responses API: `previous_response_id` vs the whole history resent\n")
+            add("One Responses conversation chained by `previous_response_id` (the server keeps the "
+                "conversation and its KV) against the same conversation sent with `store: false` and the "
+                "whole history in `input`, same server. TTFT ms (cached input tokens).\n")
+            L.extend(responses_table(resp).splitlines())
             add("")
         shared = conv.get("shared")
         if shared:

@@ -17,7 +17,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from bench import conversation, micro, servers
+from bench import conversation, micro, responses_turns, servers
 from bench.client import HFServe, Kvbento, Naive, run_load, summarize
 from bench.report import write_report
 
@@ -174,6 +174,14 @@ def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HF
             finally:
                 pr.stop()
     out["block_sizes"]["32"] = out["runs"].get("kvbento with request_id")
+    pr = kv_server("responses", 32)
+    try:
+        print("responses conversation ...", flush=True)
+        out["responses"] = responses_turns.run_responses_turns(pr.url, 2 if quick else 4,
+                                                               turn_words=40 if quick else 120,
+                                                               n_out=8 if quick else 32)
+    finally:
+        pr.stop()
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(model_dir)
