@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     # on the same replica restores without reading the store; 0 = off.
     cache_recent_bytes: int = Field(default=512 << 20, ge=0)
     # Tokens per stored KV block: identical prefixes are shared and reused at this granularity.
-    cache_block_tokens: int = Field(default=32, ge=1, le=4096)
+    cache_block_tokens: int = Field(default=64, ge=1, le=4096)
 
     # --- replicas ---------------------------------------------------------------------------
     # This process's id in the X-KV-Replica answer header; empty = a hash of host name and pid.

@@ -140,7 +140,7 @@ def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HF
     quick = a.quick
     shape = dict(num_conv=2 if quick else 4, turns=2 if quick else 4, turn_tokens=48 if quick else 384,
                  system_tokens=32 if quick else 256, group=2, n_out=8 if quick else 32)
-    out: dict = {"shape": shape, "runs": {}, "block_sizes": {}}
+    out: dict = {"shape": shape, "runs": {}, "block_sizes": {}, "block_tokens": 64}
     name = Path(model_dir).name
 
     def kv_server(tag: str, block: int) -> servers.ServeProcess:
@@ -153,7 +153,7 @@ def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HF
         print("conversation hf-serve ...", flush=True)
         out["runs"]["hf-serve"] = asyncio.run(conversation.conversations(
             hf.url, hf.model, tok, with_request_id=False, exact=False, measure_bytes=False, **shape))
-    for block in ([32] if quick else [32, 16, 64]):
+    for block in ([64] if quick else [64, 16, 32, 128]):
         for rid in (False, True):
             if block != 32 and not rid:
                 continue
@@ -162,7 +162,7 @@ def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HF
             try:
                 print(f"conversation {pr.name} ...", flush=True)
                 rows = asyncio.run(conversation.conversations(pr.url, name, tok, with_request_id=rid, **shape))
-                if block == 32:
+                if block == 64:
                     out["runs"]["kvbento " + ("with request_id" if rid else "without request_id")] = rows
                     if rid:
                         print("shared system prompt ...", flush=True)
@@ -173,8 +173,8 @@ def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HF
                     out["block_sizes"][str(block)] = rows
             finally:
                 pr.stop()
-    out["block_sizes"]["32"] = out["runs"].get("kvbento with request_id")
-    pr = kv_server("responses", 32)
+    out["block_sizes"]["64"] = out["runs"].get("kvbento with request_id")
+    pr = kv_server("responses", 64)
     try:
         print("responses conversation ...", flush=True)
         out["responses"] = responses_turns.run_responses_turns(pr.url, 2 if quick else 4,

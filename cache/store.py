@@ -127,7 +127,7 @@ def chain_hashes(fingerprint: str, tenant: str, token_ids: list[int], block_toke
 class KVStore:
     """Async facade over a blocking ``Backend`` that stores blocks and heads."""
 
-    def __init__(self, backend: Backend, fingerprint: str, *, block_tokens: int = 32, ttl: float = 0,
+    def __init__(self, backend: Backend, fingerprint: str, *, block_tokens: int = 64, ttl: float = 0,
                  timeout: float = 5.0, max_workers: int = 4, memory_bytes: int = 512 << 20) -> None:
         if block_tokens < 1:
             raise ValueError("block_tokens must be >= 1")
