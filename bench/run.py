@@ -155,7 +155,7 @@ def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HF
             hf.url, hf.model, tok, with_request_id=False, exact=False, measure_bytes=False, **shape))
     for block in ([64] if quick else [64, 16, 32, 128]):
         for rid in (False, True):
-            if block != 32 and not rid:
+            if block != 64 and not rid:
                 continue
             tag = f"b{block}-{'rid' if rid else 'anon'}"
             pr = kv_server(tag, block)
