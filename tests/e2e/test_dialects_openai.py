@@ -132,7 +132,7 @@ def test_request_id_continues_a_cached_sequence(srv):
                           timeout=60).json()
     assert third["usage"]["prompt_tokens"] > second.json()["usage"]["prompt_tokens"] + 12
     # Without request_id a prompt's full blocks are reused too, with the same output.
-    long = {**body, "prompt": PROMPT * 6}
+    long = {**body, "prompt": PROMPT * 20}  # past one 64-token block
     once = requests.post(url, headers=AUTH, json=long, timeout=60)
     again = requests.post(url, headers=AUTH, json=long, timeout=60)
     assert again.headers["X-KV-Cache"] in ("hit", "partial")
