@@ -2,8 +2,8 @@
 get ``generate``, ``generate_stream`` and ``generate_batch`` methods (listed in /schema.json).
 
 They live on their own routes (/bentoml/...): BentoML matches its API routes before the mounted
-FastAPI app, so sharing /api/generate would change the seed's bodies and errors. Both faces start
-the same engine requests through the same functions.
+FastAPI app, so sharing /api/generate would change the seed's bodies and errors. Both faces are
+served by the same spec (protocol/request_id.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from model.engine import RequestStream
 from model.types import EngineError
-from protocol.common import BodyError
-from protocol.request_id import BatchItem, GenerationConfig, batch_item, from_engine, to_engine
+from protocol.request_id import Batch, BatchBody, BatchItem, GenerateBody, GenerationConfig, RequestIdApi
+from protocol.spec import Call
 from server.http import status_of
 from server.runtime import Runtime
 
@@ -55,23 +55,34 @@ def client_error(exc: EngineError):
     return BentoMLException(exc.message, error_code=HTTPStatus(status_of(exc)))
 
 
+_SINGLE, _BATCH = RequestIdApi(), Batch()
+
+
+def _call(rt: Runtime, authorization: str | None, body) -> Call:
+    """The call as the request-id API's spec serves it (the engine's typed errors are raised)."""
+    return Call(body, rt.tenant(authorization), rt.settings.generation_defaults(), rt.model.name,
+                rt.model.tokenizer, rt.store)
+
+
 async def start_one(rt: Runtime, authorization: str | None, request_id: str, prompt: str,
                     config: GenerationConfig | None) -> RequestStream:
-    """Authenticate and start one generation (the engine's typed errors are raised)."""
-    tenant = rt.tenant(authorization)
-    req = to_engine(request_id, prompt, config or GenerationConfig(), rt.settings.generation_defaults(), tenant)
-    return await rt.session.generate(req)
+    """Authenticate and start one generation."""
+    body = GenerateBody(request_id=request_id, prompt=prompt, generation_config=config or GenerationConfig())
+    [s] = await _SINGLE.start(_call(rt, authorization, body), rt.session)
+    return s
 
 
 async def generate(rt: Runtime, authorization: str | None, request_id: str, prompt: str,
                    only_new_tokens: bool, config: GenerationConfig | None) -> tuple[GenerateAnswer, str]:
     """Returns the answer and the X-KV-Cache status."""
-    s = await start_one(rt, authorization, request_id, prompt, config)
-    await s.collect()
-    if s.error:
-        raise EngineError(s.error)
-    full = rt.engine.decode(s.token_ids) if not only_new_tokens else ""
-    return GenerateAnswer.model_validate(from_engine(s, only_new_tokens, full)), s.cache_status.value
+    body = GenerateBody(request_id=request_id, prompt=prompt, only_new_tokens=only_new_tokens,
+                        stream_response=False, generation_config=config or GenerationConfig())
+    call = _call(rt, authorization, body)
+    streams = await _SINGLE.start(call, rt.session)
+    answer = await _SINGLE.collect(call, streams)
+    if streams[0].error:
+        raise EngineError(streams[0].error)
+    return GenerateAnswer.model_validate(answer), streams[0].cache_status.value
 
 
 async def generate_stream(rt: Runtime, s: RequestStream, only_new_tokens: bool) -> AsyncIterator[str]:
@@ -91,19 +102,7 @@ async def generate_stream(rt: Runtime, s: RequestStream, only_new_tokens: bool) 
 
 async def generate_batch(rt: Runtime, authorization: str | None, prompts: list[BatchItem],
                          only_new_tokens: bool, config: GenerationConfig | None) -> list[BatchAnswer]:
-    ids = [p.request_id for p in prompts]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise BodyError(f"prompts: request_id {dupes[0]!r} appears more than once", param="prompts")
-    started = await asyncio.gather(
-        *(start_one(rt, authorization, p.request_id, p.prompt, config) for p in prompts), return_exceptions=True)
-    failed = [r for r in started if isinstance(r, BaseException)]
-    if failed:
-        for r in started:
-            if isinstance(r, RequestStream):
-                r.cancel()
-        raise failed[0]
-    await asyncio.gather(*(s.collect() for s in started))
-    return [BatchAnswer.model_validate(
-        batch_item(s, only_new_tokens, rt.engine.decode(s.token_ids) if not only_new_tokens else ""))
-        for s in started]
+    body = BatchBody(prompts=prompts, only_new_tokens=only_new_tokens, generation_config=config or GenerationConfig())
+    call = _call(rt, authorization, body)
+    items = await _BATCH.collect(call, await _BATCH.start(call, rt.session))
+    return [BatchAnswer.model_validate(item) for item in items]
