@@ -220,8 +220,8 @@ class _OpenAIFraming(Framing):
         return sse({"error": {"message": message, "type": "internal_error", "param": None, "code": "internal_error"}})
 
     async def tail(self, failed: bool) -> list[bytes]:
-        out = [sse(self.framer.usage_chunk(total_usage(self.streams)))] if self.framer.include_usage and not failed else []
-        return out + [SSE_DONE]
+        usage = self.framer.include_usage and not failed
+        return ([sse(self.framer.usage_chunk(total_usage(self.streams)))] if usage else []) + [SSE_DONE]
 
 
 class _OpenAI(Dialect):

@@ -22,7 +22,7 @@ import time
 import uuid
 
 from cache.base import BackendUnavailable
-from cache.store import CacheStatus, Head, KVStore
+from cache.store import LEASE_SECONDS, CacheStatus, Head, KVStore
 from model.engine import Engine, RequestStream
 from model.types import (
     Conflict, EngineRequest, Finished, GenerateRequest, InvalidRequest, NotFound, RequestBusy,
@@ -47,8 +47,6 @@ class _Lease:
         self._task = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
-        from cache.store import LEASE_SECONDS
-
         while True:
             await asyncio.sleep(LEASE_SECONDS / 3)
             if not await self.store.renew(self.tenant, self.request_id, self.token):
