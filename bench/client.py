@@ -8,6 +8,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -108,27 +109,28 @@ class HFServe(Contender):
         counted = {"chunks": 0, "usage": None}
 
         async def parse(resp, r):
-            buf = b""
-            async for data in resp.content.iter_any():
-                buf += data
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    line = event.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        continue
-                    msg = json.loads(payload)
-                    if msg.get("usage"):
-                        counted["usage"] = msg["usage"].get("completion_tokens")
-                    if any(c.get("text") for c in msg.get("choices") or []):
-                        counted["chunks"] += 1
-                        yield payload
+            async for msg in sse_messages(resp):
+                if msg.get("usage"):
+                    counted["usage"] = msg["usage"].get("completion_tokens")
+                if any(c.get("text") for c in msg.get("choices") or []):
+                    counted["chunks"] += 1
+                    yield msg
 
         r = await self._stream(session, "/v1/completions", body, parse)
         r.num_tokens = counted["usage"] or counted["chunks"]
         return r
+
+
+async def sse_messages(resp) -> AsyncIterator[dict]:
+    """The JSON payloads of a Server-Sent Events answer as they arrive (``[DONE]`` skipped)."""
+    buf = b""
+    async for data in resp.content.iter_any():
+        buf += data
+        while b"\n\n" in buf:
+            frame, buf = buf.split(b"\n\n", 1)
+            for line in frame.split(b"\n"):
+                if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+                    yield json.loads(line[5:])
 
 
 async def run_load(c: Contender, prompts: list[str], n: int, *, concurrency: int | None = None,

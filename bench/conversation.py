@@ -6,13 +6,14 @@ long system prompt leave in the store."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import statistics
 import time
 
 import aiohttp
+
+from bench.client import sse_messages
 
 
 def _words(tok, num_tokens: int, seed: int) -> str:
@@ -54,23 +55,15 @@ async def chat(session: aiohttp.ClientSession, url: str, model: str, messages: l
             if resp.status != 200:
                 out["error"] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return out
-            buf = b""
-            async for data in resp.content.iter_any():
-                buf += data
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    line = event.strip()
-                    if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                        continue
-                    msg = json.loads(line[5:])
-                    if msg.get("usage"):
-                        out["usage"] = msg["usage"]
-                    for c in msg.get("choices") or []:
-                        piece = (c.get("delta") or {}).get("content")
-                        if piece:
-                            if out["ttft"] is None:
-                                out["ttft"] = time.perf_counter() - start
-                            out["text"] += piece
+            async for msg in sse_messages(resp):
+                if msg.get("usage"):
+                    out["usage"] = msg["usage"]
+                for c in msg.get("choices") or []:
+                    piece = (c.get("delta") or {}).get("content")
+                    if piece:
+                        if out["ttft"] is None:
+                            out["ttft"] = time.perf_counter() - start
+                        out["text"] += piece
         out["ok"] = out["ttft"] is not None
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"

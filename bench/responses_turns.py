@@ -17,6 +17,8 @@ import uuid
 
 import aiohttp
 
+from bench.client import sse_messages
+
 # Plain English words: text of a predictable size whatever the tokenizer.
 _WORDS = ["the", "cat", "sat", "on", "a", "warm", "mat", "while", "rain", "fell", "over", "quiet", "hills",
           "and", "rivers", "ran", "past", "old", "stone", "bridges", "where", "people", "walked", "slowly",
@@ -37,22 +39,14 @@ async def _turn(session: aiohttp.ClientSession, url: str, body: dict, headers: d
             if resp.status != 200:
                 out["error"] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return out
-            buf = b""
-            async for data in resp.content.iter_any():
-                buf += data
-                while b"\n\n" in buf:
-                    frame, buf = buf.split(b"\n\n", 1)
-                    for line in frame.split(b"\n"):
-                        if not line.startswith(b"data:"):
-                            continue
-                        event = json.loads(line[5:])
-                        kind = event.get("type")
-                        if kind == "response.output_text.delta" and out["ttft"] is None:
-                            out["ttft"] = time.perf_counter() - start
-                        elif kind in ("response.completed", "response.incomplete"):
-                            out["response"] = event["response"]
-                        elif kind in ("error", "response.failed"):
-                            out["error"] = event.get("message") or json.dumps(event)[:200]
+            async for event in sse_messages(resp):
+                kind = event.get("type")
+                if kind == "response.output_text.delta" and out["ttft"] is None:
+                    out["ttft"] = time.perf_counter() - start
+                elif kind in ("response.completed", "response.incomplete"):
+                    out["response"] = event["response"]
+                elif kind in ("error", "response.failed"):
+                    out["error"] = event.get("message") or json.dumps(event)[:200]
         out["ok"] = out["ttft"] is not None and out["response"] is not None
     except (TimeoutError, aiohttp.ClientError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
