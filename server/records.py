@@ -19,16 +19,23 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
 
 
-@router.get("/api/cache/{request_id}")
-async def cache_info(request: Request, request_id: str):
+async def _on_record(request: Request, request_id: str, verb: str):
+    """The store's ``verb`` (info, delete) on the caller's record; 404 when it has none, 503 when
+    the store cannot answer."""
     rt = runtime(request)
     tenant = authenticate(request)
     try:
-        info = await rt.store.info(tenant, request_id)
+        found = await getattr(rt.store, verb)(tenant, request_id)
     except BackendUnavailable:
         raise EngineClosed("the KV store is unavailable") from None
-    if info is None:
+    if not found:
         raise NotFound(f"no cache record for request_id {request_id!r}", param="request_id")
+    return rt, found
+
+
+@router.get("/api/cache/{request_id}")
+async def cache_info(request: Request, request_id: str):
+    rt, info = await _on_record(request, request_id, "info")
     return JSONResponse(
         {
             "request_id": request_id,
@@ -60,12 +67,5 @@ async def stop(request: Request, request_id: str):
 
 @router.delete("/api/cache/{request_id}")
 async def cache_delete(request: Request, request_id: str):
-    rt = runtime(request)
-    tenant = authenticate(request)
-    try:
-        existed = await rt.store.delete(tenant, request_id)
-    except BackendUnavailable:
-        raise EngineClosed("the KV store is unavailable") from None
-    if not existed:
-        raise NotFound(f"no cache record for request_id {request_id!r}", param="request_id")
+    await _on_record(request, request_id, "delete")
     return Response(status_code=204)
