@@ -52,6 +52,9 @@ class _Common(OpenAISampling):
         if self.n > 1 and self.request_id:
             raise BodyError("n > 1 cannot continue a request_id (one cached sequence per request_id)",
                             param="n")
+        if self.parent_request_id and not self.request_id:
+            raise BodyError("parent_request_id forks into a request_id: send request_id too",
+                            param="parent_request_id")
         return self
 
     @property
@@ -273,7 +276,7 @@ class Completions(_OpenAI):
         prompt_ids = body.prompt if isinstance(body.prompt, list) else None
         prompt = body.prompt if isinstance(body.prompt, str) else None
         req = engine_request("cmpl", body.request_id, call.tenant, call.defaults, self.overrides(body),
-                             prompt=prompt, prompt_ids=prompt_ids)
+                             prompt=prompt, prompt_ids=prompt_ids, parent_request_id=body.parent_request_id)
         return fan_out(req, body.n)
 
 

@@ -204,3 +204,11 @@ def test_the_stream_is_cancelled_when_the_client_goes_away():
 
     asyncio.run(run())
     assert s.cancelled
+
+
+def test_openai_fork_needs_a_request_id_and_reaches_the_engine():
+    with pytest.raises(BodyError) as err:
+        body(oa.CompletionBody, prompt="x", parent_request_id="p")
+    assert err.value.param == "parent_request_id"
+    [req] = requests(oa.Completions(), body(oa.CompletionBody, prompt="x", request_id="c", parent_request_id="p"))
+    assert (req.request_id, req.parent_request_id, req.named) == ("c", "p", True)
