@@ -18,7 +18,8 @@ from protocol.spec import Dialect, Route, SseFraming
 FIELDS = {"max_new_tokens": "maxTokens", "temperature": "temperature", "top_p": "topP", "top_k": "topK",
           "stop": "stop", "seed": "seed"}
 GenerateBody = body_model("GenerateBody", FIELDS, prompt=(str, Field(max_length=1_000_000)),
-                          request_id=(str | None, OptionalRequestId))
+                          request_id=(str | None, OptionalRequestId),
+                          parent_request_id=(str | None, OptionalRequestId))
 
 
 def finish_reason(reason: str | None) -> str | None:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from model.engine import RequestStream
 from model.types import Delta, EngineError, GenerateRequest
 from protocol.adapter import engine_request, sampling_switch
-from protocol.common import SSE_DONE, error_body, sse
+from protocol.common import SSE_DONE, BodyError, error_body, sse
 
 log = logging.getLogger("kvbento.protocol")
 
@@ -142,10 +142,18 @@ class Dialect:
         return exc
 
     async def requests(self, call: Call) -> list[GenerateRequest]:
-        """The engine requests of one call (several for n choices or a batch)."""
+        """The engine requests of one call (several for n choices or a batch).
+
+        Raises:
+            BodyError: ``parent_request_id`` without the ``request_id`` to fork into.
+        """
         body = call.body
-        return [engine_request(self.id_prefix, getattr(body, "request_id", None), call.tenant, call.defaults,
-                               self.overrides(body), prompt=getattr(body, self.prompt_field))]
+        rid, parent = getattr(body, "request_id", None), getattr(body, "parent_request_id", None)
+        if parent and not rid:
+            raise BodyError("parent_request_id forks into a request_id: send request_id too",
+                            param="parent_request_id")
+        return [engine_request(self.id_prefix, rid, call.tenant, call.defaults, self.overrides(body),
+                               prompt=getattr(body, self.prompt_field), parent_request_id=parent)]
 
     # -- answers ---------------------------------------------------------------------------
     async def answer(self, call: Call, streams: list[RequestStream], logprobs: list[list]) -> Any:

@@ -17,7 +17,8 @@ FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "sampling_temperatu
           "top_k": "sampling_topk", "repetition_penalty": "repetition_penalty"}
 # ``text`` plus Takeoff's generation parameters; request_id is kvbento's (the stored conversation).
 TakeoffBody = body_model("TakeoffBody", FIELDS, text=(str, Field(max_length=1_000_000)),
-                         request_id=(str | None, OptionalRequestId))
+                         request_id=(str | None, OptionalRequestId),
+                         parent_request_id=(str | None, OptionalRequestId))
 
 
 _EXAMPLE = {"text": "List 3 things to do in London", "max_new_tokens": 16}

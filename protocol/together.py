@@ -22,7 +22,8 @@ FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p":
 # ``model`` is accepted (one model is served); ``stream`` is the newer name of ``stream_tokens``.
 InferenceBody = body_model("InferenceBody", FIELDS, model=(str | None, None),
                            prompt=(str, Field(max_length=1_000_000)), stream_tokens=(bool, False),
-                           stream=(bool, False), request_id=(str | None, OptionalRequestId))
+                           stream=(bool, False), request_id=(str | None, OptionalRequestId),
+                           parent_request_id=(str | None, OptionalRequestId))
 
 
 def _usage(u: Usage) -> dict[str, int]:

@@ -16,7 +16,8 @@ from protocol.spec import Dialect, Route
 FIELDS = {"max_new_tokens": ("max_new_tokens", "max_tokens"), "temperature": "temperature", "top_p": "top_p",
           "top_k": "top_k", "repetition_penalty": "repetition_penalty", "stop": "stop"}
 TrussBody = body_model("TrussBody", FIELDS, prompt=(str, Field(max_length=1_000_000)), stream=(bool, False),
-                       request_id=(str | None, OptionalRequestId))
+                       request_id=(str | None, OptionalRequestId),
+                       parent_request_id=(str | None, OptionalRequestId))
 
 
 _EXAMPLE = {"prompt": "What is the Mistral wind?", "max_new_tokens": 16}

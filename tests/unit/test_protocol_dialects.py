@@ -212,3 +212,16 @@ def test_openai_fork_needs_a_request_id_and_reaches_the_engine():
     assert err.value.param == "parent_request_id"
     [req] = requests(oa.Completions(), body(oa.CompletionBody, prompt="x", request_id="c", parent_request_id="p"))
     assert (req.request_id, req.parent_request_id, req.named) == ("c", "p", True)
+
+
+def test_every_stateless_dialect_forks_with_parent_request_id():
+    cases = [(takeoff.Takeoff(), takeoff.TakeoffBody, {"text": "x"}),
+             (truss.Truss(), truss.TrussBody, {"prompt": "x"}),
+             (together.Together(), together.InferenceBody, {"prompt": "x"}),
+             (generic_v1.GenericV1(), generic_v1.GenerateBody, {"prompt": "x"})]
+    for spec, model, fields in cases:
+        [req] = requests(spec, body(model, **fields, request_id="child", parent_request_id="parent"))
+        assert (req.request_id, req.parent_request_id) == ("child", "parent"), spec.name
+        with pytest.raises(BodyError) as err:
+            requests(spec, body(model, **fields, parent_request_id="parent"))
+        assert err.value.param == "parent_request_id", spec.name
