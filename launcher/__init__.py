@@ -56,6 +56,7 @@ class ServeProcess:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None  # the log of the latest start
     _own_home: str | None = field(default=None, repr=False)
+    _retries: int = field(default=0, repr=False)
 
     @property
     def url(self) -> str:
@@ -91,6 +92,14 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self.argv is None and "Could not bind" in self.log() and self._retries < 3:
+                    # The free port was taken between free_port() and the bind: take another.
+                    self._retries += 1
+                    self.port = free_port()
+                    if self._own_home is not None:
+                        shutil.rmtree(self._own_home, ignore_errors=True)
+                        self._own_home = None
+                    return self.start(timeout)
                 raise RuntimeError(f"{self.name} exited early:\n{self.log()}")
             if self._is_ready():
                 return self
