@@ -38,6 +38,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from cache.base import Backend, BackendUnavailable, EntryInfo
+from cache.redis import _RELEASE, _RENEW  # one lease, one key: the same scripts serve a cluster
 
 T = TypeVar("T")
 SCHEME = "redis+cluster"
@@ -46,15 +47,6 @@ HEAD_BYTES = 64 << 10
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def parse_url(url: str) -> dict:
