@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # Bytes of KV blocks this server wrote kept in memory (blocks are immutable), so a next turn
     # on the same replica restores without reading the store; 0 = off.
     cache_recent_bytes: int = Field(default=512 << 20, ge=0)
+    # Buffers for store reads, allocated and touched at start (at most a max-context sequence's
+    # blocks): a first load into fresh memory pays page faults, on some VMs more than the read.
+    cache_read_buffer_bytes: int = Field(default=256 << 20, ge=0)
     # Tokens per stored KV block: identical prefixes are shared and reused at this granularity.
     cache_block_tokens: int = Field(default=64, ge=1, le=4096)
 

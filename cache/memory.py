@@ -27,7 +27,7 @@ class ReadBufferPool:
     (or a tensor made from one) is alive.
     """
 
-    def __init__(self, limit_bytes: int = 512 << 20, granule: int = 16 << 20) -> None:
+    def __init__(self, limit_bytes: int = 512 << 20, granule: int = 2 << 20) -> None:
         self.limit = limit_bytes
         self.granule = granule
         self._lock = threading.Lock()
@@ -36,6 +36,11 @@ class ReadBufferPool:
         # and the call's own), so they compare like with like.
         self._arrays: list = []
         self._free_refs: list[int] = []
+
+    def buffer_size(self, nbytes: int) -> int:
+        # Whole huge pages for large reads; small ones (a tiny model's blocks) by 64 KiB.
+        step = self.granule if nbytes >= self.granule else 64 << 10
+        return -(-max(nbytes, 1) // step) * step
 
     def _idle(self, i: int) -> bool:
         return sys.getrefcount(self._arrays[i]) <= self._free_refs[i]
@@ -48,7 +53,7 @@ class ReadBufferPool:
             if fits:
                 best = min(fits, key=lambda i: self._arrays[i].nbytes)
                 return memoryview(self._arrays[best])[:nbytes]
-            size = -(-max(nbytes, 1) // self.granule) * self.granule
+            size = self.buffer_size(nbytes)
             # Make room: buffers nobody uses go, smallest first, as many as needed.
             held = self.nbytes
             keep = [True] * len(self._arrays)
@@ -65,6 +70,20 @@ class ReadBufferPool:
             self._arrays.append(advise_huge(torch.empty(size, dtype=torch.uint8)).numpy())
             self._free_refs.append(sys.getrefcount(self._arrays[-1]))
             return memoryview(self._arrays[-1])[:nbytes]
+
+    def prefault(self, nbytes: int, count: int) -> int:
+        """Allocate ``count`` buffers that fit ``nbytes`` and touch every page now, within the
+        limit: a server calls this at start so that its first loads find warm memory. Returns how
+        many buffers the pool holds for that size."""
+        size = self.buffer_size(nbytes)
+        with self._lock:
+            have = sum(1 for a in self._arrays if nbytes <= a.nbytes <= 2 * nbytes + self.granule)
+            while have < count and self.nbytes + size <= self.limit:
+                self._arrays.append(advise_huge(torch.empty(size, dtype=torch.uint8)).numpy())
+                self._arrays[-1].fill(0)
+                self._free_refs.append(sys.getrefcount(self._arrays[-1]))
+                have += 1
+            return have
 
     @property
     def nbytes(self) -> int:

@@ -26,7 +26,7 @@ from enum import Enum
 
 import torch
 
-from cache import keys
+from cache import keys, memory
 from cache.base import Backend, BackendUnavailable
 from cache.codec import KVRecord, RecordError, decode, encoded, read_header
 
@@ -163,6 +163,14 @@ class KVStore:
     def hashes(self, tenant: str, token_ids: list[int], num_blocks: int,
                start: list[str] | None = None) -> list[str]:
         return chain_hashes(self.fingerprint, tenant, token_ids, self.block_tokens, num_blocks, start)
+
+    def prefault_reads(self, kv_bytes_per_token: int, max_tokens: int, budget_bytes: int) -> int:
+        """Warm read buffers for the blocks of a ``max_tokens`` sequence, within ``budget_bytes``;
+        returns how many there are."""
+        record = self.block_tokens * (kv_bytes_per_token + 8) + (64 << 10)  # + ids, header, padding
+        size = memory.read_buffers.buffer_size(record)
+        count = min(-(-max_tokens // self.block_tokens), budget_bytes // size)
+        return memory.read_buffers.prefault(record, count) if count > 0 else 0
 
     # -- process memory of written blocks --------------------------------------------------
     def _remember(self, key: str, block: Block) -> None:

@@ -32,6 +32,13 @@ class LoadedModel:
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return 2 * self.num_layers * kv_heads * head_dim * self.dtype.itemsize
+
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":

@@ -41,6 +41,7 @@ class Runtime:
         store = KVStore(backend, m.fingerprint, block_tokens=settings.cache_block_tokens,
                         ttl=settings.cache_ttl, timeout=settings.cache_timeout,
                         memory_bytes=settings.cache_recent_bytes)
+        store.prefault_reads(m.kv_bytes_per_token, m.max_context, settings.cache_read_buffer_bytes)
         engine = Engine(
             m,
             EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,

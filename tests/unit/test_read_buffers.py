@@ -51,3 +51,18 @@ def test_a_record_decoded_from_a_pooled_buffer_stays_intact_while_it_is_alive():
     del loaded, other
     again = pool.take(len(data))  # both free now: reused, not grown
     assert len(pool._arrays) == 2 and any(again.obj is a for a in pool._arrays)
+
+
+def test_prefaulted_buffers_are_handed_out_without_growing_the_pool():
+    pool = ReadBufferPool(limit_bytes=8 << 20, granule=1 << 20)
+    assert pool.prefault(1500 << 10, 3) == 3 and len(pool._arrays) == 3  # 1.5 MiB -> 2 MiB each
+    assert pool.prefault(1500 << 10, 3) == 3 and len(pool._arrays) == 3  # already there
+    held = [pool.take(1400 << 10) for _ in range(3)]
+    assert len(pool._arrays) == 3 and {id(h.obj) for h in held} == {id(a) for a in pool._arrays}
+    assert pool.prefault(1 << 20, 10) == 5  # 3 fit already; the 8 MiB limit stops it at 2 more
+    assert pool.nbytes == 8 << 20
+
+
+def test_small_buffers_are_not_rounded_to_a_whole_granule():
+    pool = ReadBufferPool(limit_bytes=8 << 20, granule=2 << 20)
+    assert len(pool.take(100 << 10)) == 100 << 10 and pool.nbytes == 128 << 10
