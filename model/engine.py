@@ -2,10 +2,11 @@
 
 ``engine.reserve()`` admits a request (or raises ``QueueFull``); ``engine.submit(request)`` starts
 an ``EngineRequest`` (token ids plus the KV of a prefix of them) and returns a ``RequestStream``
-(async iterator of ``Delta``). The model thread loops over three verbs: ``schedule`` (the pure
-scheduler picks the sequence to prefill a chunk of), run the model (``model.runner``: that chunk,
-then one decode step for the whole batch, which a finished prefill joins at once) and
-``postprocess`` (``model.postprocess``: sample, detokenize, stop checks, emit, retire).
+(async iterator of ``Delta``); ``submit_choices`` starts n choices of one prompt, prefilled once.
+The model thread loops over three verbs: ``schedule`` (the pure scheduler picks the sequence to
+prefill a chunk of), run the model (``model.runner``: that chunk, then one decode step for the
+whole batch, which a finished prefill joins at once) and ``postprocess`` (``model.postprocess``:
+sample, detokenize, stop checks, emit, retire).
 Finished sequences leave the batch at once; their new KV is copied out and handed to the request's
 ``on_finish`` (the session stores it) before the final delta. Nothing here knows the store.
 """
@@ -23,7 +24,7 @@ import torch
 from model.loader import LoadedModel
 from model.postprocess import Postprocessor
 from model.runner import ModelRunner
-from model.scheduler import Scheduler
+from model.scheduler import Scheduler, SeqStatus
 from model.sequence import Sequence
 from model.types import Delta, EngineClosed, EngineRequest, Finished, InvalidRequest, QueueFull, Usage
 
@@ -89,6 +90,7 @@ class RequestStream:
         self.error: str | None = None
         self.text = ""
         self.arrival = time.perf_counter()  # Engine.submit sets the true arrival (for TTFT)
+        self.prompt_logprobs: list | None = None  # when asked: one entry per prompt token
 
     @property
     def usage(self) -> Usage:
@@ -107,6 +109,8 @@ class RequestStream:
                 if delta.finish_reason:
                     self.finish_reason = delta.finish_reason
                     self.error = delta.error
+                if delta.prompt_logprobs is not None:
+                    self.prompt_logprobs = delta.prompt_logprobs
                 self.text += delta.text
                 self._engine.observer.on_delta(self, delta, time.perf_counter())
                 yield delta
@@ -196,22 +200,39 @@ class Engine:
         Raises:
             InvalidRequest: the sequence fills the model's context.
         """
-        token_ids = list(req.token_ids) or [self.m.tokenizer.bos_token_id or self.pad_id]
+        return self.submit_choices([req], arrival)[0]
+
+    def submit_choices(self, reqs: list[EngineRequest], arrival: float | None = None) -> list[RequestStream]:
+        """Start reserved requests of the same tokens (n choices of one prompt, each with its own
+        sampling parameters, seed and ``on_finish``). The first one prefills; the others take a
+        copy of its KV and never prefill: at once where a batch slot is free, else first in line.
+
+        Raises:
+            InvalidRequest: the sequence fills the model's context.
+        """
+        token_ids = list(reqs[0].token_ids) or [self.m.tokenizer.bos_token_id or self.pad_id]
         if len(token_ids) >= self.m.max_context:
             raise InvalidRequest(
                 f"the sequence is {len(token_ids)} tokens, the model's context is {self.m.max_context}",
                 param="prompt")
-        seq = Sequence(
-            request_id=req.request_id, token_ids=token_ids, num_cached_tokens=req.num_cached,
-            params=req.params, prefix=req.prefix, kv_from=req.kv_from, on_finish=req.on_finish,
-            tokenizer=self.m.tokenizer, eos_token_ids=self.m.eos_token_ids, max_context=self.m.max_context,
-        )
-        sink = _Sink()
-        stream = RequestStream(self, seq, sink, self.decode(token_ids[: req.num_prompt_tokens]))
-        if arrival is not None:
-            stream.arrival = arrival
-        self._post(("add", seq, sink))
-        return stream
+        prompt_text = self.decode(token_ids[: reqs[0].num_prompt_tokens])
+        added, streams = [], []
+        for req in reqs:
+            seq = Sequence(
+                request_id=req.request_id, token_ids=list(token_ids), num_cached_tokens=req.num_cached,
+                params=req.params, prefix=req.prefix, kv_from=req.kv_from, on_finish=req.on_finish,
+                tokenizer=self.m.tokenizer, eos_token_ids=self.m.eos_token_ids,
+                max_context=self.m.max_context,
+            )
+            sink = _Sink()
+            stream = RequestStream(self, seq, sink, prompt_text)
+            if arrival is not None:
+                stream.arrival = arrival
+            added.append((seq, sink))
+            streams.append(stream)
+        added[0][0].siblings = [seq for seq, _ in added[1:]]
+        self._post(("add", added))
+        return streams
 
     def abort(self, seq: Sequence, num_delivered: int | None) -> None:
         """Stop ``seq`` at its next step; its record keeps the ``num_delivered`` generated tokens
@@ -257,7 +278,7 @@ class Engine:
                 with torch.inference_mode():
                     for msg in msgs:
                         if msg[0] == "add":
-                            self._add(msg[1], msg[2])
+                            self._add(msg[1])
                         else:
                             self.postprocessor.abort(msg[1], msg[2])
                     self._step()
@@ -267,12 +288,14 @@ class Engine:
                 self.runner.reset()
         for msg in msgs:
             if msg[0] == "add":
-                self._add(msg[1], msg[2])
+                self._add(msg[1])
         self.postprocessor.fail_all("the engine is shutting down")
 
-    def _add(self, seq: Sequence, sink: _Sink) -> None:
-        self._sinks[seq] = sink
-        self.scheduler.add(seq)
+    def _add(self, added: list[tuple[Sequence, _Sink]]) -> None:
+        """Queue the first sequence; its siblings wait on it (``Sequence.siblings``)."""
+        for seq, sink in added:
+            self._sinks[seq] = sink
+        self.scheduler.add(added[0][0])
 
     def _step(self) -> None:
         """One iteration: schedule, run the model, postprocess."""
@@ -289,8 +312,32 @@ class Engine:
                 self._run_beams(prefill)
             elif self.runner.prefill(prefill):
                 self.scheduler.start_running(prefill)
+                self._joined(prefill)
         batch = list(self.scheduler.running)
         return batch, self.runner.decode(batch) if batch else None
+
+    def _joined(self, seq: Sequence) -> None:
+        """``seq``'s KV is in the batch: its prompt's logprobs go out, and its sibling choices fork
+        that KV (a slot each; those without one wait first in line with a host copy of it)."""
+        if seq.prompt_logprobs is not None:
+            self._emit(seq, Delta(prompt_logprobs=seq.prompt_logprobs))
+        siblings = [s for s in seq.siblings if s.status is not SeqStatus.FINISHED]
+        seq.siblings = []
+        copy = None
+        waiting = []
+        for sib in siblings:
+            sib.prompt_logprobs = seq.prompt_logprobs
+            if self.scheduler.num_running < self.config.max_batch_size:
+                self.runner.fork(seq, sib)
+                self.scheduler.start_running(sib)
+                self._joined(sib)
+            else:
+                if copy is None:
+                    copy = self.runner.extract(seq, 0, len(seq.token_ids) - 1)
+                sib.forked_kv = copy
+                waiting.append(sib)
+        for sib in reversed(waiting):  # in their order, ahead of later requests
+            self.scheduler.add(sib, first=True)
 
     def _run_beams(self, seq: Sequence) -> None:
         """A beam search runs outside the batch, from prefill to retirement in one go."""

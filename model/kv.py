@@ -229,6 +229,24 @@ class BatchKV:
         self.start = min(self.start, lo) if len(self.active_rows) > 1 else lo
         return row
 
+    def copy_row(self, src: int) -> int:
+        """A free row holding a copy of row ``src``'s KV (a sibling choice forks a prefilled prompt).
+
+        Returns:
+            The new row's index, stable until ``remove``.
+        """
+        if all(n >= 0 for n in self.row_len):  # no free row: double the rows, columns as they are
+            self._relayout(min(self.max_rows, max(1, 2 * len(self.row_len))), self.capacity, self.end)
+        row = next(i for i, ln in enumerate(self.row_len) if ln < 0)
+        n = self.row_len[src]
+        lo = self.end - n
+        for t in (*self.keys, *self.values):
+            t[row, :, lo : self.end] = t[src, :, lo : self.end]
+        self.mask[row].zero_()
+        self.mask[row, lo : self.end] = True
+        self.row_len[row] = n
+        return row
+
     def remove(self, row: int) -> None:
         """Free ``row``; its columns are simply masked out."""
         self.row_len[row] = -1

@@ -154,6 +154,11 @@ class Postprocessor:
                 finished.keys, finished.values = self.runner.empty_kv()
         self.runner.release(seq)
         self.scheduler.finish(seq)
+        heirs = [s for s in seq.siblings if s.status is not SeqStatus.FINISHED]
+        seq.siblings = []
+        if heirs and error is None:  # it ended before its prefill was shared: the next choice prefills
+            heirs[0].siblings = heirs[1:]
+            self.scheduler.add(heirs[0], first=True)
         if last is not None and (last.text or last.token_ids):
             self.emit(seq, last)
         self.retire(seq, finished, Delta(finish_reason=reason, error=error))
@@ -177,6 +182,7 @@ class Postprocessor:
         seqs = list(self.scheduler.waiting) + list(self.scheduler.running)
         if self.scheduler.prefilling is not None:
             seqs.append(self.scheduler.prefilling)
+        seqs += [sib for seq in seqs for sib in seq.siblings]
         for seq in seqs:
             seq.row = None
             self.finish(seq, "error", error=message)

@@ -3,7 +3,8 @@
 ``prefill`` runs one chunk of a sequence on top of its restored prefix and places the finished KV
 in a slab row; ``decode`` runs one step for the whole running batch and returns its logits;
 ``beam_search`` runs a beam request outside the batch and ``recompute`` rebuilds the chosen
-beam's KV. ``extract`` / ``release`` copy a row's KV out and free it when a sequence retires.
+beam's KV. ``fork`` gives a sibling choice a copy of a prefilled row. ``extract`` / ``release``
+copy a row's KV out and free it when a sequence retires.
 Owned by the model thread.
 """
 
@@ -15,6 +16,7 @@ from transformers import DynamicCache
 from model import kernels
 from model.kv import BatchKV
 from model.loader import LoadedModel
+from model.sampling import TokenLogprob
 from model.sequence import Sequence
 
 KV = tuple[list[torch.Tensor], list[torch.Tensor]]  # per layer [kv_heads, n, head_dim]
@@ -33,6 +35,7 @@ class ModelRunner:
         self._native_attention = getattr(cfg, "_attn_implementation", None) == kernels.ATTENTION_NAME
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self.kv = self._new_kv()
+        self.num_prefilled_tokens = 0  # positions run through a prefill forward, ever
 
     def _new_kv(self) -> BatchKV:
         layers, heads, dim = self.kv_geometry
@@ -52,6 +55,10 @@ class ModelRunner:
         Returns:
             True once the KV of ``token_ids[:-1]`` is complete and in slab row ``seq.row``.
         """
+        if seq.forked_kv is not None:  # a sibling choice: the KV its first choice computed
+            seq.row = self.kv.insert(*seq.forked_kv)
+            seq.forked_kv, seq.prefix = None, []
+            return True
         if seq.prefix and seq.num_cached_tokens == len(seq.token_ids) - 1:
             # Everything but the last token is restored: the chunks go straight into the row.
             chunks, seq.prefix = seq.prefix, []
@@ -89,9 +96,14 @@ class ModelRunner:
             dev = self.m.device
             ids = torch.tensor([seq.token_ids[lo:hi]], dtype=torch.long, device=dev)
             pos = torch.arange(lo, hi, dtype=torch.long, device=dev).unsqueeze(0)
-            self.m.model(input_ids=ids, position_ids=pos, past_key_values=seq.prefill_cache,
-                         use_cache=True, logits_to_keep=1)
+            # Only a request for the prompt's logprobs pays for every position's logits.
+            score = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) == lo + 1
+            out = self.m.model(input_ids=ids, position_ids=pos, past_key_values=seq.prefill_cache,
+                               use_cache=True, logits_to_keep=0 if score else 1)
+            if score:
+                self._score_prompt(seq, out.logits[0], lo, hi)
             seq.num_computed = hi
+            self.num_prefilled_tokens += hi - lo
         if seq.num_computed < todo:
             return None
         if seq.prefill_cache is None:
@@ -101,6 +113,25 @@ class ModelRunner:
         values = [layer.values[0] for layer in layers]
         seq.prefill_cache = None
         return keys, values
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor, lo: int, hi: int) -> None:
+        """Append the logprobs of prompt tokens ``lo + 1 .. hi`` (log-softmax of the raw logits of
+        positions ``lo .. hi - 1``, no sampling transforms) to ``seq.prompt_logprobs``."""
+        lp = logits.float().log_softmax(dim=-1)
+        targets = torch.tensor(seq.token_ids[lo + 1 : hi + 1], dtype=torch.long, device=lp.device)
+        chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        k = seq.params.prompt_logprobs
+        if k:
+            top = lp.topk(k, dim=-1)
+            alts = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            alts = [[] for _ in chosen]
+        seq.prompt_logprobs.extend(TokenLogprob(t, x, a) for t, x, a in zip(targets.tolist(), chosen, alts))
+
+    def fork(self, seq: Sequence, sibling: Sequence) -> None:
+        """Give ``sibling`` (the same tokens) a slab row holding a copy of prefilled ``seq``'s KV."""
+        sibling.row = self.kv.copy_row(seq.row)
+        sibling.prefix = []
 
     # -- decode ----------------------------------------------------------------------------
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -181,3 +212,4 @@ class ModelRunner:
             seq.row = None
         seq.prefill_cache = None
         seq.prefix = []
+        seq.forked_kv = None

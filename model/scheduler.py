@@ -56,9 +56,13 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.running)
 
     # -- transitions -----------------------------------------------------------------------
-    def add(self, seq: Schedulable) -> None:
+    def add(self, seq: Schedulable, first: bool = False) -> None:
+        """Queue ``seq``; ``first``: ahead of the others (a request admitted earlier goes on)."""
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        if first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def schedule(self) -> Schedulable | None:
         """The sequence to run a prefill chunk of now: the one prefilling, else the oldest waiting

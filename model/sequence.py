@@ -40,6 +40,12 @@ class Sequence:
         self.row: int | None = None  # the batch slab's row, once RUNNING
         self.num_computed = 0  # prefill progress over token_ids[:-1]
         self.prefill_cache = None  # the DynamicCache of a prefill in progress
+        # Other choices of the same prompt: they take a copy of this one's prefilled KV.
+        self.siblings: list[Sequence] = []
+        self.forked_kv = None  # a sibling's copy of that KV while it waits for a batch slot
+        # Restored positions have no logits: their entries stay None, as does the first token's.
+        self.prompt_logprobs: list | None = (
+            [None] * (num_cached_tokens + 1) if params.prompt_logprobs is not None else None)
         # -- sampling
         self.num_generated = 0
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None

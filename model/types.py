@@ -88,6 +88,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # Return each generated token's logprob and this many alternatives (None: no logprobs).
     logprobs: int | None = None
+    # Return each prompt token's logprob (log-softmax of the raw logits) and this many alternatives.
+    prompt_logprobs: int | None = None
 
     def validate(self, max_new_tokens_limit: int) -> None:
         """Check every parameter against its declared range (model/params.py), and the rules
@@ -183,6 +185,9 @@ class Delta:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list | None = None  # one model.sampling.TokenLogprob per token id, when asked
+    # Sent once, when the prefill is done: one TokenLogprob per prompt token, None where there are
+    # no logits (the first token, a restored prefix).
+    prompt_logprobs: list | None = None
 
 
 @dataclass

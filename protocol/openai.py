@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model.engine import RequestStream
 from model.types import Delta, EngineError, GenerateRequest, InvalidRequest
 from protocol.adapter import OptionalRequestId, engine_request
 from model.params import wire
@@ -17,7 +18,7 @@ from protocol.openai_framing import Framer, finish_reason, total_usage  # noqa: 
 from protocol.openai_logprobs import TokenTexts
 from protocol.spec import Call, Dialect, Framing, Route
 
-MAX_N = 8  # choices per request: each is one engine sequence of the same prompt
+MAX_N = 8  # choices per request: engine sequences of one prompt, prefilled once
 MAX_TOP_LOGPROBS = 20
 
 # OpenAI / vLLM fields that are refused unless they carry their no-op value: ignoring them would
@@ -63,6 +64,11 @@ class _Common(OpenAISampling):
         return None
 
     @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Alternatives per prompt token to report; None = no prompt logprobs."""
+        return None
+
+    @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
@@ -96,16 +102,13 @@ class CompletionBody(_Common):
             raise ValueError("suffix is not supported")
         return v
 
-    @model_validator(mode="after")
-    def _no_prompt_logprobs(self) -> "CompletionBody":
-        if self.echo and self.logprobs is not None:
-            raise BodyError("echo with logprobs is not supported (the prompt's logprobs are not computed)",
-                            param="echo")
-        return self
-
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None  # OpenAI's echo with logprobs
 
 
 class TextPart(BaseModel):
@@ -168,8 +171,8 @@ class ChatBody(_Common):
 
 
 def fan_out(req: GenerateRequest, n: int) -> list[GenerateRequest]:
-    """``n`` engine requests of one prompt, one per choice: fresh one-off ids, and ``seed + i`` so
-    seeded choices differ from each other yet repeat run to run."""
+    """``n`` engine requests of one prompt, one per choice (the engine prefills it once): fresh
+    one-off ids, and ``seed + i`` so seeded choices differ from each other yet repeat run to run."""
     if n == 1:
         return [req]
     out = []
@@ -213,9 +216,13 @@ class _OpenAIFraming(Framing):
         self.framer = spec.framer(call)
 
     def head(self) -> list[bytes]:
-        return [sse(self.framer.echo_chunk(i)) for i in range(len(self.streams))] if self.framer.echo else []
+        if not self.framer.echo or self.framer.prompt_logprobs:  # those wait for the prefill's delta
+            return []
+        return [sse(self.framer.echo_chunk(i)) for i in range(len(self.streams))]
 
     def chunk(self, index: int, delta: Delta) -> bytes | None:
+        if delta.prompt_logprobs is not None and self.framer.prompt_logprobs:
+            return sse(self.framer.echo_chunk(index, self.streams[index]))
         chunk = self.framer.chunk(delta, index)
         return sse(chunk) if chunk else None
 
@@ -238,6 +245,7 @@ class _OpenAI(Dialect):
             out["top_k"] = 0
         out["max_new_tokens"] = body.max_new_tokens
         out["logprobs"] = body.num_logprobs
+        out["prompt_logprobs"] = body.num_prompt_logprobs
         return out
 
     def framer(self, call: Call) -> Framer:
@@ -246,7 +254,12 @@ class _OpenAI(Dialect):
         if not self.chat and body.echo:
             echo = body.prompt if isinstance(body.prompt, str) else call.decode(body.prompt)
         texts = TokenTexts(call.tokenizer) if body.num_logprobs is not None else None
-        return Framer(self.chat, model_id(call.model_name), body.include_usage, texts=texts, echo=echo)
+        return Framer(self.chat, model_id(call.model_name), body.include_usage, texts=texts, echo=echo,
+                      prompt_logprobs=body.num_prompt_logprobs is not None)
+
+    async def start(self, call: Call, session) -> list[RequestStream]:
+        """The ``n`` choices start together, all or none: the engine prefills their prompt once."""
+        return await session.generate_choices(await self.requests(call))
 
     async def answer(self, call, streams, logprobs) -> dict[str, Any]:
         return self.framer(call).response(streams, logprobs)

@@ -9,7 +9,7 @@ from typing import Any
 from model.engine import RequestStream
 from model.sampling import TokenLogprob
 from model.types import Delta, Usage
-from protocol.openai_logprobs import TokenTexts, chat_content, completion_block
+from protocol.openai_logprobs import TokenTexts, chat_content, completion_block, prompt_block
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -36,15 +36,17 @@ class Framer:
     Args:
         texts: token texts for logprobs; None = the request asked for no logprobs.
         echo: completions' ``echo``: the prompt text put before each choice's text.
+        prompt_logprobs: ``echo`` with logprobs: the prompt's tokens lead each choice's logprobs.
     """
 
     def __init__(self, chat: bool, model: str, include_usage: bool = False, *,
-                 texts: TokenTexts | None = None, echo: str = "") -> None:
+                 texts: TokenTexts | None = None, echo: str = "", prompt_logprobs: bool = False) -> None:
         self.chat = chat
         self.model = model
         self.include_usage = include_usage
         self.texts = texts
         self.echo = echo
+        self.prompt_logprobs = prompt_logprobs and texts is not None
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{time.time_ns():x}"
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -77,12 +79,22 @@ class Framer:
                 choices.append({"index": i, "message": {"role": "assistant", "content": s.text},
                                 "logprobs": lp, "finish_reason": reason})
             else:
+                head = self._prompt_logprobs(s)
+                if head is not None:
+                    lp = head if lp is None else {k: head[k] + lp[k] for k in head}
                 choices.append({"index": i, "text": self.echo + s.text, "logprobs": lp, "finish_reason": reason})
         return {**self._head(self.object), "choices": choices, "usage": usage(total_usage(streams))}
 
-    def echo_chunk(self, index: int) -> dict[str, Any]:
-        """The first chunk of a completions choice with ``echo``: the prompt's text."""
-        return self._wrap({"index": index, "text": self.echo, "logprobs": None, "finish_reason": None})
+    def _prompt_logprobs(self, stream: RequestStream) -> dict[str, Any] | None:
+        if not self.prompt_logprobs or stream.prompt_logprobs is None:
+            return None
+        return prompt_block(stream.base_token_ids, stream.prompt_logprobs, self.texts)
+
+    def echo_chunk(self, index: int, stream: RequestStream | None = None) -> dict[str, Any]:
+        """The first chunk of a completions choice with ``echo``: the prompt's text (and, once its
+        prefill is done, the prompt's logprobs when asked)."""
+        lp = self._prompt_logprobs(stream) if stream is not None else None
+        return self._wrap({"index": index, "text": self.echo, "logprobs": lp, "finish_reason": None})
 
     def chunk(self, delta: Delta, index: int = 0) -> dict[str, Any] | None:
         """One stream chunk for ``delta`` of choice ``index`` (None when it carries nothing)."""

@@ -1,7 +1,8 @@
 """OpenAI's logprobs shapes, from the engine's per-token ``TokenLogprob`` entries.
 
 Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``.
-Completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``.
+Completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``,
+led by the prompt's tokens with ``echo``.
 """
 
 from __future__ import annotations
@@ -85,3 +86,21 @@ def completion_block(entries: list[TokenLogprob | None], texts: TokenTexts, offs
         out["text_offset"].append(offset)
         offset += len(text)
     return out, offset
+
+
+def prompt_block(token_ids: list[int], entries: list[TokenLogprob | None],
+                 texts: TokenTexts) -> dict[str, Any]:
+    """The ``logprobs`` of an echoed prompt: every prompt token, with ``None`` where it has no
+    logprob (the first one); offsets into the echoed text, where special tokens (a BOS) take no room."""
+    special = set(texts.tokenizer.all_special_ids)
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token_id, e in zip(token_ids, entries):
+        text = texts.text_of(token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if e is None else _finite(e.logprob))
+        out["top_logprobs"].append(None if e is None else {texts.text_of(t): _finite(lp) for t, lp in e.top})
+        out["text_offset"].append(offset)
+        if token_id not in special:
+            offset += len(text)
+    return out

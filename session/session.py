@@ -133,6 +133,16 @@ class Session:
         """Plan, restore and start ``req``.
 
         Raises:
+            As ``generate_choices``.
+        """
+        return (await self.generate_choices([req]))[0]
+
+    async def generate_choices(self, reqs: list[GenerateRequest]) -> list[RequestStream]:
+        """Plan, restore and start one request, or the n choices of one anonymous prompt (OpenAI's
+        ``n``): planned once, prefilled once by the engine; each choice saves what it generated as
+        a request of its own would.
+
+        Raises:
             InvalidRequest: bad parameters, bad field combinations, or a sequence past the context.
             NotFound: ``parent_request_id`` has no stored sequence.
             Conflict: forking onto a request_id that already has one.
@@ -140,12 +150,17 @@ class Session:
             RequestBusy: the request_id stayed busy with another request past the lease wait.
         """
         arrival = time.perf_counter()
-        self.engine.check(req.params)
+        req = reqs[0]
+        for r in reqs:
+            self.engine.check(r.params)
         if req.parent_request_id is not None and req.parent_request_id == req.request_id:
             raise InvalidRequest("parent_request_id must differ from request_id", param="parent_request_id")
-        self.engine.reserve()
         lease: _Lease | None = None
+        num_reserved = 0
         try:
+            for _ in reqs:
+                self.engine.reserve()
+                num_reserved += 1
             use_store = req.use_cache and self.store is not None
             available = use_store
             if use_store and req.named:
@@ -160,23 +175,27 @@ class Session:
                     observer.on_cache(plan.status, 0.0, 0)
             b = self.store.block_tokens if self.store is not None else 1
             kv_from = (plan.num_cached // b) * b
-            on_finish = self._finisher(req, plan, lease, kv_from) if available else None
-            if on_finish is None and lease is not None:
-                on_finish = self._releaser(lease)
-            engine_req = EngineRequest(
-                request_id=req.request_id, token_ids=plan.token_ids, params=req.params,
-                num_prompt_tokens=plan.num_prompt_tokens, num_cached=plan.num_cached, prefix=plan.chunks,
-                kv_from=kv_from, on_finish=on_finish,
-            )
-            stream = self.engine.submit(engine_req, arrival)
+            engine_reqs = []
+            for r in reqs:
+                on_finish = self._finisher(r, plan, lease, kv_from) if available else None
+                if on_finish is None and lease is not None:
+                    on_finish = self._releaser(lease)
+                engine_reqs.append(EngineRequest(
+                    request_id=r.request_id, token_ids=plan.token_ids, params=r.params,
+                    num_prompt_tokens=plan.num_prompt_tokens, num_cached=plan.num_cached, prefix=plan.chunks,
+                    kv_from=kv_from, on_finish=on_finish,
+                ))
+            streams = self.engine.submit_choices(engine_reqs, arrival)
         except BaseException:
-            self.engine.unreserve()
+            for _ in range(num_reserved):
+                self.engine.unreserve()
             if lease is not None:
                 await lease.release()
             raise
-        stream.cache_status = plan.status
+        for stream in streams:
+            stream.cache_status = plan.status
         if lease is not None:
-            self._running[(req.tenant, req.request_id)] = stream
+            self._running[(req.tenant, req.request_id)] = streams[0]
         if plan.num_cached:
             # Local: every block came from this replica's memory (a head and its tail are always
             # read from the store, so a tail-only restore is a store read on any replica).
@@ -184,7 +203,7 @@ class Session:
             local = full > 0 and plan.local_tokens >= full
             observer.on_reuse("local" if local else "store", plan.num_cached)
             observer.on_prefix(plan.found_by)
-        return stream
+        return streams
 
     async def _acquire(self, tenant: str, request_id: str) -> tuple[_Lease | None, bool]:
         """The request_id's lease, waiting for another holder; (None, False) when the store is down."""
@@ -266,7 +285,7 @@ class Session:
                                      f"context is {ctx}: start a new request_id", param="request_id")
             field = "append" if req.append else "prompt"
             raise InvalidRequest(f"{field} makes the sequence {n} tokens, the model's context is {ctx}", param=field)
-        if available:
+        if available and req.params.prompt_logprobs is None:  # those need every position's logits
             try:
                 await self._restore(req, plan, text)
             except BackendUnavailable:

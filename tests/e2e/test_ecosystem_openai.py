@@ -1,6 +1,6 @@
 """OpenAI conformance with the official `openai` SDK against a live `bentoml serve`: vLLM's
-extensions (ignore_eos, min_tokens, top_k, repetition_penalty), penalties, n, logprobs, echo, and
-the fields still refused."""
+extensions (ignore_eos, min_tokens, top_k, repetition_penalty), penalties, n, logprobs, echo (with
+the prompt's logprobs), and the fields still refused."""
 
 from __future__ import annotations
 
@@ -142,9 +142,69 @@ def test_echo_stop_and_seed(client):
     assert stopped.choices[0].text == base[: base.find(cut)] and stopped.choices[0].finish_reason == "stop"
 
 
+@pytest.fixture(scope="module")
+def tiny_forward(tiny_model_dir):
+    """Token ids and log-softmax of the tiny model's own forward over a text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    def forward(text):
+        ids = tok(text).input_ids
+        with torch.inference_mode():
+            return ids, model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return forward
+
+
+def test_echo_with_logprobs_reports_the_prompts_logprobs(client, tiny_forward):
+    prompt = PROMPT + ", in a land far away"
+    ids, lp = tiny_forward(prompt)
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                  logprobs=2, extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    n = len(ids)
+    assert r.usage.prompt_tokens == n and c.text.startswith(prompt)
+    got = c.logprobs
+    assert len(got.tokens) == len(got.token_logprobs) == len(got.top_logprobs) == n + 4
+    assert len(got.text_offset) == n + 4
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    prompt_lps = got.token_logprobs[1:n]
+    assert all(x < 0 for x in prompt_lps)
+    assert prompt_lps == pytest.approx([float(lp[i - 1, ids[i]]) for i in range(1, n)], abs=1e-3)
+    assert all(len(t) == 2 and max(t.values()) == pytest.approx(float(lp[i].max()), abs=1e-3)
+               for i, t in enumerate(got.top_logprobs[1:n]))
+    # Offsets index the echoed text (the BOS takes no room); the completion's tokens follow.
+    assert all(prompt[o:].startswith(t) for t, o in zip(got.tokens[1:n], got.text_offset[1:n]))
+    assert got.text_offset[n] == len(prompt)
+    # A cache hit changes nothing: the prompt is computed again for its logits.
+    again = client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                      logprobs=2, extra_body={"ignore_eos": True})
+    assert again.choices[0].logprobs.token_logprobs[1:] == pytest.approx(got.token_logprobs[1:], abs=1e-4)
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    # Streamed: the echo chunk carries the prompt's logprobs, then the completion's follow.
+    chunks = list(client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                            logprobs=2, n=2, stream=True, extra_body={"ignore_eos": True}))
+    for index in (0, 1):
+        mine = [ch.choices[0] for ch in chunks if ch.choices[0].index == index]
+        assert mine[0].text == prompt and mine[0].logprobs.token_logprobs[0] is None
+        assert mine[0].logprobs.token_logprobs[1:] == pytest.approx(prompt_lps, abs=1e-4)
+        assert [t for ch in mine if ch.logprobs for t in ch.logprobs.tokens] == got.tokens
+        assert "".join(ch.text for ch in mine) == c.text
+
+
+def test_greedy_choices_are_the_single_answer(client):
+    one = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    three = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0, n=3,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in three.choices] == [one.choices[0].text] * 3
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens and three.usage.completion_tokens == 24
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"logit_bias": {"5": 10}}, "logit_bias"),
-    ({"echo": True, "logprobs": 1}, "echo"),
     ({"n": 9}, "n"),
     ({"suffix": "end"}, "suffix"),
     ({"best_of": 3}, "best_of"),

@@ -210,6 +210,20 @@ def test_slab_compacts_in_place_and_is_reused_when_idle():
     s.step(300.0)
 
 
+@torch.inference_mode()
+def test_copy_row_forks_a_row_growing_the_slab_when_full():
+    s = _Slab(1, 8)  # one row reserved: the copy needs a second
+    a = s.insert([1.0, 2.0, 3.0])
+    b = s.kv.copy_row(a)
+    s.written[b] = list(s.written[a])
+    assert b != a and len(s.kv.row_len) == 2
+    s.check()
+    for i in range(3):  # the copies go their own ways
+        s.step(10.0 * i)
+    s.remove(a)
+    s.step(100.0)
+
+
 def test_loading_the_native_kernel_keeps_denormals():
     """Built with -ffast-math, the kernel must not switch the process to flush-to-zero (gcc < 13
     links crtfastmath.o into shared objects unless compile and link are separate)."""

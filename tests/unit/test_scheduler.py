@@ -56,3 +56,12 @@ def test_finish_from_any_state():
 def test_invalid_limits_refused():
     with pytest.raises(ValueError):
         Scheduler(0, 1)
+
+
+def test_add_first_goes_ahead_of_the_queue():
+    s = Scheduler(1, 4)
+    a, b, c = FakeSeq("a"), FakeSeq("b"), FakeSeq("c")
+    s.add(a)
+    s.add(b)
+    s.add(c, first=True)  # a choice whose prompt was prefilled already: it was admitted earlier
+    assert [x.name for x in s.waiting] == ["c", "a", "b"] and c.status is SeqStatus.WAITING
