@@ -9,6 +9,7 @@ import torch
 from cache.store import CacheStatus
 from model.types import GenerateRequest, SamplingParams
 from protocol.openai import fan_out
+from protocol.spec import merge
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 
@@ -92,17 +93,21 @@ def test_cancelling_one_choice_leaves_the_others_and_all_release(engine, loop):
     streams = run(loop, cancel_first())
     assert [generated(s) for s in streams[1:]] == [generated(ref[0])] * 2
 
-    async def abandon_all():
-        streams = await engine.generate_choices(choices(6, max_new_tokens=200, ignore_eos=True))
-        it = streams[0].__aiter__()
-        await it.__anext__()
-        await it.aclose()
-        for s in streams[1:]:
-            s.cancel()
-        await asyncio.sleep(0.5)
+    async def client_gone():
+        """What the OpenAI route does when its client leaves mid-stream: close the merged deltas."""
+        streams = await engine.generate_choices(choices(6, max_new_tokens=400, ignore_eos=True))
+        merged = merge(streams)
+        await merged.__anext__()
+        await merged.aclose()
+        for _ in range(600):  # the aborts land at the model thread's next step
+            if not (engine.engine.num_running or engine.engine.num_waiting):
+                break
+            await asyncio.sleep(0.05)
+        return streams
 
-    run(loop, abandon_all())
+    streams = run(loop, client_gone())
     assert_released(engine)
+    assert all(s.usage.completion_tokens < 400 for s in streams)  # aborted, not run to the end
 
 
 def direct_logprobs(loaded, ids):
