@@ -97,8 +97,10 @@ class BatchKV:
         old_rows = len(self.row_len)
         span = self.end - self.start
         new_start = end - span
-        assert new_start >= 0 and end <= capacity and rows >= old_rows
+        assert new_start >= 0 and end <= capacity and all(n < 0 for n in self.row_len[rows:])
         keep = min(old_rows, rows)
+        if self._relayout_in_reserve(rows, capacity, end):
+            return
         if self.keys and rows == old_rows and capacity == self.capacity:
             if span and new_start != self.start:
                 for t in (*self.keys, *self.values):
@@ -123,13 +125,46 @@ class BatchKV:
                 else:
                     fresh[:, :, new_start:end].zero_()
                 out.append(fresh)
+        self._set_layout(new_k, new_v, rows, capacity, new_start, end)
+
+    def _set_layout(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: int,
+                    capacity: int, new_start: int, end: int) -> None:
+        keep = min(len(self.row_len), rows)
         mask = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
-        if span and keep:
+        if self.end > self.start and keep:
             mask[:keep, new_start:end] = self.mask[:keep, self.start : self.end]
-        self.keys, self.values, self.mask = new_k, new_v, mask
-        self.row_len += [-1] * (rows - old_rows)
+        self.keys, self.values, self.mask = keys, values, mask
+        self.row_len = self.row_len[:rows] + [-1] * (rows - len(self.row_len))
         self.start, self.end = new_start, end
         self.num_relayouts += 1
+
+    def _relayout_in_reserve(self, rows: int, capacity: int, end: int) -> bool:
+        """``_relayout`` inside the reserve's memory, when the slab is laid out there and the new
+        layout fits it, is no narrower and moves no column left: then every (row, head) span only
+        moves to a higher address, so moving them from the last down never overwrites one not yet
+        moved. A fresh slab instead costs first-touch faults on all of it, seconds for a GiB.
+        """
+        res = self._reserved
+        new_start = end - (self.end - self.start)
+        if (res is None or not self.keys or self.keys[0].data_ptr() != res[0][0].data_ptr()
+                or capacity < self.capacity or new_start < self.start
+                or rows * self.kv_heads * capacity * self.head_dim > res[0][0].numel()):
+            return False
+        heads, dim, old_cap = self.kv_heads, self.head_dim, self.capacity
+        n = (self.end - self.start) * dim
+        shape = (rows, heads, capacity, dim)
+        new_k, new_v = [], []
+        for reserve, out in ((res[0], new_k), (res[1], new_v)):
+            for t in reserve:
+                flat = t.view(-1)
+                for r in reversed(self.active_rows):  # a row's heads at once, through a copy
+                    src = flat.as_strided((heads, n), (old_cap * dim, 1), (r * heads * old_cap + self.start) * dim)
+                    dst = flat.as_strided((heads, n), (capacity * dim, 1), (r * heads * capacity + new_start) * dim)
+                    if n:
+                        dst.copy_(src.clone())
+                out.append(flat[: rows * heads * capacity * dim].view(shape))
+        self._set_layout(new_k, new_v, rows, capacity, new_start, end)
+        return True
 
     def reserve(self, rows: int, capacity: int) -> None:
         """Allocate (and touch) the slab up front, as a server does with its KV pool at start."""
@@ -281,8 +316,11 @@ class BatchKV:
         first live column per row [rows] (CPU int64, for the native decode kernel))."""
         if self.end + 1 > self.capacity:
             span = self.end - self.start
-            need = self._round(span + self.chunk + 1)
-            self._relayout(len(self.row_len), need if need > self.capacity else self.capacity, span)
+            rows = max(self.num_rows, 1)  # free rows past the last one in use are dropped
+            if span + self.chunk + 1 <= self.capacity:
+                self._relayout(len(self.row_len), self.capacity, span)  # compact in place
+            elif not self._relayout_in_reserve(rows, self._round(self.end + self.chunk + 1), self.end):
+                self._relayout(rows, self._round(span + self.chunk + 1), span)
         rows = self.num_rows
         self.mask[:rows, self.end] = True  # free rows attend to their own slot: no empty softmax
         # A 4D additive mask is used as is by the model: HF does not rebuild it per layer or step.

@@ -286,3 +286,44 @@ def test_extract_is_a_host_copy_per_layer_that_outlives_the_row():
         assert torch.equal(k[l], keys[l][:, :4]) and torch.equal(v[l], values[l][:, :4])
     k0, v0 = kv.extract(row, 0)  # a one-token sequence keeps no columns
     assert all(t.shape == (heads, 0, dim) for t in k0 + v0)
+
+
+@torch.inference_mode()
+def test_a_slab_in_the_reserve_widens_inside_it_with_every_row_exact():
+    layers, heads, dim = 2, 3, 4
+    kv = BatchKV(num_layers=layers, kv_heads=heads, head_dim=dim, dtype=torch.float32,
+                 device=torch.device("cpu"), max_rows=8, column_chunk=4)
+    kv.reserve(4, 24)  # 96 row-columns of memory
+    mem = kv.keys[0].data_ptr()
+    g = torch.Generator().manual_seed(0)
+    held = {}
+    for n in (5, 3, 6, 2):
+        k = [torch.randn(heads, n, dim, generator=g) for _ in range(layers)]
+        v = [torch.randn(heads, n, dim, generator=g) for _ in range(layers)]
+        held[kv.insert(k, v)] = (k, v)
+    kv.remove(1)  # a free row among live ones
+    del held[1]
+    kv.remove(3)  # a free row past the last live one: dropped when the slab widens
+    del held[3]
+
+    def steps(count: int) -> None:
+        for _ in range(count):
+            cache, _, rows, _ = kv.prepare_step()
+            for layer in range(layers):
+                nk = torch.randn(rows, heads, 1, dim, generator=g)
+                nv = torch.randn(rows, heads, 1, dim, generator=g)
+                cache.layers[layer].update(nk, nv)
+                for r, (k, v) in held.items():
+                    k[layer] = torch.cat([k[layer], nk[r]], dim=1)
+                    v[layer] = torch.cat([v[layer], nv[r]], dim=1)
+            kv.finish_step()
+
+    def exact() -> bool:
+        return all(torch.equal(a, b) for r, (k, v) in held.items()
+                   for a, b in zip([*kv.extract(r)[0], *kv.extract(r)[1]], [*k, *v]))
+
+    assert kv.keys[0].data_ptr() == mem and exact()  # the 6-token row moved the others right, in place
+    steps(20)  # past 24 columns: 3 rows x 32 columns fit the reserve's 96
+    assert kv.capacity == 32 and len(kv.row_len) == 3 and kv.keys[0].data_ptr() == mem and exact()
+    steps(10)  # past 32: 3 x 40 does not fit, a slab of its own
+    assert kv.capacity > 32 and kv.keys[0].data_ptr() != mem and exact()
