@@ -50,6 +50,72 @@ class SlabCache(Cache):
         super().__init__(layers=[_SlabLayer(slab, i) for i in range(slab.num_layers)])
 
 
+class _BufferLayer(DynamicLayer):
+    """One layer of a prefill's cache: writes go into a preallocated buffer, reads are views."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.buf_keys, self.buf_values = keys, values
+        self.length = 0
+        self.is_initialized = True
+        self.keys, self.values = keys[:, :, :0], values[:, :, :0]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[2]
+        self.buf_keys[:, :, self.length : end] = key_states
+        self.buf_values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.buf_keys[:, :, :end], self.buf_values[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PrefillBuffer:
+    """Per-layer ``[1, kv_heads, capacity, head_dim]`` buffers that a prefill (its restored prefix,
+    then its chunks) writes into, kept from one prefill to the next: a ``DynamicCache`` instead
+    concatenates the whole past on every chunk, into fresh memory that pays first-touch faults.
+    Only one sequence prefills at a time, so one buffer serves them all.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, column_chunk: int = 256) -> None:
+        self.geometry = (num_layers, kv_heads, head_dim)
+        self.dtype, self.device, self.chunk = dtype, device, column_chunk
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reserve(self, num_tokens: int) -> None:
+        """Allocate and touch buffers for ``num_tokens`` positions (at start, as the slab's
+        reserve): fresh memory costs first-touch faults, on some VMs 100+ ms per 100 MB."""
+        layers, heads, dim = self.geometry
+        shape = (1, heads, -(-num_tokens // self.chunk) * self.chunk, dim)
+        self.keys = [memory.empty(shape, self.dtype, self.device).zero_() for _ in range(layers)]
+        self.values = [memory.empty(shape, self.dtype, self.device).zero_() for _ in range(layers)]
+
+    def cache(self, num_tokens: int, prefix: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> Cache:
+        """A cache for a prefill of ``num_tokens`` positions in all, holding ``prefix`` (KV chunks,
+        per layer ``[kv_heads, n, head_dim]``) already. Valid until the next call."""
+        if num_tokens > self.capacity:  # grows by half at least: conversations grow turn by turn
+            self.reserve(max(num_tokens, self.capacity * 3 // 2))
+        cache = Cache(layers=[_BufferLayer(k, v) for k, v in zip(self.keys, self.values)])
+        for keys, values in prefix:
+            for i, layer in enumerate(cache.layers):
+                layer.update(keys[i].to(self.device).unsqueeze(0), values[i].to(self.device).unsqueeze(0))
+        return cache
+
+
 class BatchKV:
     """Row/column bookkeeping of the slab. Not thread-safe: owned by the engine thread."""
 
@@ -219,6 +285,12 @@ class BatchKV:
         self.row_len = [-1] * rows
         return True
 
+    def _rows_for(self, capacity: int, at_least: int) -> int:
+        """Rows for a relayout to ``capacity`` columns: as many as now where the reserve's memory
+        holds them, else fewer (free rows past the last live one go), never under ``at_least``."""
+        fit = self._reserved[0][0].numel() // (self.kv_heads * capacity * self.head_dim) if self._reserved else 0
+        return max(at_least, min(len(self.row_len), fit))
+
     def _round(self, n: int) -> int:
         return -(-n // self.chunk) * self.chunk
 
@@ -237,15 +309,14 @@ class BatchKV:
         if not self.active_rows:
             self._restart(n)
         free = [i for i, ln in enumerate(self.row_len) if ln < 0]
-        rows = len(self.row_len) if free else min(self.max_rows, max(1, 2 * len(self.row_len)))
         need_left = max(0, n - self.end)
-        if need_left or rows != len(self.row_len) or self.end + 1 > self.capacity:
-            span = self.end - self.start
-            new_end = max(self.end, n)
-            new_end = max(new_end, span)
-            capacity = self._round(new_end + self.chunk)
-            if rows == len(self.row_len) and capacity <= self.capacity:
-                capacity = self.capacity  # fits: compact in place, no new slab
+        if need_left or not free or self.end + 1 > self.capacity:
+            new_end = max(self.end, n, self.end - self.start)
+            capacity = max(self._round(new_end + self.chunk), self.capacity)
+            if free:
+                rows = self._rows_for(capacity, max(self.num_rows, free[0] + 1))
+            else:
+                rows = min(self.max_rows, max(1, 2 * len(self.row_len)))
             self._relayout(rows, capacity, new_end)
         row = next(i for i, ln in enumerate(self.row_len) if ln < 0)
         lo = self.end - n
@@ -316,11 +387,12 @@ class BatchKV:
         first live column per row [rows] (CPU int64, for the native decode kernel))."""
         if self.end + 1 > self.capacity:
             span = self.end - self.start
-            rows = max(self.num_rows, 1)  # free rows past the last one in use are dropped
             if span + self.chunk + 1 <= self.capacity:
                 self._relayout(len(self.row_len), self.capacity, span)  # compact in place
-            elif not self._relayout_in_reserve(rows, self._round(self.end + self.chunk + 1), self.end):
-                self._relayout(rows, self._round(span + self.chunk + 1), span)
+            else:
+                wide = self._round(self.end + self.chunk + 1)
+                if not self._relayout_in_reserve(self._rows_for(wide, max(self.num_rows, 1)), wide, self.end):
+                    self._relayout(max(self.num_rows, 1), self._round(span + self.chunk + 1), span)
         rows = self.num_rows
         self.mask[:rows, self.end] = True  # free rows attend to their own slot: no empty softmax
         # A 4D additive mask is used as is by the model: HF does not rebuild it per layer or step.

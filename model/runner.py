@@ -14,12 +14,14 @@ import torch
 from transformers import DynamicCache
 
 from model import kernels
-from model.kv import BatchKV
+from model.kv import BatchKV, PrefillBuffer
 from model.loader import LoadedModel
 from model.sampling import TokenLogprob
 from model.sequence import Sequence
 
 KV = tuple[list[torch.Tensor], list[torch.Tensor]]  # per layer [kv_heads, n, head_dim]
+# Positions the prefill buffer holds from the start (longer prefills grow it once).
+PREFILL_RESERVE_TOKENS = 4096
 
 
 class ModelRunner:
@@ -35,6 +37,8 @@ class ModelRunner:
         self._native_attention = getattr(cfg, "_attn_implementation", None) == kernels.ATTENTION_NAME
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self.kv = self._new_kv()
+        self.prefill_buffer = PrefillBuffer(*self.kv_geometry, loaded.dtype, loaded.device)
+        self.prefill_buffer.reserve(min(loaded.max_context, PREFILL_RESERVE_TOKENS))
         self.num_prefilled_tokens = 0  # positions run through a prefill forward, ever
 
     def _new_kv(self) -> BatchKV:
@@ -64,8 +68,10 @@ class ModelRunner:
             chunks, seq.prefix = seq.prefix, []
             seq.row = self.kv.insert_chunks(chunks)
             return True
-        if seq.prefill_cache is None and seq.num_computed == 0 and seq.num_cached_tokens:
-            seq.prefill_cache = self._restored_cache(seq)
+        if seq.prefill_cache is None:
+            chunks, seq.prefix = seq.prefix, []
+            seq.prefill_cache = self.prefill_buffer.cache(len(seq.token_ids) - 1, chunks)
+            seq.num_computed = seq.num_cached_tokens if chunks else 0
         kv = self._prefill_chunk(seq)
         if kv is None:
             return False  # more chunks to go

@@ -327,3 +327,38 @@ def test_a_slab_in_the_reserve_widens_inside_it_with_every_row_exact():
     assert kv.capacity == 32 and len(kv.row_len) == 3 and kv.keys[0].data_ptr() == mem and exact()
     steps(10)  # past 32: 3 x 40 does not fit, a slab of its own
     assert kv.capacity > 32 and kv.keys[0].data_ptr() != mem and exact()
+
+
+@torch.inference_mode()
+def test_a_long_sequence_joining_moves_the_batch_inside_the_reserve_dropping_rows_it_cannot_hold():
+    s = _Slab(4, 12)  # 48 row-columns of memory
+    mem = s.kv.keys[0].data_ptr()
+    s.insert([1.0, 2.0, 3.0])
+    s.insert([4.0, 5.0])
+    s.step(10.0)
+    s.insert([float(x) for x in range(12)])  # needs 16 columns: 3 rows x 16 fit, a 4th would not
+    assert s.kv.capacity == 16 and len(s.kv.row_len) == 3 and s.kv.keys[0].data_ptr() == mem
+    s.step(20.0)
+    s.insert([6.0])  # no free row left: more rows, a slab of its own
+    s.step(30.0)
+    assert len(s.kv.row_len) > 3
+
+
+@torch.inference_mode()
+def test_prefill_buffer_holds_the_prefix_and_the_chunks_in_order_and_grows_when_short():
+    from model.kv import PrefillBuffer
+
+    buf = PrefillBuffer(num_layers=2, kv_heads=2, head_dim=3, dtype=torch.float32,
+                        device=torch.device("cpu"), column_chunk=4)
+    buf.reserve(4)
+    kept = buf.keys[0].data_ptr()
+    prefix = [([torch.randn(2, 2, 3) for _ in range(2)], [torch.randn(2, 2, 3) for _ in range(2)])]
+    cache = buf.cache(4, prefix)
+    assert cache.get_seq_length() == 2 and buf.keys[0].data_ptr() == kept
+    new_k, new_v = torch.randn(1, 2, 2, 3), torch.randn(1, 2, 2, 3)
+    k, v = cache.layers[1].update(new_k, new_v)
+    assert torch.equal(k[0], torch.cat([prefix[0][0][1], new_k[0]], dim=1))
+    assert torch.equal(v[0], torch.cat([prefix[0][1][1], new_v[0]], dim=1))
+    assert cache.layers[1].get_mask_sizes(3) == (7, 0)
+    buf.cache(9, [])  # longer than the buffer: it grows (by half at least), empty again
+    assert buf.capacity >= 9 and buf.keys[0].data_ptr() != kept
