@@ -98,7 +98,7 @@ return 0
 """
 
 
-class _BulkReader:
+class BulkReader:
     """GET of large values straight into one huge-page buffer, for plain TCP Redis URLs.
 
     Through redis-py a bulk reply is copied three times (socket chunks, the parser's growing buffer,
@@ -120,7 +120,7 @@ class _BulkReader:
         self._open: set[socket.socket] = set()
 
     @classmethod
-    def for_client(cls, client: redis.Redis, timeout: float) -> "_BulkReader | None":
+    def for_client(cls, client: redis.Redis, timeout: float) -> "BulkReader | None":
         pool = client.connection_pool
         if pool.connection_class is not redis.connection.Connection:  # TLS, unix socket
             return None
@@ -305,7 +305,7 @@ class RedisBackend(Backend):
         self._delete = self._r.register_script(_DELETE)
         self._release = self._r.register_script(_RELEASE)
         self._renew = self._r.register_script(_RENEW)
-        self._bulk = _BulkReader.for_client(self._r, timeout)
+        self._bulk = BulkReader.for_client(self._r, timeout)
 
     @contextmanager
     def _guard(self) -> Iterator[None]:

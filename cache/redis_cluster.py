@@ -38,7 +38,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from cache.base import Backend, BackendUnavailable, EntryInfo
-from cache.redis import _RELEASE, _RENEW  # one lease, one key: the same scripts serve a cluster
+from cache.redis import _RELEASE, _RENEW, BulkReader  # one lease, one key: the same scripts serve a cluster
 
 T = TypeVar("T")
 SCHEME = "redis+cluster"
@@ -107,6 +107,9 @@ class RedisClusterBackend(Backend):
         self._timeout = timeout
         self._lock = threading.Lock()
         self._r: RedisCluster | None = None
+        # Per primary, values are read by the bulk reader into pooled buffers (cache/redis.py);
+        # redis-py returns each one as fresh bytes, whose page faults cost more than the transfer.
+        self._readers: dict[str, BulkReader] | None = None if self._options["ssl"] else {}
 
     # -- connection ----------------------------------------------------------------------------
     def _client(self) -> RedisCluster:
@@ -141,8 +144,30 @@ class RedisClusterBackend(Backend):
             return fn(self._client())
 
     # -- values ------------------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
-        return self._run(lambda r: r.get(key))
+    def get(self, key: str) -> bytes | memoryview | None:
+        if self._readers is None:
+            return self._run(lambda r: r.get(key))
+
+        def work(r: RedisCluster) -> bytes | memoryview | None:
+            node = r.get_node_from_key(key)
+            reader = self._readers.get(node.name)
+            if reader is None:
+                with self._lock:
+                    reader = self._readers.setdefault(node.name, BulkReader(
+                        node.host, node.port, 0, self._options["username"], self._options["password"],
+                        self._timeout))
+            try:
+                return reader.get(key)
+            except redis.ResponseError as exc:
+                if not str(exc).startswith(("MOVED", "ASK")):
+                    raise
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                pass
+            # A slot that moved or a node that failed: redis-py follows redirects and failovers
+            # and refreshes its slot map, which the next bulk read then goes by.
+            return r.get(key)
+
+        return self._run(work)
 
     def set(self, key: str, value: bytes | bytearray | memoryview, ttl: float | None = None) -> None:
         ttl_ms = max(1, int(ttl * 1000)) if ttl else None
@@ -242,6 +267,10 @@ class RedisClusterBackend(Backend):
 
     def close(self) -> None:
         with self._lock:
+            for reader in (self._readers or {}).values():
+                reader.close()
+            if self._readers:
+                self._readers = {}
             if self._r is not None:
                 self._r.close()
                 self._r = None

@@ -171,3 +171,20 @@ def test_a_dead_master_costs_only_its_slots_and_its_return_is_picked_up(redis_cl
         assert b.get(elsewhere[0]) == b"written while a master is down"
     finally:
         b.close()
+
+
+def test_values_come_through_the_bulk_reader_and_a_stale_slot_map_follows_moved(make_backend):
+    import os
+
+    b = make_backend()
+    k = keys.block_key("t", uuid.uuid4().hex[:16])
+    value = os.urandom(3 << 20)
+    b.set(k, value)
+    got = b.get(k)
+    assert isinstance(got, memoryview) and bytes(got) == value  # a pooled buffer, not fresh bytes
+    r = b._client()
+    owner = r.get_node_from_key(k)
+    other = next(n for n in r.get_primaries() if n.name != owner.name)
+    r.nodes_manager.slots_cache[r.keyslot(k)] = [other]  # the map a resharding leaves behind
+    assert bytes(b.get(k)) == value  # `other` answers MOVED; redis-py follows it
+    assert r.get_node_from_key(k).name == owner.name  # and the map is right again
