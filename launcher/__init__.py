@@ -92,8 +92,11 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                if self.argv is None and "Could not bind" in self.log() and self._retries < 3:
-                    # The free port was taken between free_port() and the bind: take another.
+                log = self.log()
+                if self.argv is None and self._retries < 3 and (
+                        "Could not bind" in log or "Address already in use" in log):
+                    # A free port was taken before the bind (ours, or the one circus picks for
+                    # its controller): start again.
                     self._retries += 1
                     self.port = free_port()
                     if self._own_home is not None:
