@@ -92,6 +92,8 @@ def write_report(res: dict, path: Path) -> str:
         "resumes; `other replica` = the same request_id then sent to a second replica of the same store, "
         "which reads and decodes the whole record. `hf first/again` = `transformers serve` sent the same "
         "full context twice (the second time its CB mode may reuse 256-token prefix pages). Medians, ms.\n")
+    if res.get("continuation_redis_note"):
+        add(f"Note: {res['continuation_redis_note']}.\n")
     add("| store | context tokens | fresh | continued | speedup | other replica | speedup | hf first | hf again "
         "| kvbento continued vs hf again |")
     add("|---|---|---|---|---|---|---|---|---|---|")

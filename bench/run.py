@@ -49,9 +49,12 @@ async def continuation(kv: Kvbento, hf: HFServe | None, tok, ctx: int, reps: int
     import aiohttp
 
     fresh, cont, other, hf_first, hf_again = [], [], [], [], []
+    # Prompts of this run only: the store's blocks are shared by content, so an earlier run's
+    # blocks left in a shared Redis would turn the "fresh" prefill into a prefix hit.
+    salt = random.randrange(1 << 30)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         for i in range(reps):
-            prompt = make_prompt(tok, ctx, 1000 + 7 * ctx + i)
+            prompt = make_prompt(tok, ctx, salt + 7 * ctx + i)
             rid = f"bench-cont-{ctx}-{i}-{time.time_ns()}"
             r1 = await kv.send(session, prompt, 1, rid)  # fresh prefill; stores the record
             r2 = await kv.send(session, prompt, 1, rid)  # continuation of the stored context
