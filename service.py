@@ -13,7 +13,7 @@ import bentoml
 from pydantic import Field
 
 from config import get_settings
-from model.types import EngineError
+from model.types import ServingError
 from protocol.request_id import BatchItem, GenerationConfig, Prompt, RequestId
 from server import bentoml_api as api
 from server import build_app
@@ -35,7 +35,7 @@ class KVBento:
         from server.runtime import Runtime
 
         observer = PrometheusObserver()  # here, not at import: see server/metrics.py
-        self.runtime = Runtime.start(get_settings(), observer)
+        self.runtime = Runtime.start(get_settings(), observer, observer)
         observer.bind(self.runtime.engine)
         app.state.runtime = self.runtime
 
@@ -52,7 +52,7 @@ class KVBento:
         try:
             answer, status = await api.generate(self.runtime, ctx.request.headers.get("authorization"),
                                                 request_id, prompt, only_new_tokens, generation_config)
-        except EngineError as exc:
+        except ServingError as exc:
             raise api.client_error(exc) from None
         ctx.response.headers["X-KV-Cache"] = status
         return answer
@@ -68,7 +68,7 @@ class KVBento:
             ctx.response.headers["X-KV-Cache"] = s.cache_status.value
             async for chunk in api.generate_stream(self.runtime, s, only_new_tokens):
                 yield chunk
-        except EngineError as exc:
+        except ServingError as exc:
             raise api.client_error(exc) from None
 
     @bentoml.api(route=api.ROUTE_GENERATE_BATCH)
@@ -79,5 +79,5 @@ class KVBento:
         try:
             return await api.generate_batch(self.runtime, ctx.request.headers.get("authorization"), prompts,
                                             only_new_tokens, generation_config)
-        except EngineError as exc:
+        except ServingError as exc:
             raise api.client_error(exc) from None

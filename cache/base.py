@@ -12,6 +12,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 
+# How many leading bytes of a value ``Backend.info`` reads as ``EntryInfo.head``: more than any
+# record header, never the tensors.
+HEAD_BYTES = 64 << 10
+
+
 class BackendUnavailable(RuntimeError):
     """The backend could not be reached or did not answer in time."""
 

@@ -41,6 +41,12 @@ _DTYPES = {
 }
 
 
+def element_size(dtype_name: object) -> int:
+    """Bytes per element of a record's dtype, by the name its header gives (4 when unknown)."""
+    dtype = _DTYPES.get(str(dtype_name))
+    return dtype.itemsize if dtype is not None else 4
+
+
 class RecordError(ValueError):
     """The bytes are not a valid record (truncated, corrupt, or another format version)."""
 

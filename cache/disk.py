@@ -17,12 +17,10 @@ import time
 
 import diskcache
 
-from cache import memory
-from cache.base import Backend, EntryInfo
+from cache import keys, memory
+from cache.base import HEAD_BYTES, Backend, EntryInfo
 
 _UNBOUNDED = 1 << 62
-_LEASE_PREFIX = "lease:"
-_HEAD_BYTES = 64 << 10
 
 
 class _Reader:
@@ -81,7 +79,7 @@ class DiskBackend(Backend):
     def _record_bytes(self) -> int:
         sql = ("SELECT COALESCE(SUM(CASE WHEN filename IS NULL THEN length(value) ELSE size END), 0) "
                "FROM Cache WHERE raw = 1 AND substr(key, 1, 6) != ? AND (expire_time IS NULL OR expire_time > ?)")
-        return int(self._cache._sql(sql, (_LEASE_PREFIX, time.time())).fetchone()[0])
+        return int(self._cache._sql(sql, (keys.LEASE, time.time())).fetchone()[0])
 
     def _enforce_budget(self) -> None:
         """Delete least recently used whole records until the records fit the budget."""
@@ -91,7 +89,7 @@ class DiskBackend(Backend):
         for _ in range(100_000):  # bounded: each round deletes one record
             if self._record_bytes() <= self._max_bytes:
                 return
-            row = self._cache._sql(oldest, (_LEASE_PREFIX,)).fetchone()
+            row = self._cache._sql(oldest, (keys.LEASE,)).fetchone()
             if row is None:
                 return
             self._cache.delete(row[0], retry=True)  # a record bigger than the budget goes too
@@ -116,11 +114,11 @@ class DiskBackend(Backend):
         if filename is not None:
             try:
                 with open(os.path.join(self._cache.directory, filename), "rb") as f:
-                    head = f.read(_HEAD_BYTES)
+                    head = f.read(HEAD_BYTES)
             except FileNotFoundError:  # deleted or replaced since the row was read
                 return None
         else:
-            head = bytes(value)[:_HEAD_BYTES] if isinstance(value, (bytes, memoryview)) else None
+            head = bytes(value)[:HEAD_BYTES] if isinstance(value, (bytes, memoryview)) else None
             size = len(value) if head is not None else size
         return EntryInfo(nbytes=int(size), last_used_at=access_time, expires_at=expire_time, head=head)
 

@@ -62,8 +62,3 @@ def list_heads_sync(backend: Backend, tenant: str, prefix: str, limit: int,
         ))
     return page, next_cursor
 
-
-async def list_heads(store, tenant: str, prefix: str, limit: int,
-                     cursor: str | None) -> tuple[list[HeadSummary], str | None]:
-    """``list_heads_sync`` on the store's worker threads (with its timeout and outage tracking)."""
-    return await store._call(list_heads_sync, store.backend, tenant, prefix, limit, cursor)

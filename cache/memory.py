@@ -1,4 +1,4 @@
-"""Buffers stored values are read into: huge-page advised (model/memory.py), and pooled so that
+"""Buffers stored values are read into: huge-page advised (hugepages.py), and pooled so that
 they are not faulted in again at all (figures in bench/NOTES.md)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from model.memory import advise_huge
+from hugepages import advise_huge
 
 def byte_buffer(nbytes: int) -> memoryview:
     """A writable, huge-page-advised byte buffer (e.g. to ``readinto``)."""

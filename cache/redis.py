@@ -28,11 +28,9 @@ from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from cache import memory
-from cache.base import Backend, BackendUnavailable, EntryInfo
+from cache.base import HEAD_BYTES, Backend, BackendUnavailable, EntryInfo
 
 T = TypeVar("T")
-# Enough for the JSON header of any record (shapes of ~1000 layers), so info() never reads tensors.
-HEAD_BYTES = 64 << 10
 
 _NOW = """
 local t = redis.call('TIME')
@@ -87,12 +85,13 @@ purge_expired(now)
 return forget(ARGV[1])
 """
 
-_RENEW = """
+# The lease scripts: one lease, one key, so a Redis Cluster runs the same ones (cache/redis_cluster.py).
+RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
-_RELEASE = """
+RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -303,8 +302,8 @@ class RedisBackend(Backend):
         self._account = self._r.register_script(_ACCOUNT)
         self._touch = self._r.register_script(_TOUCH)
         self._delete = self._r.register_script(_DELETE)
-        self._release = self._r.register_script(_RELEASE)
-        self._renew = self._r.register_script(_RENEW)
+        self._release = self._r.register_script(RELEASE_SCRIPT)
+        self._renew = self._r.register_script(RENEW_SCRIPT)
         self._bulk = BulkReader.for_client(self._r, timeout)
 
     @contextmanager
@@ -402,7 +401,7 @@ class RedisBackend(Backend):
             at = int(cursor) if cursor else 0
         except ValueError:
             raise ValueError(f"not a Redis scan cursor: {cursor!r}") from None
-        match = _glob_escape(prefix) + "*"
+        match = glob_escape(prefix) + "*"
 
         def work() -> tuple[list[str], str | None]:
             keys: list[str] = []
@@ -417,6 +416,6 @@ class RedisBackend(Backend):
         return self._run(work)
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
     """``text`` as a literal in a Redis MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)

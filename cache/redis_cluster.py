@@ -37,13 +37,11 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from cache.base import Backend, BackendUnavailable, EntryInfo
-from cache.redis import _RELEASE, _RENEW, BulkReader  # one lease, one key: the same scripts serve a cluster
+from cache.base import HEAD_BYTES, Backend, BackendUnavailable, EntryInfo
+from cache.redis import RELEASE_SCRIPT, RENEW_SCRIPT, BulkReader, glob_escape
 
 T = TypeVar("T")
 SCHEME = "redis+cluster"
-# Enough for the JSON header of any record, so info() never reads tensors.
-HEAD_BYTES = 64 << 10
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -127,8 +125,8 @@ class RedisClusterBackend(Backend):
                     require_full_coverage=False,
                     retry=Retry(NoBackoff(), 1),
                 )
-                self._release = self._r.register_script(_RELEASE)
-                self._renew = self._r.register_script(_RENEW)
+                self._release = self._r.register_script(RELEASE_SCRIPT)
+                self._renew = self._r.register_script(RENEW_SCRIPT)
             return self._r
 
     @contextmanager
@@ -229,7 +227,7 @@ class RedisClusterBackend(Backend):
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+        pattern = glob_escape(prefix) + "*"
 
         def work(r: RedisCluster) -> tuple[list[str], str | None]:
             names = sorted(n.name for n in r.get_primaries())

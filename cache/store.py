@@ -28,7 +28,8 @@ import torch
 
 from cache import keys, memory
 from cache.base import Backend, BackendUnavailable
-from cache.codec import KVRecord, RecordError, decode, encoded, read_header
+from cache.codec import KVRecord, RecordError, decode, element_size, encoded, read_header
+from cache.listing import HeadSummary, list_heads_sync
 
 log = logging.getLogger("kvbento.cache")
 
@@ -405,7 +406,7 @@ class KVStore:
         entry, header = found
         meta = header.get("meta") or {}
         blocks = meta.get("blocks") or []
-        esize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(header.get("dtype")), 4)
+        esize = element_size(header.get("dtype"))
         per_position = sum(k[0] * k[2] + v[0] * v[2] for k, v in header.get("shapes") or []) * esize
         return RecordInfo(
             request_id=request_id,
@@ -419,6 +420,30 @@ class KVStore:
             last_used_at=entry.last_used_at,
             expires_at=entry.expires_at,
         )
+
+    async def list_heads(self, tenant: str, prefix: str, limit: int,
+                         cursor: str | None) -> tuple[list[HeadSummary], str | None]:
+        """A page of ``tenant``'s request_ids that start with ``prefix`` (cache/listing.py).
+
+        Raises:
+            ValueError: ``cursor`` is not one this backend made.
+            BackendUnavailable: the store cannot answer.
+        """
+        return await self._call(list_heads_sync, self.backend, tenant, prefix, limit, cursor)
+
+    # -- stored Responses-API objects: small JSON records beside the head of the same id ----
+    async def load_response(self, tenant: str, response_id: str) -> bytes | None:
+        """The record's bytes, or None. Raises BackendUnavailable when the store cannot answer."""
+        data = await self._call(self.backend.get, keys.response_key(tenant, response_id))
+        return None if data is None else bytes(data)
+
+    async def save_response(self, tenant: str, response_id: str, data: bytes) -> None:
+        """Write the record, with the store's TTL. Raises BackendUnavailable."""
+        await self._call(self.backend.set, keys.response_key(tenant, response_id), data, self.ttl)
+
+    async def delete_response(self, tenant: str, response_id: str) -> bool:
+        """Remove the record; False when there was none. Raises BackendUnavailable."""
+        return bool(await self._call(self.backend.delete, keys.response_key(tenant, response_id)))
 
     # -- per-request_id lease (one writer at a time, across replicas) ------------------------
     async def acquire(self, tenant: str, request_id: str, token: str) -> bool:

@@ -32,16 +32,13 @@ log = logging.getLogger("kvbento.engine")
 
 
 class EngineObserver:
-    """Hooks for metrics; the default does nothing. Called on the event loop thread."""
+    """Hooks for the engine's events (metrics); the default does nothing. Called on the event loop
+    thread. The store's events go to the session's observer (session/observer.py)."""
 
     def on_rejected(self) -> None: ...
-    def on_cache(self, status: str, seconds: float, nbytes: int) -> None: ...
-    def on_store_write(self, seconds: float, nbytes: int, ok: bool) -> None: ...
-    def on_finished(self, stream: "RequestStream") -> None: ...
+    # Every delta a consumer reads; the first with tokens is the request's first token.
     def on_delta(self, stream: "RequestStream", delta: Delta, now: float) -> None: ...
-    # KV reused for a request: source "local" (this process's memory) or "store" (read back).
-    def on_reuse(self, source: str, tokens: int) -> None: ...
-    def on_prefix(self, found_by: str) -> None: ...
+    def on_finished(self, stream: "RequestStream") -> None: ...
 
 
 @dataclass
@@ -82,7 +79,6 @@ class RequestStream:
         self._seq = seq
         self._sink = sink
         self.request_id = seq.request_id
-        self.cache_status = None  # the session's CacheStatus of this request
         self.prompt_text = prompt_text
         self.num_delivered = 0
         self.base_token_ids = list(seq.token_ids)  # snapshot: the engine thread appends to seq.token_ids
@@ -165,6 +161,14 @@ class Engine:
     @property
     def num_running(self) -> int:
         return self.scheduler.num_running
+
+    @property
+    def tokenizer(self):
+        return self.m.tokenizer
+
+    @property
+    def max_context(self) -> int:
+        return self.m.max_context
 
     def decode(self, ids: list[int]) -> str:
         return self.m.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

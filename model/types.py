@@ -1,4 +1,4 @@
-"""Plain request/response types of the engine, and the errors it raises. No HTTP here: an error
+"""Plain request/response types of the engine, the errors it raises and their common base. No HTTP here: an error
 carries a kind, and the server maps kinds to statuses (server/http.py)."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class EngineError(Exception):
-    """Base of the typed errors. ``kind`` says what went wrong; ``type`` is the name error bodies
-    show clients."""
+class ServingError(Exception):
+    """Base of the typed errors a request can get, from any layer (the engine's below, the
+    session's in session/errors.py, the protocol's in protocol/common.py). ``kind`` says what went
+    wrong and picks the HTTP status (server/http.py); ``type`` is the name error bodies show clients."""
 
     kind: str = "internal"
     type: str = "internal_error"
@@ -19,6 +20,10 @@ class EngineError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+class EngineError(ServingError):
+    """An error of the engine: the base of its typed errors, and itself a generation that failed."""
 
 
 class InvalidRequest(EngineError):
@@ -39,29 +44,8 @@ class QueueFull(EngineError):
         self.retry_after = retry_after
 
 
-class RequestBusy(EngineError):
-    """Another request with the same request_id is running; requests per request_id are serial."""
-
-    kind = "busy"
-    type = "conflict_error"
-
-
-class NotFound(EngineError):
-    """A named thing (a request_id's record, a stored response) does not exist."""
-
-    kind = "not_found"
-    type = "not_found_error"
-
-
-class Conflict(EngineError):
-    """The request contradicts what is stored (e.g. forking onto a request_id that has a record)."""
-
-    kind = "conflict"
-    type = "conflict_error"
-
-
 class EngineClosed(EngineError):
-    """The engine is shutting down or failed."""
+    """The engine is loading, shutting down or failed."""
 
     kind = "unavailable"
     type = "unavailable_error"

@@ -8,7 +8,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model, model_validator
 
 from model.params import PARAMS, wire
-from model.types import EngineError, InvalidRequest, SamplingParams, Usage
+from model.types import InvalidRequest, ServingError, SamplingParams, Usage
 
 M = TypeVar("M", bound=BaseModel)
 NOOP_VALUES = (None, False, 0, "", [], {})
@@ -78,7 +78,7 @@ class PayloadTooLarge(InvalidRequest):
     type = "payload_too_large"
 
 
-class Unauthorized(EngineError):
+class Unauthorized(ServingError):
     kind = "unauthorized"
     type = "authentication_error"
 
@@ -194,7 +194,7 @@ def parse_json(raw: bytes, model: type[M], fallbacks: dict[str, str] | None = No
         raise BodyError(f"{loc}: {msg}{more}", param=loc) from None
 
 
-def error_body(exc: EngineError) -> dict[str, Any]:
+def error_body(exc: ServingError) -> dict[str, Any]:
     """The default error shape: ``{"error": {"type", "message", "param"}}``."""
     body: dict[str, Any] = {"type": exc.type, "message": exc.message}
     if exc.param:

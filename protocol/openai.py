@@ -9,14 +9,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.engine import RequestStream
-from model.types import Delta, EngineError, GenerateRequest, InvalidRequest
+from model.types import Delta, GenerateRequest, InvalidRequest, ServingError
 from protocol.adapter import OptionalRequestId, engine_request
 from model.params import wire
 from protocol.common import NOOP_VALUES, SSE_DONE, BodyError, OpenAISampling, refuse, sse
 from protocol.openai_framing import Framer, finish_reason, total_usage  # noqa: F401 (finish_reason: the dialect's name)
 from protocol.openai_logprobs import TokenTexts
 from protocol.spec import Call, Dialect, Framing, Route
+from session.session import SessionStream
 
 MAX_N = 8  # choices per request: engine sequences of one prompt, prefilled once
 MAX_TOP_LOGPROBS = 20
@@ -184,7 +184,7 @@ def fan_out(req: GenerateRequest, n: int) -> list[GenerateRequest]:
     return out
 
 
-def error_body(exc: EngineError) -> dict[str, Any]:
+def error_body(exc: ServingError) -> dict[str, Any]:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
                       "code": getattr(exc, "code", None) or exc.type}}
@@ -257,14 +257,14 @@ class _OpenAI(Dialect):
         return Framer(self.chat, model_id(call.model_name), body.include_usage, texts=texts, echo=echo,
                       prompt_logprobs=body.num_prompt_logprobs is not None)
 
-    async def start(self, call: Call, session) -> list[RequestStream]:
+    async def start(self, call: Call, session) -> list[SessionStream]:
         """The ``n`` choices start together, all or none: the engine prefills their prompt once."""
         return await session.generate_choices(await self.requests(call))
 
     async def answer(self, call, streams, logprobs) -> dict[str, Any]:
         return self.framer(call).response(streams, logprobs)
 
-    def error_body(self, exc: EngineError) -> dict[str, Any]:
+    def error_body(self, exc: ServingError) -> dict[str, Any]:
         return error_body(exc)
 
 

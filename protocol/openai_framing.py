@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from model.engine import RequestStream
 from model.sampling import TokenLogprob
 from model.types import Delta, Usage
 from protocol.openai_logprobs import TokenTexts, chat_content, completion_block, prompt_block
+from session.session import SessionStream
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -23,7 +23,7 @@ def usage(u: Usage) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
-def total_usage(streams: list[RequestStream]) -> Usage:
+def total_usage(streams: list[SessionStream]) -> Usage:
     """The usage of n choices of one prompt: the prompt counted once, every choice's tokens."""
     first = streams[0].usage
     return Usage(prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
@@ -65,7 +65,7 @@ class Framer:
                                                        self._offsets.get(index, len(self.echo)))
         return block
 
-    def response(self, streams: RequestStream | list[RequestStream],
+    def response(self, streams: SessionStream | list[SessionStream],
                  entries: list[list[TokenLogprob | None]] | None = None) -> dict[str, Any]:
         """The non-streaming answer of finished streams (one per choice) and their logprob entries."""
         streams = streams if isinstance(streams, list) else [streams]
@@ -85,12 +85,12 @@ class Framer:
                 choices.append({"index": i, "text": self.echo + s.text, "logprobs": lp, "finish_reason": reason})
         return {**self._head(self.object), "choices": choices, "usage": usage(total_usage(streams))}
 
-    def _prompt_logprobs(self, stream: RequestStream) -> dict[str, Any] | None:
+    def _prompt_logprobs(self, stream: SessionStream) -> dict[str, Any] | None:
         if not self.prompt_logprobs or stream.prompt_logprobs is None:
             return None
         return prompt_block(stream.base_token_ids, stream.prompt_logprobs, self.texts)
 
-    def echo_chunk(self, index: int, stream: RequestStream | None = None) -> dict[str, Any]:
+    def echo_chunk(self, index: int, stream: SessionStream | None = None) -> dict[str, Any]:
         """The first chunk of a completions choice with ``echo``: the prompt's text (and, once its
         prefill is done, the prompt's logprobs when asked)."""
         lp = self._prompt_logprobs(stream) if stream is not None else None

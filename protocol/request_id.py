@@ -6,11 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.engine import RequestStream
 from model.params import wire
-from model.types import EngineError, GenerateRequest
+from model.types import GenerateRequest, ServingError
 from protocol.common import BodyError, Stop, sampling_params, usage_body
 from protocol.spec import Call, Dialect, Framing, Route
+from session.session import SessionStream
 
 
 class GenerationConfig(BaseModel):
@@ -66,7 +66,7 @@ def to_engine(request_id: str, prompt: str, config: GenerationConfig, defaults: 
                            continue_stored=True, append=append, parent_request_id=parent_request_id)
 
 
-def from_engine(stream: RequestStream, only_new_tokens: bool, full_text: str) -> dict[str, Any]:
+def from_engine(stream: SessionStream, only_new_tokens: bool, full_text: str) -> dict[str, Any]:
     """The non-streaming answer for one finished stream: the batch item plus finish reason and usage."""
     out = batch_item(stream, only_new_tokens, full_text)
     out["finish_reason"] = stream.finish_reason
@@ -76,7 +76,7 @@ def from_engine(stream: RequestStream, only_new_tokens: bool, full_text: str) ->
     return out
 
 
-def batch_item(stream: RequestStream, only_new_tokens: bool, full_text: str) -> dict[str, Any]:
+def batch_item(stream: SessionStream, only_new_tokens: bool, full_text: str) -> dict[str, Any]:
     """One element of the batch answer: exactly the seed's shape (prompt only when asked)."""
     item: dict[str, Any] = {"request_id": stream.request_id}
     if not only_new_tokens:
@@ -111,7 +111,7 @@ class RequestIdApi(Dialect):
     framing = _TextFraming
     stream_field = "stream_response"
 
-    def renamed(self, exc: EngineError) -> EngineError:
+    def renamed(self, exc: ServingError) -> ServingError:
         """The engine's parameter names are generation_config's own: named with its path."""
         if exc.param in GenerationConfig.model_fields:
             exc.param = f"generation_config.{exc.param}"
@@ -122,7 +122,7 @@ class RequestIdApi(Dialect):
         return [to_engine(b.request_id, b.prompt, b.generation_config, call.defaults, call.tenant,
                           append=b.append, parent_request_id=b.parent_request_id)]
 
-    async def collect(self, call: Call, streams: list[RequestStream]) -> Any:
+    async def collect(self, call: Call, streams: list[SessionStream]) -> Any:
         """An engine error is part of the answer here (``error`` beside what was generated)."""
         for s in streams:
             await s.collect()
@@ -158,7 +158,7 @@ class Batch(RequestIdApi):
         only_new = call.body.only_new_tokens
         return [batch_item(s, only_new, call.decode(s.token_ids) if not only_new else "") for s in streams]
 
-    def headers(self, streams: list[RequestStream]) -> dict[str, str]:
+    def headers(self, streams: list[SessionStream]) -> dict[str, str]:
         statuses = [s.cache_status.value for s in streams]
         overall = "hit" if all(x == "hit" for x in statuses) else (
             "unavailable" if "unavailable" in statuses else "miss")

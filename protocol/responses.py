@@ -17,14 +17,14 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from model.engine import RequestStream
-from model.types import EngineError, InvalidRequest, Usage
+from model.types import EngineError, InvalidRequest, ServingError, Usage
 from protocol.adapter import OptionalRequestId, sampling_switch
 from model.params import wire
 from protocol.common import BodyError, OpenAISampling, refuse, sampling_params
 from protocol.openai import model_id
 from protocol.spec import Call, Dialect, Route
 from session import responses as stored
+from session.session import SessionStream
 
 log = logging.getLogger("kvbento.protocol")
 
@@ -205,7 +205,7 @@ def usage(u: Usage, store_up: bool = True) -> dict[str, Any]:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
-def error_body(exc: EngineError) -> dict[str, Any]:
+def error_body(exc: ServingError) -> dict[str, Any]:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
                       "code": getattr(exc, "code", None) or exc.type}}
@@ -268,7 +268,7 @@ def status_of(finish_reason: str | None, error: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-async def events(stream: RequestStream, framer: Framer,
+async def events(stream: SessionStream, framer: Framer,
                  on_done: Callable[[dict[str, Any]], Awaitable[None]]) -> AsyncIterator[dict[str, Any]]:
     """The stream events of one response, in OpenAI's order, ending with ``response.completed``,
     ``response.incomplete`` or (after an ``error`` event) ``response.failed``.
@@ -341,15 +341,15 @@ class Responses(Dialect):
     fields = PARAM_NAMES
     media_type = "text/event-stream"
 
-    def renamed(self, exc: EngineError) -> EngineError:
+    def renamed(self, exc: ServingError) -> ServingError:
         if exc.param == "prompt" and exc.message.startswith("prompt "):
             exc.message = "input (with the conversation it continues) " + exc.message[len("prompt "):]
         return super().renamed(exc)
 
-    def error_body(self, exc: EngineError) -> dict[str, Any]:
+    def error_body(self, exc: ServingError) -> dict[str, Any]:
         return error_body(exc)
 
-    async def start(self, call: Call, session: Any) -> list[RequestStream]:
+    async def start(self, call: Call, session: Any) -> list[SessionStream]:
         body = call.body
         params = body.params(call.defaults)
         response_id = new_id("resp")
@@ -385,11 +385,11 @@ class Responses(Dialect):
 
         return events(started.stream, st["framer"], keep)
 
-    async def frames(self, call: Call, streams: list[RequestStream]) -> AsyncIterator[bytes]:
+    async def frames(self, call: Call, streams: list[SessionStream]) -> AsyncIterator[bytes]:
         async for event in self._events(call):
             yield sse_event(event)
 
-    async def collect(self, call: Call, streams: list[RequestStream]) -> Any:
+    async def collect(self, call: Call, streams: list[SessionStream]) -> Any:
         last: dict[str, Any] = {}
         async for event in self._events(call):
             last = event

@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from model.engine import RequestStream
-from model.types import Delta, EngineError, GenerateRequest
+from model.types import Delta, EngineError, GenerateRequest, ServingError
 from protocol.adapter import engine_request, sampling_switch
 from protocol.common import SSE_DONE, BodyError, error_body, sse
+from session.session import SessionStream
 
 log = logging.getLogger("kvbento.protocol")
 
@@ -58,7 +58,7 @@ class Call:
 class Framing:
     """Frames one streamed call. The default writes raw text chunks (Takeoff, Truss)."""
 
-    def __init__(self, spec: "Dialect", call: Call, streams: list[RequestStream]) -> None:
+    def __init__(self, spec: "Dialect", call: Call, streams: list[SessionStream]) -> None:
         self.spec, self.call, self.streams = spec, call, streams
 
     def head(self) -> list[bytes]:
@@ -133,7 +133,7 @@ class Dialect:
         wire = self.fields.get(engine, engine)
         return wire if isinstance(wire, str) else wire[0]
 
-    def renamed(self, exc: EngineError) -> EngineError:
+    def renamed(self, exc: ServingError) -> ServingError:
         """``exc`` naming the field the client sent, not the engine's parameter."""
         if exc.param:
             own = self.param_name(exc.param)
@@ -156,44 +156,44 @@ class Dialect:
                                prompt=getattr(body, self.prompt_field), parent_request_id=parent)]
 
     # -- answers ---------------------------------------------------------------------------
-    async def answer(self, call: Call, streams: list[RequestStream], logprobs: list[list]) -> Any:
+    async def answer(self, call: Call, streams: list[SessionStream], logprobs: list[list]) -> Any:
         """The JSON answer of a finished, non-streamed call."""
         raise NotImplementedError
 
-    def event(self, call: Call, stream: RequestStream, delta: Delta, state: dict[str, Any]) -> Any | None:
+    def event(self, call: Call, stream: SessionStream, delta: Delta, state: dict[str, Any]) -> Any | None:
         """One SSE event for ``delta`` (SSE dialects), None for nothing to send."""
         raise NotImplementedError
 
     def stream_error(self, message: str) -> Any:
         return {"error": {"type": "internal_error", "message": message}}
 
-    def error_body(self, exc: EngineError) -> dict[str, Any]:
+    def error_body(self, exc: ServingError) -> dict[str, Any]:
         """The error shape of a refused call."""
         return error_body(exc)
 
-    def headers(self, streams: list[RequestStream]) -> dict[str, str]:
+    def headers(self, streams: list[SessionStream]) -> dict[str, str]:
         return {"X-KV-Cache": streams[0].cache_status.value}
 
     # -- the call's life: start, then collect or stream --------------------------------------
-    async def start(self, call: Call, session: Any) -> list[RequestStream]:
+    async def start(self, call: Call, session: Any) -> list[SessionStream]:
         """Start every engine request of the call, or none: a refused one cancels the others."""
         reqs = await self.requests(call)
         started = await asyncio.gather(*(session.generate(r) for r in reqs), return_exceptions=True)
         failed = [r for r in started if isinstance(r, BaseException)]
         if failed:
             for r in started:
-                if isinstance(r, RequestStream):
+                if isinstance(r, SessionStream):
                     r.cancel()
             raise failed[0]
         return started
 
-    async def collect(self, call: Call, streams: list[RequestStream]) -> Any:
+    async def collect(self, call: Call, streams: list[SessionStream]) -> Any:
         """Drain the streams and build the answer.
 
         Raises:
             EngineError: a stream ended in an engine error.
         """
-        async def drain(s: RequestStream) -> list:
+        async def drain(s: SessionStream) -> list:
             entries: list = []
             async for delta in s:
                 entries.extend(delta.logprobs or [])
@@ -205,7 +205,7 @@ class Dialect:
                 raise EngineError(s.error)
         return await self.answer(call, streams, logprobs)
 
-    async def frames(self, call: Call, streams: list[RequestStream]) -> AsyncIterator[bytes]:
+    async def frames(self, call: Call, streams: list[SessionStream]) -> AsyncIterator[bytes]:
         """The streamed answer. An engine error becomes the dialect's in-stream error, after which
         the stream still ends normally; a client that goes away aborts every sequence."""
         framing = self.framing(self, call, streams)
@@ -233,7 +233,7 @@ class Dialect:
             yield frame
 
 
-async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
+async def merge(streams: list[SessionStream]) -> AsyncIterator[tuple[int, Delta]]:
     """The deltas of several streams as they come, tagged with the stream's index. An exception in a
     stream becomes an error delta (it must not end the answer silently); closing the iterator (client
     gone) cancels the readers, which aborts the sequences still running."""
@@ -250,7 +250,7 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def read(i: int, s: RequestStream) -> None:
+    async def read(i: int, s: SessionStream) -> None:
         try:
             async for delta in s:
                 await queue.put((i, delta))

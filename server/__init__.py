@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from model.types import EngineError
+from model.types import ServingError
 from protocol.common import BodyError
 from server.http import error_response
 
@@ -27,8 +27,8 @@ def build_app() -> FastAPI:
     for extra in (records, openai, responses, playground, health):
         app.include_router(extra.router)
 
-    @app.exception_handler(EngineError)
-    async def _engine_error(_: Request, exc: EngineError):
+    @app.exception_handler(ServingError)
+    async def _serving_error(_: Request, exc: ServingError):
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -14,12 +14,12 @@ from http import HTTPStatus
 
 from pydantic import BaseModel, Field
 
-from model.engine import RequestStream
-from model.types import EngineError
+from model.types import EngineError, ServingError
 from protocol.request_id import Batch, BatchBody, BatchItem, GenerateBody, GenerationConfig, RequestIdApi
 from protocol.spec import Call
 from server.http import status_of
 from server.runtime import Runtime
+from session.session import SessionStream
 
 ROUTE_GENERATE = "/bentoml/generate"
 ROUTE_GENERATE_STREAM = "/bentoml/generate_stream"
@@ -48,7 +48,7 @@ class BatchAnswer(BaseModel):
     prompt: str | None = Field(default=None, description="only when only_new_tokens is false")
 
 
-def client_error(exc: EngineError):
+def client_error(exc: ServingError):
     """An engine error as BentoML's own error answer, with the same status code."""
     from bentoml.exceptions import BentoMLException
 
@@ -65,7 +65,7 @@ def _call(rt: Runtime, authorization: str | None, body) -> Call:
 
 
 async def start_one(rt: Runtime, authorization: str | None, request_id: str, prompt: str,
-                    config: GenerationConfig | None) -> RequestStream:
+                    config: GenerationConfig | None) -> SessionStream:
     """Authenticate and start one generation."""
     body = GenerateBody(request_id=request_id, prompt=prompt, generation_config=config or GenerationConfig())
     [s] = await _SINGLE.start(_call(rt, authorization, body), rt.session)
@@ -85,7 +85,7 @@ async def generate(rt: Runtime, authorization: str | None, request_id: str, prom
     return GenerateAnswer.model_validate(answer), streams[0].cache_status.value
 
 
-async def generate_stream(rt: Runtime, s: RequestStream, only_new_tokens: bool) -> AsyncIterator[str]:
+async def generate_stream(rt: Runtime, s: SessionStream, only_new_tokens: bool) -> AsyncIterator[str]:
     """The text chunks of a started stream (the whole sequence first when only_new_tokens is false)."""
     if not only_new_tokens:
         yield rt.engine.decode(s.base_token_ids)

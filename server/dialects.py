@@ -7,7 +7,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from cache.base import BackendUnavailable
-from model.types import EngineClosed, EngineError
+from model.types import ServingError
+from session.errors import StoreUnavailable
 from protocol.dialects import DIALECTS
 from protocol.spec import Call, Dialect, Route
 from server.docs import json_answer, post_doc, stream_answer
@@ -23,8 +24,8 @@ async def serve(spec: Dialect, route: Route, request: Request):
         call = Call(body, tenant, rt.settings.generation_defaults(), rt.model.name, rt.model.tokenizer, rt.store)
         streams = await spec.start(call, rt.session)
     except BackendUnavailable:
-        return error_response(EngineClosed("the KV store is unavailable"), spec.error_body)
-    except EngineError as exc:
+        return error_response(StoreUnavailable(), spec.error_body)
+    except ServingError as exc:
         return error_response(spec.renamed(exc), spec.error_body)
     headers = spec.headers(streams)
     is_stream = route.stream if route.stream is not None else spec.is_stream(body)
@@ -32,7 +33,7 @@ async def serve(spec: Dialect, route: Route, request: Request):
         return stream(spec.frames(call, streams), spec.media_type, headers)
     try:
         answer = await spec.collect(call, streams)
-    except EngineError as exc:
+    except ServingError as exc:
         return error_response(exc, spec.error_body)
     return JSONResponse(answer, headers=headers)
 

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from model.types import EngineError, QueueFull
+from model.types import ServingError, QueueFull
 from protocol.common import PayloadTooLarge, check_content_type, error_body, parse_json
 from server.runtime import Runtime
 
@@ -60,11 +60,11 @@ STATUS = {"invalid": 400, "unauthorized": 401, "not_found": 404, "busy": 409, "c
           "unsupported_media_type": 415, "overloaded": 429, "internal": 500, "unavailable": 503}
 
 
-def status_of(exc: EngineError) -> int:
+def status_of(exc: ServingError) -> int:
     return STATUS.get(exc.kind, 500)
 
 
-def error_response(exc: EngineError, shape: Callable[[EngineError], Any] = error_body) -> JSONResponse:
+def error_response(exc: ServingError, shape: Callable[[ServingError], Any] = error_body) -> JSONResponse:
     headers = {}
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(exc.retry_after)

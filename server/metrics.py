@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from cache.store import CacheStatus
 from model.engine import EngineObserver
 from model.types import Delta
+from session.observer import SessionObserver
 
 if TYPE_CHECKING:
     from model.engine import Engine, RequestStream
@@ -44,8 +45,8 @@ class _Timing:
         self.last: float | None = None
 
 
-class PrometheusObserver(EngineObserver):
-    """An ``EngineObserver`` that records vLLM-style metrics with prometheus_client.
+class PrometheusObserver(EngineObserver, SessionObserver):
+    """The engine's and the session's observer: records vLLM-style metrics with prometheus_client.
 
     Create one per process (metric names are registered once); call ``bind(engine)`` after the
     engine exists so the running/waiting gauges can be read from its scheduler.
@@ -123,26 +124,6 @@ class PrometheusObserver(EngineObserver):
         self.rejected.inc()
         self._update_gauges()
 
-    def on_cache(self, status: CacheStatus, seconds: float, nbytes: int) -> None:
-        self.lookups.labels(result=status.value).inc()
-        if status is not CacheStatus.UNAVAILABLE:
-            self.read_seconds.observe(seconds)
-            self.read_bytes.inc(nbytes)
-
-    def on_prefix(self, found_by: str) -> None:
-        self.prefix_hits.labels(found_by=found_by).inc()
-
-    def on_reuse(self, source: str, tokens: int) -> None:
-        self.reuse.labels(source=source).inc()
-        self.reuse_tokens.labels(source=source).inc(tokens)
-
-    def on_store_write(self, seconds: float, nbytes: int, ok: bool) -> None:
-        if ok:
-            self.write_seconds.observe(seconds)
-            self.write_bytes.inc(nbytes)
-        else:
-            self.write_failures.inc()
-
     def on_delta(self, stream: "RequestStream", delta: Delta, now: float) -> None:
         n = len(delta.token_ids)
         if n:
@@ -169,3 +150,24 @@ class PrometheusObserver(EngineObserver):
         self.finished.labels(finished_reason=stream.finish_reason or "unknown").inc()
         self._timings.pop(stream, None)
         self._update_gauges()
+
+    # -- SessionObserver hooks (event loop thread) ------------------------------------------
+    def on_cache(self, status: CacheStatus, seconds: float, nbytes: int) -> None:
+        self.lookups.labels(result=status.value).inc()
+        if status is not CacheStatus.UNAVAILABLE:
+            self.read_seconds.observe(seconds)
+            self.read_bytes.inc(nbytes)
+
+    def on_prefix(self, found_by: str) -> None:
+        self.prefix_hits.labels(found_by=found_by).inc()
+
+    def on_reuse(self, source: str, tokens: int) -> None:
+        self.reuse.labels(source=source).inc()
+        self.reuse_tokens.labels(source=source).inc(tokens)
+
+    def on_store_write(self, seconds: float, nbytes: int, ok: bool) -> None:
+        if ok:
+            self.write_seconds.observe(seconds)
+            self.write_bytes.inc(nbytes)
+        else:
+            self.write_failures.inc()

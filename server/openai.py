@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from model.types import EngineError
+from model.types import ServingError
 from protocol import openai as oa
 from server.http import authenticate, error_response, runtime
 
@@ -19,6 +19,6 @@ _STARTED = int(time.time())
 async def list_models(request: Request):
     try:
         authenticate(request)
-    except EngineError as exc:
+    except ServingError as exc:
         return error_response(exc, oa.error_body)
     return JSONResponse(oa.models(oa.model_id(runtime(request).model.name), _STARTED))

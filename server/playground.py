@@ -11,8 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from cache.base import BackendUnavailable
-from cache.listing import list_heads
-from model.types import EngineClosed
+from session.errors import StoreUnavailable
 from protocol.common import BodyError
 from server.http import authenticate, runtime
 
@@ -69,9 +68,9 @@ async def cache_list(request: Request) -> JSONResponse:
     prefix, limit, cursor = _query(request)
     store = runtime(request).store
     try:
-        page, next_cursor = await list_heads(store, tenant, prefix, limit, cursor)
+        page, next_cursor = await store.list_heads(tenant, prefix, limit, cursor)
     except BackendUnavailable:
-        raise EngineClosed("the KV store is unavailable") from None
+        raise StoreUnavailable() from None
     except ValueError as exc:
         raise BodyError(f"cursor: {exc}", param="cursor") from None
     data = [{"request_id": h.request_id, "tokens": h.num_tokens, "bytes": h.nbytes,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from cache.base import BackendUnavailable
-from model.types import EngineClosed, NotFound
+from session.errors import NotFound, StoreUnavailable
 from server.http import authenticate, runtime
 
 router = APIRouter()
@@ -27,7 +27,7 @@ async def _on_record(request: Request, request_id: str, verb: str):
     try:
         found = await getattr(rt.store, verb)(tenant, request_id)
     except BackendUnavailable:
-        raise EngineClosed("the KV store is unavailable") from None
+        raise StoreUnavailable() from None
     if not found:
         raise NotFound(f"no cache record for request_id {request_id!r}", param="request_id")
     return rt, found

@@ -7,7 +7,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from cache.base import BackendUnavailable
-from model.types import EngineClosed, EngineError, NotFound
+from model.types import ServingError
+from session.errors import NotFound, StoreUnavailable
 from protocol import responses as rs
 from protocol.common import BodyError
 from server.http import authenticate, error_response, runtime
@@ -28,17 +29,13 @@ def _page_query(request: Request) -> tuple[str | None, int, str]:
     return q.get("after") or None, int(raw), order
 
 
-def _store_down() -> EngineClosed:
-    return EngineClosed("the KV store is unavailable")
-
-
 async def _load(request: Request, response_id: str) -> stored.StoredResponse:
     rt = runtime(request)
     tenant = authenticate(request)
     try:
         rec = await stored.ResponseStore(rt.store).load(tenant, response_id)
     except BackendUnavailable:
-        raise _store_down() from None
+        raise StoreUnavailable() from None
     if rec is None:
         raise NotFound(f"no stored response {response_id!r}", param="response_id")
     return rec
@@ -48,7 +45,7 @@ async def _load(request: Request, response_id: str) -> stored.StoredResponse:
 async def retrieve(request: Request, response_id: str):
     try:
         rec = await _load(request, response_id)
-    except EngineError as exc:
+    except ServingError as exc:
         return error_response(exc, rs.error_body)
     return JSONResponse(rec.response)
 
@@ -60,10 +57,10 @@ async def delete(request: Request, response_id: str):
         try:
             existed = await stored.ResponseStore(runtime(request).store).delete(tenant, response_id)
         except BackendUnavailable:
-            raise _store_down() from None
+            raise StoreUnavailable() from None
         if not existed:
             raise NotFound(f"no stored response {response_id!r}", param="response_id")
-    except EngineError as exc:
+    except ServingError as exc:
         return error_response(exc, rs.error_body)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
@@ -74,6 +71,6 @@ async def input_items(request: Request, response_id: str):
         after, limit, order = _page_query(request)
         rec = await _load(request, response_id)
         page = rs.list_items(rec.input_items, after, limit, order)
-    except EngineError as exc:
+    except ServingError as exc:
         return error_response(exc, rs.error_body)
     return JSONResponse(page)

@@ -14,7 +14,7 @@ from config import Settings
 from model import bundled, loader
 from model.engine import Engine, EngineConfig, EngineObserver
 from protocol.common import Unauthorized
-from session import Session
+from session import Session, SessionObserver
 
 log = logging.getLogger("kvbento")
 
@@ -28,8 +28,10 @@ class Runtime:
     session: Session
 
     @classmethod
-    def start(cls, settings: Settings, observer: EngineObserver | None = None) -> "Runtime":
-        """Load the model, open the store and start the engine thread."""
+    def start(cls, settings: Settings, observer: EngineObserver | None = None,
+              session_observer: SessionObserver | None = None) -> "Runtime":
+        """Load the model, open the store and start the engine thread. ``observer`` hears the
+        engine's events, ``session_observer`` the store's (one object may be both)."""
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         if settings.model == str(bundled.MODELS_DIR / "kvbento-tiny"):
@@ -50,7 +52,7 @@ class Runtime:
         )
         log.info("kvbento ready: model %s, cache %s, batch %d, queue %d", settings.model,
                  backend.scheme, settings.max_batch_size, settings.max_queue)
-        return cls(settings, m, store, engine, Session(engine, store))
+        return cls(settings, m, store, engine, Session(engine, store, observer=session_observer))
 
     def tenant(self, authorization: str | None) -> str:
         """The tenant of a request: checks the bearer key when keys are configured.

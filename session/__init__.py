@@ -1,5 +1,7 @@
 """Per-request conversation logic between the dialects and the engine: leases, prefix restore, saves."""
 
-from session.session import Session
+from session.errors import Conflict, NotFound, RequestBusy, StoreUnavailable
+from session.observer import SessionObserver
+from session.session import Session, SessionStream
 
-__all__ = ["Session"]
+__all__ = ["Conflict", "NotFound", "RequestBusy", "Session", "SessionObserver", "SessionStream", "StoreUnavailable"]

@@ -17,12 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cache import keys
 from cache.base import BackendUnavailable
 from cache.store import KVStore
-from model.engine import RequestStream
-from model.types import GenerateRequest, InvalidRequest, NotFound, SamplingParams
-from session.session import Session
+from model.types import GenerateRequest, InvalidRequest, SamplingParams
+from session.errors import NotFound
+from session.session import Session, SessionStream
 
 log = logging.getLogger("kvbento.session")
 
@@ -49,11 +48,11 @@ class ResponseStore:
         Raises:
             BackendUnavailable: the store cannot answer.
         """
-        data = await self.store._call(self.store.backend.get, keys.response_key(tenant, response_id))
+        data = await self.store.load_response(tenant, response_id)
         if data is None:
             return None
         try:
-            rec = json.loads(bytes(data))
+            rec = json.loads(data)
             if rec.get("v") != RECORD_VERSION:
                 return None
             # Token ids of another model (the server now serves a different one) mean nothing here:
@@ -70,8 +69,7 @@ class ResponseStore:
         data = json.dumps({"v": RECORD_VERSION, "response": rec.response, "messages": rec.messages,
                            "input_items": rec.input_items, "token_ids": rec.token_ids,
                            "fingerprint": self.store.fingerprint}, ensure_ascii=False, separators=(",", ":"))
-        await self.store._call(self.store.backend.set, keys.response_key(tenant, response_id),
-                               data.encode(), self.store.ttl)
+        await self.store.save_response(tenant, response_id, data.encode())
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         """Remove the record and the head of ``response_id``; False when there was no record.
@@ -79,14 +77,14 @@ class ResponseStore:
         Raises:
             BackendUnavailable: the store cannot answer.
         """
-        existed = await self.store._call(self.store.backend.delete, keys.response_key(tenant, response_id))
+        existed = await self.store.delete_response(tenant, response_id)
         await self.store.delete(tenant, response_id)
-        return bool(existed)
+        return existed
 
 
 @dataclass
 class Started:
-    stream: RequestStream
+    stream: SessionStream
     messages: list[dict[str, str]]  # the conversation the answer follows (parent's + new input)
 
 
@@ -103,7 +101,7 @@ async def start(session: Session, responses: ResponseStore, *, tenant: str, resp
         NotFound: ``previous_response_id`` has no stored record (param ``previous_response_id``).
         InvalidRequest: the template rejects the messages, or the conversation is past the context.
         BackendUnavailable: the parent's record could not be read.
-        And the session's errors (QueueFull, RequestBusy, EngineClosed).
+        And the session's errors (RequestBusy) and the engine's (QueueFull, EngineClosed).
     """
     history: list[dict[str, str]] = []
     parent = None

@@ -7,7 +7,8 @@ import pytest
 
 from cache import keys
 from cache.store import CacheStatus
-from model.types import Conflict, GenerateRequest, InvalidRequest, NotFound, SamplingParams
+from model.types import GenerateRequest, InvalidRequest, SamplingParams
+from session.errors import Conflict, NotFound
 
 SYSTEM = "<system> You are a careful assistant who answers briefly. </system>\n"
 

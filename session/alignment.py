@@ -1,0 +1,54 @@
+"""Text to token ids, matched against a stored sequence so its own ids (and their KV) are kept."""
+
+from __future__ import annotations
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Aligner:
+    """The model's tokenizer, and the matching of a conversation's text against stored token ids."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text: str, special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special_tokens).input_ids)
+
+    def text_of(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def align(self, text: str, stored: list[int], special_tokens: bool = False) -> tuple[list[int], int]:
+        """Tokens for ``text`` that start with the longest run of ``stored`` whose text begins
+        ``text`` (the stored answer's own ids, not a re-tokenization of it), and that run's length.
+
+        With ``special_tokens`` the tokenizer's own leading tokens (a BOS) come first, as they do
+        when ``text`` is tokenized alone."""
+        if special_tokens:
+            lead = self.tokenize("", special_tokens=True)
+            if stored[: len(lead)] != lead:
+                return self.tokenize(text, special_tokens=True), 0
+            ids, matched = self.align(text, stored[len(lead):])
+            return lead + ids, matched + len(lead) if matched else 0
+        matched = self._longest_matching_run(text, stored)
+        if matched == 0:
+            return self.tokenize(text, special_tokens=False), 0
+        rest = text[len(self.text_of(stored[:matched])):]
+        return stored[:matched] + (self.tokenize(rest, special_tokens=False) if rest else []), matched
+
+    def _longest_matching_run(self, text: str, stored: list[int]) -> int:
+        """The longest k with the text of ``stored[:k]`` a prefix of ``text`` (binary search)."""
+        lo, hi = 0, len(stored)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if text.startswith(self.text_of(stored[:mid])):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
