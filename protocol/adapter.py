@@ -13,10 +13,10 @@ from typing import Any
 from pydantic import Field
 
 from model.types import GenerateRequest
-from protocol.common import sampling_params
+from protocol.common import MAX_REQUEST_ID_CHARS, REQUEST_ID_PATTERN, sampling_params
 
 # Same rules as the request-id API's request_id, but optional.
-OptionalRequestId: Any = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
+OptionalRequestId: Any = Field(default=None, min_length=1, max_length=MAX_REQUEST_ID_CHARS, pattern=REQUEST_ID_PATTERN)
 
 
 def engine_request(prefix: str, request_id: str | None, tenant: str, defaults: dict[str, Any],

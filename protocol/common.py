@@ -8,7 +8,13 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model, model_validator
 
 from model.params import PARAMS, wire
-from model.types import InvalidRequest, ServingError, SamplingParams, Usage
+from model.types import EngineError, InvalidRequest, ServingError, SamplingParams, Usage
+
+# A request_id (the request-id API's, and the optional one of every other dialect): it is part of
+# store keys and URLs, so no whitespace or slashes.
+REQUEST_ID_CHARS = r"[^\s/\\]"
+REQUEST_ID_PATTERN = rf"^{REQUEST_ID_CHARS}+$"
+MAX_REQUEST_ID_CHARS = 256
 
 M = TypeVar("M", bound=BaseModel)
 NOOP_VALUES = (None, False, 0, "", [], {})
@@ -200,6 +206,11 @@ def error_body(exc: ServingError) -> dict[str, Any]:
     if exc.param:
         body["param"] = exc.param
     return {"error": body}
+
+
+def internal_error(message: str) -> dict[str, Any]:
+    """The default error shape of a failure that is not the client's (a generation that failed)."""
+    return error_body(EngineError(message))
 
 
 def sse(data: Any) -> bytes:

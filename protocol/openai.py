@@ -9,11 +9,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.types import Delta, GenerateRequest, InvalidRequest, ServingError
+from model.types import Delta, EngineError, GenerateRequest, InvalidRequest, ServingError
 from protocol.adapter import OptionalRequestId, engine_request
 from model.params import wire
 from protocol.common import NOOP_VALUES, SSE_DONE, BodyError, OpenAISampling, refuse, sse
-from protocol.openai_framing import Framer, finish_reason, total_usage  # noqa: F401 (finish_reason: the dialect's name)
+from protocol.openai_framing import OpenAIShapes, finish_reason, total_usage  # noqa: F401 (finish_reason: the dialect's name)
 from protocol.openai_logprobs import TokenTexts
 from protocol.spec import Call, Dialect, Framing, Route
 from session.session import SessionStream
@@ -202,10 +202,19 @@ def models(model_id: str, created: int) -> dict[str, Any]:
             "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "kvbento"}]}
 
 
-# Engine sampling parameter -> OpenAI's field (vLLM's names for its extensions).
-_FIELDS = {"temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed", "top_k": "top_k",
+# Engine sampling parameter -> OpenAI's field (vLLM's names for its extensions), for every OpenAI
+# route (the Responses API's too, protocol/responses.py).
+SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed", "top_k": "top_k",
            "min_new_tokens": "min_tokens", "ignore_eos": "ignore_eos", "repetition_penalty": "repetition_penalty",
            "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+
+
+def openai_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A body's sampling overrides (``Dialect.overrides``) with OpenAI's rules: vLLM's top_k -1 is
+    "off"."""
+    if overrides.get("top_k") == -1:
+        overrides["top_k"] = 0
+    return overrides
 
 
 class _OpenAIFraming(Framing):
@@ -213,25 +222,25 @@ class _OpenAIFraming(Framing):
 
     def __init__(self, spec: "_OpenAI", call: Call, streams) -> None:
         super().__init__(spec, call, streams)
-        self.framer = spec.framer(call)
+        self.shapes = spec.shapes(call)
 
     def head(self) -> list[bytes]:
-        if not self.framer.echo or self.framer.prompt_logprobs:  # those wait for the prefill's delta
+        if not self.shapes.echo or self.shapes.prompt_logprobs:  # those wait for the prefill's delta
             return []
-        return [sse(self.framer.echo_chunk(i)) for i in range(len(self.streams))]
+        return [sse(self.shapes.echo_chunk(i)) for i in range(len(self.streams))]
 
     def chunk(self, index: int, delta: Delta) -> bytes | None:
-        if delta.prompt_logprobs is not None and self.framer.prompt_logprobs:
-            return sse(self.framer.echo_chunk(index, self.streams[index]))
-        chunk = self.framer.chunk(delta, index)
+        if delta.prompt_logprobs is not None and self.shapes.prompt_logprobs:
+            return sse(self.shapes.echo_chunk(index, self.streams[index]))
+        chunk = self.shapes.chunk(delta, index)
         return sse(chunk) if chunk else None
 
     def error(self, message: str) -> bytes:
-        return sse({"error": {"message": message, "type": "internal_error", "param": None, "code": "internal_error"}})
+        return sse(error_body(EngineError(message)))
 
     async def tail(self, failed: bool) -> list[bytes]:
-        usage = self.framer.include_usage and not failed
-        return ([sse(self.framer.usage_chunk(total_usage(self.streams)))] if usage else []) + [SSE_DONE]
+        usage = self.shapes.include_usage and not failed
+        return ([sse(self.shapes.usage_chunk(total_usage(self.streams)))] if usage else []) + [SSE_DONE]
 
 
 class _OpenAI(Dialect):
@@ -240,21 +249,19 @@ class _OpenAI(Dialect):
     framing = _OpenAIFraming
 
     def overrides(self, body) -> dict[str, Any]:
-        out = super().overrides(body)
-        if out.get("top_k") == -1:  # vLLM's "off"
-            out["top_k"] = 0
+        out = openai_overrides(super().overrides(body))
         out["max_new_tokens"] = body.max_new_tokens
         out["logprobs"] = body.num_logprobs
         out["prompt_logprobs"] = body.num_prompt_logprobs
         return out
 
-    def framer(self, call: Call) -> Framer:
+    def shapes(self, call: Call) -> OpenAIShapes:
         body = call.body
         echo = ""
         if not self.chat and body.echo:
             echo = body.prompt if isinstance(body.prompt, str) else call.decode(body.prompt)
         texts = TokenTexts(call.tokenizer) if body.num_logprobs is not None else None
-        return Framer(self.chat, model_id(call.model_name), body.include_usage, texts=texts, echo=echo,
+        return OpenAIShapes(self.chat, model_id(call.model_name), body.include_usage, texts=texts, echo=echo,
                       prompt_logprobs=body.num_prompt_logprobs is not None)
 
     async def start(self, call: Call, session) -> list[SessionStream]:
@@ -262,7 +269,7 @@ class _OpenAI(Dialect):
         return await session.generate_choices(await self.requests(call))
 
     async def answer(self, call, streams, logprobs) -> dict[str, Any]:
-        return self.framer(call).response(streams, logprobs)
+        return self.shapes(call).response(streams, logprobs)
 
     def error_body(self, exc: ServingError) -> dict[str, Any]:
         return error_body(exc)
@@ -280,7 +287,7 @@ class Completions(_OpenAI):
                     stream_example='data: {"choices": [{"index": 0, "text": " there"}]}\n\ndata: [DONE]\n\n'),)
     error_example = {"error": {"message": "logit_bias: Value error, logit_bias is not supported",
                                "type": "invalid_request_error", "param": "logit_bias", "code": "invalid_request_error"}}
-    fields = {"max_new_tokens": "max_tokens", **_FIELDS}
+    fields = {"max_new_tokens": "max_tokens", **SAMPLING_FIELDS}
     id_prefix = "cmpl"
 
     async def requests(self, call: Call) -> list[GenerateRequest]:
@@ -307,7 +314,7 @@ class Chat(_OpenAI):
                                    "data: [DONE]\n\n"),)
     error_example = {"error": {"message": "tools: Value error, tools is not supported",
                                "type": "invalid_request_error", "param": "tools", "code": "invalid_request_error"}}
-    fields = {"max_new_tokens": ("max_completion_tokens", "max_tokens"), **_FIELDS}
+    fields = {"max_new_tokens": ("max_completion_tokens", "max_tokens"), **SAMPLING_FIELDS}
     id_prefix = "chatcmpl"
 
     async def requests(self, call: Call) -> list[GenerateRequest]:

@@ -30,7 +30,7 @@ def total_usage(streams: list[SessionStream]) -> Usage:
                  completion_tokens=sum(s.usage.completion_tokens for s in streams))
 
 
-class Framer:
+class OpenAIShapes:
     """Builds the answer (or the stream chunks) of one request; ``chat`` picks the route's shapes.
 
     Args:

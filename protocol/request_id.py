@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.params import wire
 from model.types import GenerateRequest, ServingError
-from protocol.common import BodyError, Stop, sampling_params, usage_body
+from protocol.common import (
+    MAX_REQUEST_ID_CHARS, REQUEST_ID_PATTERN, BodyError, Stop, internal_error, sampling_params, usage_body,
+)
 from protocol.spec import Call, Dialect, Framing, Route
 from session.session import SessionStream
 
@@ -31,7 +33,7 @@ class GenerationConfig(BaseModel):
     seed: int | None = wire("seed")
 
 
-RequestId = Field(min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
+RequestId = Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS, pattern=REQUEST_ID_PATTERN)
 Prompt = Field(max_length=1_000_000)
 
 
@@ -41,7 +43,8 @@ class GenerateBody(BaseModel):
     # The next turn: text added after the stored sequence (after ``prompt`` when nothing is stored).
     append: str | None = Field(default=None, max_length=1_000_000)
     # Start request_id as a fork of this request_id's stored sequence (which stays untouched).
-    parent_request_id: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\s/\\]+$")
+    parent_request_id: str | None = Field(default=None, min_length=1, max_length=MAX_REQUEST_ID_CHARS,
+                                           pattern=REQUEST_ID_PATTERN)
     only_new_tokens: bool = True
     stream_response: bool = True
     generation_config: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -72,7 +75,7 @@ def from_engine(stream: SessionStream, only_new_tokens: bool, full_text: str) ->
     out["finish_reason"] = stream.finish_reason
     out["usage"] = usage_body(stream.usage)
     if stream.error:
-        out["error"] = {"type": "internal_error", "message": stream.error}
+        out["error"] = internal_error(stream.error)["error"]
     return out
 
 

@@ -18,18 +18,19 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from model.types import EngineError, InvalidRequest, ServingError, Usage
-from protocol.adapter import OptionalRequestId, sampling_switch
+from protocol.adapter import OptionalRequestId
 from model.params import wire
 from protocol.common import BodyError, OpenAISampling, refuse, sampling_params
-from protocol.openai import model_id
+from protocol.openai import SAMPLING_FIELDS, error_body, model_id, openai_overrides
 from protocol.spec import Call, Dialect, Route
 from session import responses as stored
 from session.session import SessionStream
 
 log = logging.getLogger("kvbento.protocol")
 
-# Engine / session field name -> the Responses field a client sent.
-PARAM_NAMES = {"max_new_tokens": "max_output_tokens", "min_new_tokens": "min_tokens", "prompt": "input",
+# Engine / session field name -> the Responses field a client sent: OpenAI's sampling fields, then
+# the names error messages use.
+PARAM_NAMES = {"max_new_tokens": "max_output_tokens", **SAMPLING_FIELDS, "prompt": "input",
                "parent_request_id": "previous_response_id"}
 
 ROLES = ("user", "system", "developer", "assistant")
@@ -152,17 +153,6 @@ class ResponsesBody(OpenAISampling):
         """The new input as ``{"role", "content"}`` messages."""
         return self._messages
 
-    def overrides(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_output_tokens, "temperature": self.temperature,
-                "do_sample": sampling_switch(self.temperature), "top_p": self.top_p,
-                "stop": self.stop, "seed": self.seed,
-                "top_k": 0 if self.top_k == -1 else self.top_k, "min_new_tokens": self.min_tokens,
-                "ignore_eos": self.ignore_eos, "repetition_penalty": self.repetition_penalty,
-                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
-
-    def params(self, defaults: dict[str, Any]):
-        return sampling_params(defaults, self.overrides())
-
 
 def input_items(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
     """The new input as ``input_items`` lists it: message items with ids, assistant text as
@@ -205,13 +195,7 @@ def usage(u: Usage, store_up: bool = True) -> dict[str, Any]:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
-def error_body(exc: ServingError) -> dict[str, Any]:
-    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
-                      "code": getattr(exc, "code", None) or exc.type}}
-
-
-class Framer:
+class ResponseObject:
     """The Response object of one request and its stream events (with rising sequence numbers)."""
 
     def __init__(self, response_id: str, model: str, body: ResponsesBody, params, *, store_up: bool = True) -> None:
@@ -262,13 +246,13 @@ class Framer:
         return self.event(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)
 
 
-def status_of(finish_reason: str | None, error: str | None) -> str:
+def response_status(finish_reason: str | None, error: str | None) -> str:
     if error or finish_reason == "error":
         return "failed"
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-async def events(stream: SessionStream, framer: Framer,
+async def events(stream: SessionStream, framer: ResponseObject,
                  on_done: Callable[[dict[str, Any]], Awaitable[None]]) -> AsyncIterator[dict[str, Any]]:
     """The stream events of one response, in OpenAI's order, ending with ``response.completed``,
     ``response.incomplete`` or (after an ``error`` event) ``response.failed``.
@@ -294,7 +278,7 @@ async def events(stream: SessionStream, framer: Framer,
     except Exception as exc:  # an exception must not end the stream silently
         log.exception("stream failed")
         error = f"{type(exc).__name__}: {exc}"
-    status = status_of(stream.finish_reason, error)
+    status = response_status(stream.finish_reason, error)
     if status == "failed":
         error = error or "generation failed"
         yield framer.event("error", code="server_error", message=error, param=None)
@@ -351,7 +335,7 @@ class Responses(Dialect):
 
     async def start(self, call: Call, session: Any) -> list[SessionStream]:
         body = call.body
-        params = body.params(call.defaults)
+        params = sampling_params(call.defaults, openai_overrides(self.overrides(body)))
         response_id = new_id("resp")
         responses = stored.ResponseStore(call.store)
 
@@ -365,7 +349,7 @@ class Responses(Dialect):
             new_messages=body.messages, render=render, params=params, store=body.store)
         store_up = started.stream.cache_status.value != "unavailable"
         call.state.update(started=started, responses=responses, response_id=response_id,
-                          framer=Framer(response_id, model_id(call.model_name), body, params, store_up=store_up))
+                          framer=ResponseObject(response_id, model_id(call.model_name), body, params, store_up=store_up))
         return [started.stream]
 
     def _events(self, call: Call) -> AsyncIterator[dict[str, Any]]:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from model.types import Delta, EngineError, GenerateRequest, ServingError
 from protocol.adapter import engine_request, sampling_switch
-from protocol.common import SSE_DONE, BodyError, error_body, sse
+from protocol.common import SSE_DONE, BodyError, error_body, internal_error, sse
 from session.session import SessionStream
 
 log = logging.getLogger("kvbento.protocol")
@@ -69,7 +69,7 @@ class Framing:
 
     def error(self, message: str) -> bytes:
         """An error after the stream started: a visible JSON line, then the stream ends normally."""
-        return ("\n" + json.dumps({"error": {"type": "internal_error", "message": message}}) + "\n").encode()
+        return ("\n" + json.dumps(internal_error(message)) + "\n").encode()
 
     async def tail(self, failed: bool) -> list[bytes]:
         return []
@@ -165,7 +165,7 @@ class Dialect:
         raise NotImplementedError
 
     def stream_error(self, message: str) -> Any:
-        return {"error": {"type": "internal_error", "message": message}}
+        return internal_error(message)
 
     def error_body(self, exc: ServingError) -> dict[str, Any]:
         """The error shape of a refused call."""

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from model.types import ServingError
-from protocol.common import BodyError
+from protocol.common import BodyError, internal_error
 from server.http import error_response
 
 log = logging.getLogger("kvbento.http")
@@ -40,6 +40,6 @@ def build_app() -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")
-        return JSONResponse({"error": {"type": "internal_error", "message": "internal error"}}, status_code=500)
+        return JSONResponse(internal_error("internal error"), status_code=500)
 
     return app

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from model.types import EngineError, ServingError
 from protocol.request_id import Batch, BatchBody, BatchItem, GenerateBody, GenerationConfig, RequestIdApi
 from protocol.spec import Call
-from server.http import status_of
+from server.http import http_status
 from server.runtime import Runtime
 from session.session import SessionStream
 
@@ -52,7 +52,7 @@ def client_error(exc: ServingError):
     """An engine error as BentoML's own error answer, with the same status code."""
     from bentoml.exceptions import BentoMLException
 
-    return BentoMLException(exc.message, error_code=HTTPStatus(status_of(exc)))
+    return BentoMLException(exc.message, error_code=HTTPStatus(http_status(exc)))
 
 
 _SINGLE, _BATCH = RequestIdApi(), Batch()

@@ -60,7 +60,7 @@ STATUS = {"invalid": 400, "unauthorized": 401, "not_found": 404, "busy": 409, "c
           "unsupported_media_type": 415, "overloaded": 429, "internal": 500, "unavailable": 503}
 
 
-def status_of(exc: ServingError) -> int:
+def http_status(exc: ServingError) -> int:
     return STATUS.get(exc.kind, 500)
 
 
@@ -70,7 +70,7 @@ def error_response(exc: ServingError, shape: Callable[[ServingError], Any] = err
         headers["Retry-After"] = str(exc.retry_after)
     if exc.kind == "unauthorized":
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(shape(exc), status_code=status_of(exc), headers=headers)
+    return JSONResponse(shape(exc), status_code=http_status(exc), headers=headers)
 
 
 def stream(body: AsyncIterator[bytes], media_type: str, headers: dict[str, str] | None = None) -> StreamingResponse:

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from cache.base import BackendUnavailable
 from session.errors import StoreUnavailable
-from protocol.common import BodyError
+from protocol.common import MAX_REQUEST_ID_CHARS, REQUEST_ID_CHARS, BodyError
 from server.http import authenticate, runtime
 
 router = APIRouter()
@@ -25,7 +25,7 @@ _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inlin
 MAX_LIMIT = 1000
 MAX_CURSOR_CHARS = 4096
 # A prefix of a request_id: the request_id rules (no whitespace or slashes), possibly empty.
-_PREFIX = re.compile(r"^[^\s/\\]{0,256}$")
+_PREFIX = re.compile(rf"^{REQUEST_ID_CHARS}{{0,{MAX_REQUEST_ID_CHARS}}}$")
 
 
 @cache

@@ -11,7 +11,7 @@ from protocol.common import (
 )
 from protocol.openai import ChatBody, CompletionBody
 from protocol.request_id import GenerateBody
-from server.http import status_of
+from server.http import http_status
 
 
 def test_thousands_of_levels_is_a_body_error_not_a_recursion_error():
@@ -29,7 +29,7 @@ def test_depth_limit_names_the_path():
         deep = [deep]
     with pytest.raises(BodyError) as e:
         parse_json(json.dumps({"model": "m", "prompt": "x", "logit_bias": deep}).encode(), CompletionBody)
-    assert e.value.param.startswith("logit_bias") and status_of(e.value) == 400
+    assert e.value.param.startswith("logit_bias") and http_status(e.value) == 400
     # A body at the limit's edge still parses as far as validation.
     ok: object = 1
     for _ in range(MAX_DEPTH - 2):
@@ -81,4 +81,4 @@ def test_json_like_content_types_pass(header):
 def test_other_content_types_are_415(header):
     with pytest.raises(UnsupportedMediaType) as e:
         check_content_type(header)
-    assert status_of(e.value) == 415 and e.value.param == "Content-Type"
+    assert http_status(e.value) == 415 and e.value.param == "Content-Type"

@@ -112,7 +112,7 @@ def test_openai_chat_passes_template_text_and_prefers_max_completion_tokens():
 
 
 def test_openai_chat_chunks():
-    f = oa.Framer(chat=True, model="m", include_usage=True)
+    f = oa.OpenAIShapes(chat=True, model="m", include_usage=True)
     first = f.chunk(Delta(text="Hi"))
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hi"} and first["usage"] is None
     assert f.chunk(Delta()) is None

@@ -47,7 +47,7 @@ class ScriptedStream:
 
 def run(deltas: list[Delta], **body) -> tuple[list[dict], list[str]]:
     b = rs.ResponsesBody.model_validate({"input": "hi", **body})
-    framer = rs.Framer("resp_1", "kvbento-tiny", b, SamplingParams())
+    framer = rs.ResponseObject("resp_1", "kvbento-tiny", b, SamplingParams())
     log: list[str] = []
 
     async def on_done(final: dict) -> None:
