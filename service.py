@@ -1,6 +1,7 @@
-"""The BentoML service: serves the FastAPI app of routes/ and owns the runtime's life cycle.
+"""The BentoML service: serves the FastAPI app of server/ and owns the runtime's life cycle.
 
-Request path: routes/<dialect>.py -> protocol/<dialect>.py -> model/engine.py -> cache/store.py.
+Request path: server/dialects.py -> protocol/<dialect>.py -> session/session.py -> model/engine.py,
+and session/ -> cache/store.py.
 """
 
 from __future__ import annotations

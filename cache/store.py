@@ -318,46 +318,22 @@ class KVStore:
             raise ValueError("save needs kv_from a block boundary within the sequence")
         full = n_kv // b
         hashes = self.hashes(tenant, token_ids, full, known_blocks[: kv_from // b])
-        k_all, v_all = kv
-        new: list[Block] = []
-        for i in range(max(len(known_blocks), kv_from // b), full):
-            lo, hi = i * b - kv_from, (i + 1) * b - kv_from
-            new.append(Block(hashes[i], token_ids[i * b:(i + 1) * b], [k[:, lo:hi] for k in k_all],
-                             [v[:, lo:hi] for v in v_all]))
+        new = self._new_blocks(hashes[:full], token_ids, kv, kv_from, len(known_blocks))
         lo = full * b - kv_from
-        tail = ([k[:, lo:] for k in k_all], [v[:, lo:] for v in v_all])
         created = created_at or time.time()
-
-        def head_record() -> KVRecord:
-            meta = {"kind": "head", "blocks": hashes, "block_tokens": b}
-            return KVRecord(list(token_ids), num_prompt_tokens, self.fingerprint, tail[0], tail[1],
-                            created_at=created, meta=meta)
+        head = KVRecord(list(token_ids), num_prompt_tokens, self.fingerprint, [k[:, lo:] for k in kv[0]],
+                        [v[:, lo:] for v in kv[1]], created_at=created,
+                        meta={"kind": "head", "blocks": hashes, "block_tokens": b})
+        names = []
+        if request_id is not None:
+            names.append(keys.head_key(tenant, request_id))
+        if anchor_at > 0 and anchor_at <= len(hashes):
+            names.append(keys.anchor_key(tenant, hashes[anchor_at - 1]))
 
         def work() -> tuple[int, int]:
-            written = count = 0
-            todo = [blk for blk in new if keys.block_key(tenant, blk.hash) not in self._memory]
-            present = self.backend.exists([keys.block_key(tenant, blk.hash) for blk in todo]) if todo else []
-            for blk, there in zip(todo, present):
-                if there:
-                    continue
-                rec = KVRecord(blk.token_ids, 0, self.fingerprint, blk.keys, blk.values, created_at=created,
-                               meta={"kind": "block"})
-                with encoded(rec) as data:
-                    self.backend.set(keys.block_key(tenant, blk.hash), data, self.ttl)
-                    written += len(data)
-                count += 1
+            written, count = self._write_blocks(tenant, new, created)
             # Heads last: a head never names a block that was not written first.
-            names = []
-            if request_id is not None:
-                names.append(keys.head_key(tenant, request_id))
-            if anchor_at > 0 and anchor_at <= len(hashes):
-                names.append(keys.anchor_key(tenant, hashes[anchor_at - 1]))
-            if names:
-                with encoded(head_record()) as data:
-                    for name in names:
-                        self.backend.set(name, data, self.ttl)
-                        written += len(data)
-            return written, count
+            return written + self._write_head(names, head), count
 
         try:
             written, count = await self._call(work)
@@ -366,6 +342,45 @@ class KVStore:
         for blk in new:
             self._remember(keys.block_key(tenant, blk.hash), blk)
         return SaveResult(True, written, count, time.perf_counter() - start)
+
+    def _new_blocks(self, hashes: list[str], token_ids: list[int],
+                    kv: tuple[list[torch.Tensor], list[torch.Tensor]], kv_from: int, num_known: int) -> list[Block]:
+        """The full blocks of ``token_ids`` past the known ones, sliced from ``kv`` (which starts at
+        position ``kv_from``)."""
+        b = self.block_tokens
+        k_all, v_all = kv
+        out = []
+        for i in range(max(num_known, kv_from // b), len(hashes)):
+            lo, hi = i * b - kv_from, (i + 1) * b - kv_from
+            out.append(Block(hashes[i], token_ids[i * b:(i + 1) * b], [k[:, lo:hi] for k in k_all],
+                             [v[:, lo:hi] for v in v_all]))
+        return out
+
+    def _write_blocks(self, tenant: str, blocks: list[Block], created: float) -> tuple[int, int]:
+        """Write the blocks neither this process nor the store has (blocking); bytes and count."""
+        written = count = 0
+        todo = [blk for blk in blocks if keys.block_key(tenant, blk.hash) not in self._memory]
+        present = self.backend.exists([keys.block_key(tenant, blk.hash) for blk in todo]) if todo else []
+        for blk, there in zip(todo, present):
+            if there:
+                continue
+            rec = KVRecord(blk.token_ids, 0, self.fingerprint, blk.keys, blk.values, created_at=created,
+                           meta={"kind": "block"})
+            with encoded(rec) as data:
+                self.backend.set(keys.block_key(tenant, blk.hash), data, self.ttl)
+                written += len(data)
+            count += 1
+        return written, count
+
+    def _write_head(self, names: list[str], head: KVRecord) -> int:
+        """Write ``head`` under each of ``names`` (blocking); bytes written."""
+        written = 0
+        if names:
+            with encoded(head) as data:
+                for name in names:
+                    self.backend.set(name, data, self.ttl)
+                    written += len(data)
+        return written
 
     # -- records as the API shows them -----------------------------------------------------
     async def delete(self, tenant: str, request_id: str) -> bool:

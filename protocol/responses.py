@@ -24,6 +24,7 @@ from protocol.common import BodyError, OpenAISampling, refuse, sampling_params
 from protocol.openai import SAMPLING_FIELDS, error_body, model_id, openai_overrides
 from protocol.spec import Call, Dialect, Route
 from session import responses as stored
+from session.errors import StoreUnavailable
 from session.session import SessionStream
 
 log = logging.getLogger("kvbento.protocol")
@@ -364,7 +365,7 @@ class Responses(Dialect):
                                         list(started.stream.token_ids))
             try:
                 await st["responses"].save(call.tenant, st["response_id"], rec)
-            except stored.BackendUnavailable:
+            except StoreUnavailable:
                 log.warning("the KV store is unavailable: response %s is answered but not stored", st["response_id"])
 
         return events(started.stream, st["framer"], keep)

@@ -55,7 +55,7 @@ def authenticate(request: Request) -> str:
     return runtime(request).tenant(request.headers.get("authorization"))
 
 
-# Error kinds (model/types.py, protocol/common.py) -> HTTP status.
+# Error kinds (model/types.py, session/errors.py, protocol/common.py) -> HTTP status.
 STATUS = {"invalid": 400, "unauthorized": 401, "not_found": 404, "busy": 409, "conflict": 409, "too_large": 413,
           "unsupported_media_type": 415, "overloaded": 429, "internal": 500, "unavailable": 503}
 

@@ -82,6 +82,10 @@ class PrometheusObserver(EngineObserver, SessionObserver):
                                 ["finished_reason"])
         self.rejected = Counter(PREFIX + "request_rejected",
                                 "Requests answered 429 because the waiting queue was full.")
+        self._store_metrics(Counter, Histogram)
+
+    def _store_metrics(self, Counter, Histogram) -> None:  # noqa: N803 (prometheus_client's classes)
+        """The session's: lookups, reuse, prefix hits, store reads and writes."""
         self.lookups = Counter(PREFIX + "kv_store_lookups",
                                "KV store lookups by result: hit, miss or unavailable.", ["result"])
         for status in CacheStatus:  # every series exists from the start, at zero

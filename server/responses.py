@@ -6,9 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from cache.base import BackendUnavailable
 from model.types import ServingError
-from session.errors import NotFound, StoreUnavailable
+from session.errors import NotFound
 from protocol import responses as rs
 from protocol.common import BodyError
 from server.http import authenticate, error_response, runtime
@@ -32,10 +31,7 @@ def _page_query(request: Request) -> tuple[str | None, int, str]:
 async def _load(request: Request, response_id: str) -> stored.StoredResponse:
     rt = runtime(request)
     tenant = authenticate(request)
-    try:
-        rec = await stored.ResponseStore(rt.store).load(tenant, response_id)
-    except BackendUnavailable:
-        raise StoreUnavailable() from None
+    rec = await stored.ResponseStore(rt.store).load(tenant, response_id)
     if rec is None:
         raise NotFound(f"no stored response {response_id!r}", param="response_id")
     return rec
@@ -54,10 +50,7 @@ async def retrieve(request: Request, response_id: str):
 async def delete(request: Request, response_id: str):
     try:
         tenant = authenticate(request)
-        try:
-            existed = await stored.ResponseStore(runtime(request).store).delete(tenant, response_id)
-        except BackendUnavailable:
-            raise StoreUnavailable() from None
+        existed = await stored.ResponseStore(runtime(request).store).delete(tenant, response_id)
         if not existed:
             raise NotFound(f"no stored response {response_id!r}", param="response_id")
     except ServingError as exc:

@@ -20,7 +20,7 @@ from typing import Any
 from cache.base import BackendUnavailable
 from cache.store import KVStore
 from model.types import GenerateRequest, InvalidRequest, SamplingParams
-from session.errors import NotFound
+from session.errors import NotFound, StoreUnavailable
 from session.session import Session, SessionStream
 
 log = logging.getLogger("kvbento.session")
@@ -46,9 +46,12 @@ class ResponseStore:
         """The stored record, or None (never stored, deleted, expired, evicted or unreadable).
 
         Raises:
-            BackendUnavailable: the store cannot answer.
+            StoreUnavailable: the store cannot answer.
         """
-        data = await self.store.load_response(tenant, response_id)
+        try:
+            data = await self.store.load_response(tenant, response_id)
+        except BackendUnavailable:
+            raise StoreUnavailable() from None
         if data is None:
             return None
         try:
@@ -65,20 +68,26 @@ class ResponseStore:
             return None
 
     async def save(self, tenant: str, response_id: str, rec: StoredResponse) -> None:
-        """Write the record. Raises BackendUnavailable when the store cannot answer."""
+        """Write the record. Raises StoreUnavailable when the store cannot answer."""
         data = json.dumps({"v": RECORD_VERSION, "response": rec.response, "messages": rec.messages,
                            "input_items": rec.input_items, "token_ids": rec.token_ids,
                            "fingerprint": self.store.fingerprint}, ensure_ascii=False, separators=(",", ":"))
-        await self.store.save_response(tenant, response_id, data.encode())
+        try:
+            await self.store.save_response(tenant, response_id, data.encode())
+        except BackendUnavailable:
+            raise StoreUnavailable() from None
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         """Remove the record and the head of ``response_id``; False when there was no record.
 
         Raises:
-            BackendUnavailable: the store cannot answer.
+            StoreUnavailable: the store cannot answer.
         """
-        existed = await self.store.delete_response(tenant, response_id)
-        await self.store.delete(tenant, response_id)
+        try:
+            existed = await self.store.delete_response(tenant, response_id)
+            await self.store.delete(tenant, response_id)
+        except BackendUnavailable:
+            raise StoreUnavailable() from None
         return existed
 
 
@@ -100,7 +109,7 @@ async def start(session: Session, responses: ResponseStore, *, tenant: str, resp
     Raises:
         NotFound: ``previous_response_id`` has no stored record (param ``previous_response_id``).
         InvalidRequest: the template rejects the messages, or the conversation is past the context.
-        BackendUnavailable: the parent's record could not be read.
+        StoreUnavailable: the parent's record could not be read.
         And the session's errors (RequestBusy) and the engine's (QueueFull, EngineClosed).
     """
     history: list[dict[str, str]] = []
@@ -135,4 +144,4 @@ async def start(session: Session, responses: ResponseStore, *, tenant: str, resp
     return Started(stream, messages)
 
 
-__all__ = ["BackendUnavailable", "ResponseStore", "Started", "StoredResponse", "start"]
+__all__ = ["ResponseStore", "Started", "StoredResponse", "start"]

@@ -130,7 +130,15 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
     wait_for(d, MODEL_SHOWN, what="the model name")
     wait_for(d, "document.querySelector('#cache-status').textContent !== ''", what="the cache panel")
     set_value(d, "#max-tokens", "48")
+    conv_id, second = _two_turns(d)
+    fork_id, parent_rec = _fork_after_turn_one(d, srv, conv_id, second)
+    stop_id = _stop_mid_stream(d, srv)
+    _cache_panel(d, srv, (conv_id, fork_id, stop_id), parent_rec)
+    _delete_and_phone_width(d, srv, stop_id)
+    assert console_errors(d) == []
 
+
+def _two_turns(d):
     # Turn 1: the text arrives in several steps.
     watch_answer_growth(d)
     send(d, "Tell me about cats.")
@@ -152,7 +160,10 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
     assert second["kv"] in ("hit", "partial"), second
     assert int(second["cached"]) > 0, f"turn 2 reused no KV: {second}"
     d.save_screenshot(str(ARTIFACTS / "chat.png"))
+    return conv_id, second
 
+
+def _fork_after_turn_one(d, srv, conv_id, second):
     # Fork after turn 1: a new request_id with the first exchange, then its own turn.
     d.execute_script("document.querySelectorAll('#messages .msg.assistant .fork')[0].click()")
     current = "document.querySelector('#conversations li.current button.open').dataset.requestId"
@@ -172,7 +183,10 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
     assert fork_rec.status_code == parent_rec.status_code == 200
     assert fork_rec.json()["tokens"] == int(forked["prompt"]) + int(forked["completion"])
     assert parent_rec.json()["tokens"] == int(second["prompt"]) + int(second["completion"])  # untouched
+    return fork_id, parent_rec
 
+
+def _stop_mid_stream(d, srv):
     # Stop a long answer mid-stream: the record keeps exactly the tokens the page showed.
     d.find_element("css selector", "#new-conv").click()
     stop_id = current_request_id(d)
@@ -192,7 +206,11 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
     # record keeps exactly the tokens the page showed.
     assert record["tokens"] == prompt + shown, (record, stopped)
     d.save_screenshot(str(ARTIFACTS / "stopped.png"))
+    return stop_id
 
+
+def _cache_panel(d, srv, ids, parent_rec):
+    conv_id, fork_id, stop_id = ids
     # The cache panel lists this tenant's request_ids; delete one there.
     d.find_element("css selector", "#cache-refresh").click()
     for rid in (conv_id, fork_id, stop_id):
@@ -208,6 +226,8 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
              what="the delete")
     assert requests.get(f"{srv.url}/api/cache/{fork_id}", timeout=10).status_code == 404
 
+
+def _delete_and_phone_width(d, srv, stop_id):
     # Deleting a conversation from the list removes its record too.
     d.execute_script(f"document.querySelector('#conversations button.open[data-request-id=\"{stop_id}\"]')"
                      ".parentElement.querySelector('.delete-conv').click()")
@@ -221,8 +241,6 @@ def test_playground_chat_fork_stop_and_cache_panel(browser, srv):
     assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
     d.save_screenshot(str(ARTIFACTS / "phone.png"))
     d.set_window_size(1280, 900)
-
-    assert console_errors(d) == []
 
 
 KEY = "playground-key"
