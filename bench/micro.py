@@ -127,7 +127,8 @@ class InProcessEngine:
 
     def itls(self, prompt_ids: list[int], n: int) -> list[float]:
         """Inter-token latencies (s) of one request of exactly ``n`` new tokens."""
-        from model.types import GenerateRequest, SamplingParams
+        from model.types import SamplingParams
+        from session.request import GenerateRequest
 
         self._n += 1
 

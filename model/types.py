@@ -98,36 +98,9 @@ class SamplingParams:
 
 
 @dataclass
-class GenerateRequest:
-    """One generation as a dialect asks for it (the session turns it into an ``EngineRequest``).
-
-    The prompt is ``prompt_ids``, else ``prompt`` tokenized (with the tokenizer's special tokens
-    when ``special_tokens``; a rendered chat template already has them).
-    """
-
-    request_id: str
-    prompt: str | None = None
-    prompt_ids: list[int] | None = None
-    params: SamplingParams = field(default_factory=SamplingParams)
-    tenant: str = "public"
-    # False: generate without reading or writing the store at all.
-    use_cache: bool = True
-    # True: request_id names a head (read, leased, written); False: an anonymous request that
-    # still reuses and leaves content-addressed blocks.
-    named: bool = True
-    special_tokens: bool = True
-    # The request-id API's semantics: a stored sequence is continued and ``prompt`` is ignored.
-    # False: the prompt is the whole conversation, matched against the stored one.
-    continue_stored: bool = False
-    # Text added after the stored sequence (or after ``prompt`` when nothing is stored).
-    append: str | None = None
-    # Start request_id as a fork of this request_id's sequence.
-    parent_request_id: str | None = None
-
-
-@dataclass
 class EngineRequest:
-    """What the engine runs: token ids, the KV of a prefix of them, sampling parameters.
+    """What the engine runs: token ids, the KV of a prefix of them, sampling parameters (the session
+    builds it from a ``session.request.GenerateRequest``).
 
     ``prefix`` holds the states of positions ``[0, num_cached)`` as consecutive chunks, each per
     layer ``[kv_heads, n, head_dim]``. On finish the engine hands the KV of positions

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import Field
 
-from model.types import GenerateRequest
 from protocol.common import MAX_REQUEST_ID_CHARS, REQUEST_ID_PATTERN, sampling_params
+from session.request import GenerateRequest
 
 # Same rules as the request-id API's request_id, but optional.
 OptionalRequestId: Any = Field(default=None, min_length=1, max_length=MAX_REQUEST_ID_CHARS, pattern=REQUEST_ID_PATTERN)

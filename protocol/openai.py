@@ -9,13 +9,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.types import Delta, EngineError, GenerateRequest, InvalidRequest, ServingError
+from model.types import Delta, EngineError, InvalidRequest, ServingError
 from protocol.adapter import OptionalRequestId, engine_request
 from model.params import wire
 from protocol.common import NOOP_VALUES, SSE_DONE, BodyError, OpenAISampling, refuse, sse
 from protocol.openai_framing import OpenAIShapes, finish_reason, total_usage  # noqa: F401 (finish_reason: the dialect's name)
 from protocol.openai_logprobs import TokenTexts
 from protocol.spec import Call, Dialect, Framing, Route
+from session.request import GenerateRequest
 from session.session import SessionStream
 
 MAX_N = 8  # choices per request: engine sequences of one prompt, prefilled once

@@ -7,11 +7,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.params import wire
-from model.types import GenerateRequest, ServingError
+from model.types import ServingError
 from protocol.common import (
     MAX_REQUEST_ID_CHARS, REQUEST_ID_PATTERN, BodyError, Stop, internal_error, sampling_params, usage_body,
 )
 from protocol.spec import Call, Dialect, Framing, Route
+from session.request import GenerateRequest
 from session.session import SessionStream
 
 

@@ -19,9 +19,10 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from model.types import Delta, EngineError, GenerateRequest, ServingError
+from model.types import Delta, EngineError, ServingError
 from protocol.adapter import engine_request, sampling_switch
 from protocol.common import SSE_DONE, BodyError, error_body, internal_error, sse
+from session.request import GenerateRequest
 from session.session import SessionStream
 
 log = logging.getLogger("kvbento.protocol")

@@ -2,6 +2,7 @@
 
 from session.errors import Conflict, NotFound, RequestBusy, StoreUnavailable
 from session.observer import SessionObserver
+from session.request import GenerateRequest
 from session.session import Session, SessionStream
 
-__all__ = ["Conflict", "NotFound", "RequestBusy", "Session", "SessionObserver", "SessionStream", "StoreUnavailable"]
+__all__ = ["Conflict", "GenerateRequest", "NotFound", "RequestBusy", "Session", "SessionObserver", "SessionStream", "StoreUnavailable"]

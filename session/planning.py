@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from cache.base import BackendUnavailable
 from cache.store import CacheStatus, Head, KVStore
-from model.types import GenerateRequest, InvalidRequest
+from model.types import InvalidRequest
 from session.alignment import Aligner
 from session.errors import Conflict, NotFound
+from session.request import GenerateRequest
 from session.restore import restore_prefix
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 from cache.base import BackendUnavailable
 from cache.store import KVStore
-from model.types import GenerateRequest, InvalidRequest, SamplingParams
+from model.types import InvalidRequest, SamplingParams
 from session.errors import NotFound, StoreUnavailable
+from session.request import GenerateRequest
 from session.session import Session, SessionStream
 
 log = logging.getLogger("kvbento.session")

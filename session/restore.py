@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cache.store import CacheStatus, Head, KVStore
-from model.types import GenerateRequest
 from session.alignment import Aligner, common_prefix
+from session.request import GenerateRequest
 
 if TYPE_CHECKING:
     from session.planning import Plan

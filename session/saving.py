@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from cache.store import KVStore
-from model.types import Finished, GenerateRequest
+from model.types import Finished
 from session.observer import SessionObserver
 from session.planning import Plan
+from session.request import GenerateRequest
 
 OnFinish = Callable[[Finished], Awaitable[None]]
 

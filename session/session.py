@@ -21,12 +21,13 @@ import time
 
 from cache.store import CacheStatus, KVStore
 from model.engine import Engine, RequestStream
-from model.types import EngineRequest, GenerateRequest, InvalidRequest
+from model.types import EngineRequest, InvalidRequest
 from session import leases
 from session.alignment import Aligner
 from session.leases import Lease
 from session.observer import SessionObserver
 from session.planning import Plan, Planner
+from session.request import GenerateRequest
 from session.saving import releaser, saver
 
 

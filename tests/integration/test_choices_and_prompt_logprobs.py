@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cache.store import CacheStatus
-from model.types import GenerateRequest, SamplingParams
+from model.types import SamplingParams
 from protocol.openai import fan_out
 from protocol.spec import merge
+from session.request import GenerateRequest
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 

@@ -7,8 +7,9 @@ import pytest
 
 from cache import keys
 from cache.store import CacheStatus
-from model.types import GenerateRequest, InvalidRequest, SamplingParams
+from model.types import InvalidRequest, SamplingParams
 from session.errors import Conflict, NotFound
+from session.request import GenerateRequest
 
 SYSTEM = "<system> You are a careful assistant who answers briefly. </system>\n"
 

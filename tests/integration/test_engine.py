@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cache.store import CacheStatus
-from model.types import GenerateRequest, InvalidRequest, SamplingParams
+from model.types import InvalidRequest, SamplingParams
+from session.request import GenerateRequest
 
 PROMPT = "Hello world, how are you?"
 
