@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     # --- model and device -------------------------------------------------------------------
     # HF model directory or hub id; loaded with from_pretrained.
     model: str = str(DEFAULT_MODEL_DIR)
+    # The model name clients see (OpenAI's ``model``, /v1/models, cache records); empty = the model
+    # directory's own name, or the hub id. Never a path: a server's disk layout is not the API.
+    model_name: str = Field(default="", max_length=256)
     # "auto" = cuda when available, else cpu.
     device: str = "auto"
     # "auto" = bfloat16 (or float16 without bf16 support) on CUDA, float32 on CPU.
@@ -88,6 +91,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 "KVBENTO_CACHE_URL must start with disk://, redis://, rediss:// or redis+cluster://")
         return v
+
+    @property
+    def served_model_name(self) -> str:
+        """``model_name``, else the last part of a local ``model`` path, else the hub id."""
+        if self.model_name:
+            return self.model_name
+        path = Path(self.model).expanduser()
+        return path.name if path.is_dir() or path.is_absolute() else self.model
 
     @property
     def api_key_list(self) -> list[str]:

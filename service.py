@@ -18,6 +18,7 @@ from model.types import ServingError
 from protocol.request_id import BatchItem, GenerationConfig, Prompt, RequestId
 from server import bentoml_api as api
 from server import build_app
+from server.front import Front
 
 app = build_app()
 logging.getLogger("kvbento").setLevel(logging.INFO)
@@ -82,3 +83,7 @@ class KVBento:
                                             only_new_tokens, generation_config)
         except ServingError as exc:
             raise api.client_error(exc) from None
+
+
+# Around the whole server, BentoML's routes included: our offline docs page at / and JSON routing errors.
+KVBento.add_asgi_middleware(Front)

@@ -28,8 +28,8 @@ import torch
 
 from cache import keys, memory
 from cache.base import Backend, BackendUnavailable
-from cache.codec import KVRecord, RecordError, decode, element_size, encoded, read_header
-from cache.listing import HeadSummary, list_heads_sync
+from cache.codec import KVRecord, RecordError, decode, encoded
+from cache.listing import HeadSummary, list_heads_sync, read_head, record_nbytes
 
 log = logging.getLogger("kvbento.cache")
 
@@ -91,7 +91,7 @@ class RecordInfo:
     request_id: str
     num_tokens: int
     num_prompt_tokens: int
-    nbytes: int  # the head's bytes plus its blocks' (shared blocks counted in full)
+    nbytes: int  # everything the record holds: cache.listing.record_nbytes
     head_nbytes: int
     num_blocks: int
     fingerprint: str
@@ -393,41 +393,16 @@ class KVStore:
     async def info(self, tenant: str, request_id: str) -> RecordInfo | None:
         """Metadata of the request_id's head, or None. Raises BackendUnavailable when the store
         cannot answer."""
-        key = keys.head_key(tenant, request_id)
-
-        def work():
-            entry = self.backend.info(key)
-            if entry is None:
-                return None
-            header = None
-            if entry.head is not None:
-                try:
-                    header = read_header(entry.head)
-                except RecordError:
-                    header = None  # a header longer than the head read: check the whole value
-            if header is None:
-                data = self.backend.get(key)
-                if data is None:
-                    return None
-                try:
-                    header = read_header(data)
-                except RecordError:
-                    return None
-            return entry, header
-
-        found = await self._call(work)
-        if found is None:
+        found = await self._call(read_head, self.backend, keys.head_key(tenant, request_id))
+        if found is None or found[1] is None:
             return None
         entry, header = found
-        meta = header.get("meta") or {}
-        blocks = meta.get("blocks") or []
-        esize = element_size(header.get("dtype"))
-        per_position = sum(k[0] * k[2] + v[0] * v[2] for k, v in header.get("shapes") or []) * esize
+        blocks = (header.get("meta") or {}).get("blocks") or []
         return RecordInfo(
             request_id=request_id,
             num_tokens=int(header.get("num_tokens", 0)),
             num_prompt_tokens=int(header.get("num_prompt_tokens", 0)),
-            nbytes=entry.nbytes + per_position * self.block_tokens * len(blocks),
+            nbytes=record_nbytes(header, entry.nbytes, self.block_tokens),
             head_nbytes=entry.nbytes,
             num_blocks=len(blocks),
             fingerprint=str(header.get("fingerprint", "")),
@@ -444,7 +419,7 @@ class KVStore:
             ValueError: ``cursor`` is not one this backend made.
             BackendUnavailable: the store cannot answer.
         """
-        return await self._call(list_heads_sync, self.backend, tenant, prefix, limit, cursor)
+        return await self._call(list_heads_sync, self.backend, tenant, prefix, limit, cursor, self.block_tokens)
 
     # -- stored Responses-API objects: small JSON records beside the head of the same id ----
     async def load_response(self, tenant: str, response_id: str) -> bytes | None:

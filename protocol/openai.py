@@ -4,7 +4,6 @@ wire format, including stream chunks, ``stream_options.include_usage`` and the e
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -191,12 +190,6 @@ def error_body(exc: ServingError) -> dict[str, Any]:
                       "code": getattr(exc, "code", None) or exc.type}}
 
 
-def model_id(name: str) -> str:
-    """The id clients see: a local model directory's own name (no server paths), else the hub id."""
-    path = Path(name)
-    return path.name if path.is_dir() else name
-
-
 def models(model_id: str, created: int) -> dict[str, Any]:
     """The /v1/models list: the one model this server serves."""
     return {"object": "list",
@@ -262,7 +255,7 @@ class _OpenAI(Dialect):
         if not self.chat and body.echo:
             echo = body.prompt if isinstance(body.prompt, str) else call.decode(body.prompt)
         texts = TokenTexts(call.tokenizer) if body.num_logprobs is not None else None
-        return OpenAIShapes(self.chat, model_id(call.model_name), body.include_usage, texts=texts, echo=echo,
+        return OpenAIShapes(self.chat, call.model_name, body.include_usage, texts=texts, echo=echo,
                       prompt_logprobs=body.num_prompt_logprobs is not None)
 
     async def start(self, call: Call, session) -> list[SessionStream]:

@@ -21,7 +21,7 @@ from model.types import EngineError, InvalidRequest, ServingError, Usage
 from protocol.adapter import OptionalRequestId
 from model.params import wire
 from protocol.common import BodyError, OpenAISampling, refuse, sampling_params
-from protocol.openai import SAMPLING_FIELDS, error_body, model_id, openai_overrides
+from protocol.openai import SAMPLING_FIELDS, error_body, openai_overrides
 from protocol.spec import Call, Dialect, Route
 from session import responses as stored
 from session.errors import StoreUnavailable
@@ -350,7 +350,7 @@ class Responses(Dialect):
             new_messages=body.messages, render=render, params=params, store=body.store)
         store_up = started.stream.cache_status.value != "unavailable"
         call.state.update(started=started, responses=responses, response_id=response_id,
-                          framer=ResponseObject(response_id, model_id(call.model_name), body, params, store_up=store_up))
+                          framer=ResponseObject(response_id, call.model_name, body, params, store_up=store_up))
         return [started.stream]
 
     def _events(self, call: Call) -> AsyncIterator[dict[str, Any]]:

@@ -64,6 +64,6 @@ class Together(Dialect):
         s = streams[0]
         choices = [{"text": s.text, "finish_reason": s.finish_reason, "index": 0}]
         usage = _usage(s.usage)
-        return {"id": uuid.uuid4().hex, "status": "finished", "model": call.body.model or call.model_name,
+        return {"id": uuid.uuid4().hex, "status": "finished", "model": call.model_name,
                 "choices": choices, "result_type": RESULT_TYPE, "usage": usage, "request_id": s.request_id,
                 "output": {"choices": choices, "result_type": RESULT_TYPE, "usage": usage}}

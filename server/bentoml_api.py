@@ -60,7 +60,7 @@ _SINGLE, _BATCH = RequestIdApi(), Batch()
 
 def _call(rt: Runtime, authorization: str | None, body) -> Call:
     """The call as the request-id API's spec serves it (the engine's typed errors are raised)."""
-    return Call(body, rt.tenant(authorization), rt.settings.generation_defaults(), rt.model.name,
+    return Call(body, rt.tenant(authorization), rt.settings.generation_defaults(), rt.settings.served_model_name,
                 rt.model.tokenizer, rt.store)
 
 

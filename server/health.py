@@ -27,8 +27,6 @@ async def health(request: Request):
         return error_response(EngineClosed("the model is loading"))
     if rt.is_closing:
         return error_response(EngineClosed("the server is shutting down"))
-    from protocol.openai import model_id
-
-    return JSONResponse({"status": "ok", "model": model_id(rt.model.name),
+    return JSONResponse({"status": "ok", "model": rt.settings.served_model_name,
                          "num_requests_running": rt.engine.num_running,
                          "num_requests_waiting": rt.engine.num_waiting})

@@ -21,4 +21,4 @@ async def list_models(request: Request):
         authenticate(request)
     except ServingError as exc:
         return error_response(exc, oa.error_body)
-    return JSONResponse(oa.models(oa.model_id(runtime(request).model.name), _STARTED))
+    return JSONResponse(oa.models(runtime(request).settings.served_model_name, _STARTED))

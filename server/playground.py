@@ -74,6 +74,7 @@ async def cache_list(request: Request) -> JSONResponse:
     except ValueError as exc:
         raise BodyError(f"cursor: {exc}", param="cursor") from None
     data = [{"request_id": h.request_id, "tokens": h.num_tokens, "bytes": h.nbytes,
+             "head_bytes": h.head_nbytes, "blocks": h.num_blocks,
              "created_at": _iso(h.created_at), "last_used_at": _iso(h.last_used_at),
              "expires_at": _iso(h.expires_at)} for h in page]
     return JSONResponse({"object": "list", "data": data, "next_cursor": next_cursor})

@@ -44,7 +44,7 @@ async def cache_info(request: Request, request_id: str):
             "bytes": info.nbytes,
             "head_bytes": info.head_nbytes,
             "blocks": info.num_blocks,
-            "model": rt.model.name,
+            "model": rt.settings.served_model_name,
             "fingerprint": info.fingerprint,
             "fingerprint_matches": info.fingerprint == rt.model.fingerprint,
             "created_at": _iso(info.created_at),

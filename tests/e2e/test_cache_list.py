@@ -25,9 +25,9 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def generate(srv, key: str, rid: str, n: int = 4) -> None:
+def generate(srv, key: str, rid: str, n: int = 4, prompt: str = "list me") -> None:
     r = requests.post(srv.url + "/api/generate", headers=auth(key), timeout=60, json={
-        "request_id": rid, "prompt": "list me", "stream_response": False,
+        "request_id": rid, "prompt": prompt, "stream_response": False,
         "generation_config": {"do_sample": False, "max_new_tokens": n}})
     assert r.status_code == 200, r.text
 
@@ -50,8 +50,8 @@ def all_pages(srv, key: str, **params) -> list[dict]:
 
 
 def test_list_pages_filters_and_isolates_tenants(srv):
-    for i in range(5):
-        generate(srv, KEY_A, f"conv-{i}", n=4 + i)
+    for i in range(5):  # conv-4 spans several 64-token KV blocks besides its head
+        generate(srv, KEY_A, f"conv-{i}", n=4 + i, prompt="list me " * (60 if i == 4 else 1))
     generate(srv, KEY_A, "other-1")
     generate(srv, KEY_B, "conv-b")
 
@@ -62,8 +62,12 @@ def test_list_pages_filters_and_isolates_tenants(srv):
         info = requests.get(f"{srv.url}/api/cache/conv-{i}", headers=auth(KEY_A), timeout=10).json()
         row = by_id[f"conv-{i}"]
         assert row["tokens"] == info["tokens"] and row["tokens"] > 0
-        assert row["bytes"] > 0 and row["created_at"] == info["created_at"] and row["last_used_at"]
+        assert row["created_at"] == info["created_at"] and row["last_used_at"]
+        # One meaning of bytes: the list and the record say the same (head + its blocks).
+        assert (row["bytes"], row["head_bytes"], row["blocks"]) == (info["bytes"], info["head_bytes"], info["blocks"])
+        assert row["bytes"] >= row["head_bytes"] > 0
         assert "expires_at" in row
+    assert by_id["conv-4"]["blocks"] > 0 and by_id["conv-4"]["bytes"] > by_id["conv-4"]["head_bytes"]
     assert {r["request_id"] for r in all_pages(srv, KEY_A)} >= {"other-1", *by_id}
     assert [r["request_id"] for r in all_pages(srv, KEY_B)] == ["conv-b"]  # the other tenant's own only
 
