@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model, model_validator
@@ -39,10 +40,12 @@ class OpenAISampling(BaseModel):
     repetition_penalty: float | None = wire("repetition_penalty")
 
 
-def body_model(name: str, fields: dict[str, str | tuple[str, ...]], **others: Any) -> type[BaseModel]:
+def body_model(name: str, fields: dict[str, str | tuple[str, ...]], accepted: Mapping[str, str] | None = None,
+               noop: tuple[str, ...] = (), **others: Any) -> type[BaseModel]:
     """A dialect's body model whose sampling fields come from its field table (engine parameter ->
     the dialect's field names), typed and ranged by model/params.py; ``others`` are the rest of the
-    body as pydantic field definitions. Unknown fields are ignored, as the seed services do."""
+    body as pydantic field definitions. Any other field is refused (a 400 naming it), except the
+    ``accepted`` ones (see ``accept``) and the ``noop`` ones sent with their no-op value (``refuse``)."""
     defs: dict[str, Any] = {}
     for engine, names in fields.items():
         for wire_name in (names,) if isinstance(names, str) else names:
@@ -52,18 +55,39 @@ def body_model(name: str, fields: dict[str, str | tuple[str, ...]], **others: An
                 defs[wire_name] = (Stop, None)
             elif engine == "ignore_eos":
                 defs[wire_name] = (bool | None, None)
-    return create_model(name, __config__=ConfigDict(extra="ignore"), **defs, **others)
+    validators = {**({"_accepted": accept(accepted)} if accepted else {}), **({"_noop": refuse(*noop)} if noop else {})}
+    return create_model(name, __config__=STRICT, __validators__=validators or None, **defs, **others)
+
+
+# Every body model refuses fields it does not declare: a field the server cannot honour is refused
+# by name, never silently dropped. Extend a body by declaring the field (or listing it in ``accept``).
+STRICT = ConfigDict(extra="forbid")
+
+
+def accept(fields: Mapping[str, str]) -> Any:
+    """A body-model validator for fields a dialect's real clients send that the body does not
+    declare, because by the API's own definition ignoring them changes nothing the server answers:
+    they are dropped before the unknown-field check. ``fields``: name -> why it is harmless (the
+    spec's record of the reason). Use as a class attribute: ``_accepted = accept(ACCEPTED)``."""
+    def drop(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in fields for k in data):
+            return {k: v for k, v in data.items() if k not in fields}
+        return data
+
+    return model_validator(mode="before")(classmethod(drop))
 
 
 def refuse(*names: str, allowed: tuple = NOOP_VALUES, why: str = "is not supported") -> Any:
     """A body-model validator refusing ``names`` unless they carry one of the ``allowed`` values (their
-    no-op): a field the server cannot honour is refused by name, never silently dropped. The fields
-    need no declaration. Use as a class attribute: ``_no_tools = refuse("tools", "functions")``."""
+    no-op, which is then dropped): a field the server cannot honour is refused by name, never
+    silently dropped. The fields need no declaration. Use as a class attribute:
+    ``_no_tools = refuse("tools", "functions")``."""
     def check(cls, data: Any) -> Any:
-        if isinstance(data, dict):
+        if isinstance(data, dict) and any(name in data for name in names):
             for name in names:
                 if data.get(name) not in allowed:
                     raise BodyError(f"{name} {why}", param=name)
+            return {k: v for k, v in data.items() if k not in names or k in cls.model_fields}
         return data
 
     return model_validator(mode="before")(classmethod(check))
@@ -193,11 +217,24 @@ def parse_json(raw: bytes, model: type[M], fallbacks: dict[str, str] | None = No
     try:
         return model.model_validate(data)
     except ValidationError as exc:
+        unknown = [".".join(str(p) for p in e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if unknown:
+            raise BodyError(unknown_fields(model, unknown), param=unknown[0]) from None
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
         msg = err.get("msg", "invalid value")
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise BodyError(f"{loc}: {msg}{more}", param=loc) from None
+
+
+def unknown_fields(model: type[BaseModel], names: list[str]) -> str:
+    """The message refusing fields ``model`` does not take; a top-level one that a nested part of the
+    body takes (the request-id API's ``max_new_tokens``, of ``generation_config``) is pointed there."""
+    hints = [f"{name} belongs in {field}" for name in names for field, info in model.model_fields.items()
+             if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+             and name in info.annotation.model_fields]
+    which = f"{names[0]}: unknown field" if len(names) == 1 else f"{', '.join(names)}: unknown fields"
+    return f"{which}, not taken by this route" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def error_body(exc: ServingError) -> dict[str, Any]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from model.types import Delta, EngineError, InvalidRequest, ServingError
 from protocol.adapter import OptionalRequestId, engine_request
 from model.params import wire
-from protocol.common import NOOP_VALUES, SSE_DONE, BodyError, OpenAISampling, refuse, sse
+from protocol.common import NOOP_VALUES, SSE_DONE, STRICT, BodyError, OpenAISampling, accept, refuse, sse
 from protocol.openai_framing import OpenAIShapes, finish_reason, total_usage  # noqa: F401 (finish_reason: the dialect's name)
 from protocol.openai_logprobs import TokenTexts
 from protocol.spec import Call, Dialect, Framing, Route
@@ -26,16 +26,28 @@ MAX_TOP_LOGPROBS = 20
 _REFUSED_COMMON = ("logit_bias", "min_p", "use_beam_search", "guided_json", "guided_regex",
                    "guided_choice", "guided_grammar", "prompt_logprobs")
 _REFUSED_CHAT = ("tools", "functions", "function_call", "audio", "prediction")
+# Fields OpenAI's clients send that change nothing this server answers, by OpenAI's own definition
+# of them: accepted and dropped. Any other undeclared field is refused with a 400 naming it.
+ACCEPTED = {
+    "metadata": "tags for completions stored on OpenAI's side (store is refused), not read by the model",
+    "service_tier": "which processing tier serves the request (latency and price); one tier here",
+    "parallel_tool_calls": "how tool calls may be made; no tools are taken (tools is refused)",
+    "prompt_cache_key": "a routing hint for OpenAI's prompt cache; kvbento's reuse needs none",
+    "safety_identifier": "an end user's id for abuse monitoring, like user",
+}
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # padding OpenAI adds to stream events; none here
 
 
 class _Common(OpenAISampling):
-    """Fields both routes share. Unknown fields are ignored, as OpenAI-compatible servers do."""
+    """Fields both routes share. Any other field is refused (400), except ``ACCEPTED``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
@@ -47,6 +59,8 @@ class _Common(OpenAISampling):
     parent_request_id: str | None = OptionalRequestId  # kvbento: start request_id as a fork of this one
     _refused = refuse(*_REFUSED_COMMON)
     _one_candidate = refuse("best_of", allowed=(*NOOP_VALUES, 1))
+    _not_stored = refuse("store", why="is not supported (completions are not kept for retrieval)")
+    _accepted = accept(ACCEPTED)
 
     @model_validator(mode="after")
     def _one_choice_per_cached_sequence(self) -> "_Common":
@@ -112,16 +126,27 @@ class CompletionBody(_Common):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A chat message. A client that sends back the SDK's own message object also sends its empty
+    fields (refusal, audio, tool_calls...): taken when empty, refused when they hold something."""
+
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    refusal: None = None
+    annotations: list[Any] | None = None  # citations of an answer's text: not read by the model
+    audio: None = None
+    function_call: None = None
+    tool_calls: list[Any] | None = Field(default=None, max_length=0)
+    tool_call_id: str | None = None  # a tool message's reference to its call: only its content is read
 
     def text(self) -> str:
         if isinstance(self.content, list):

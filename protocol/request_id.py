@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from model.params import wire
 from model.types import ServingError
 from protocol.common import (
-    MAX_REQUEST_ID_CHARS, REQUEST_ID_PATTERN, BodyError, Stop, internal_error, sampling_params, usage_body,
+    MAX_REQUEST_ID_CHARS, REQUEST_ID_PATTERN, STRICT, BodyError, Stop, internal_error, sampling_params, usage_body,
 )
 from protocol.spec import Call, Dialect, Framing, Route
 from session.request import GenerateRequest
@@ -19,7 +19,7 @@ from session.session import SessionStream
 class GenerationConfig(BaseModel):
     """Every field of the seed's generation_config; None = the KVBENTO_<FIELD> default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     num_beams: int | None = wire("num_beams")
     do_sample: bool | None = wire("do_sample")
@@ -38,7 +38,11 @@ RequestId = Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS, pattern=REQUEST
 Prompt = Field(max_length=1_000_000)
 
 
+# The seed's bodies, field for field (plus kvbento's append and parent_request_id); its clients send
+# nothing else, so every other field is refused.
 class GenerateBody(BaseModel):
+    model_config = STRICT
+
     request_id: str = RequestId
     prompt: str = Field(max_length=1_000_000)
     # The next turn: text added after the stored sequence (after ``prompt`` when nothing is stored).
@@ -52,11 +56,15 @@ class GenerateBody(BaseModel):
 
 
 class BatchItem(BaseModel):
+    model_config = STRICT
+
     request_id: str = RequestId
     prompt: str = Field(max_length=1_000_000)
 
 
 class BatchBody(BaseModel):
+    model_config = STRICT
+
     prompts: list[BatchItem] = Field(min_length=1, max_length=256)
     only_new_tokens: bool = True
     generation_config: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -115,9 +123,9 @@ class RequestIdApi(Dialect):
     framing = _TextFraming
     stream_field = "stream_response"
 
-    def renamed(self, exc: ServingError) -> ServingError:
+    def renamed(self, exc: ServingError, body: Any = None) -> ServingError:
         """The engine's parameter names are generation_config's own: named with its path."""
-        if exc.param in GenerationConfig.model_fields:
+        if exc.param in GenerationConfig.model_fields and exc.message.startswith("generation_config."):
             exc.param = f"generation_config.{exc.param}"
         return exc
 

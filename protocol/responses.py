@@ -15,12 +15,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from model.types import EngineError, InvalidRequest, ServingError, Usage
 from protocol.adapter import OptionalRequestId
 from model.params import wire
-from protocol.common import BodyError, OpenAISampling, refuse, sampling_params
+from protocol.common import STRICT, BodyError, OpenAISampling, accept, refuse, sampling_params
 from protocol.openai import SAMPLING_FIELDS, error_body, openai_overrides
 from protocol.spec import Call, Dialect, Route
 from session import responses as stored
@@ -87,10 +87,17 @@ def _parse_input(value: Any) -> list[dict[str, str]]:
     return out
 
 
-class ResponsesBody(OpenAISampling):
-    """``POST /v1/responses``. Unknown fields are ignored, as OpenAI-compatible servers do."""
+# Fields OpenAI's clients send that change nothing this server answers, by OpenAI's own definition
+# of them: accepted and dropped. Any other undeclared field is refused with a 400 naming it.
+ACCEPTED = {
+    "service_tier": "which processing tier serves the request (latency and price); one tier here",
+}
 
-    model_config = ConfigDict(extra="ignore")
+
+class ResponsesBody(OpenAISampling):
+    """``POST /v1/responses``. Any other field is refused (400), except ``ACCEPTED``."""
+
+    model_config = STRICT
 
     model: str | None = None
     input: Any = Field(description="a string, or a list of message items (text content only)")
@@ -120,6 +127,7 @@ class ResponsesBody(OpenAISampling):
         return data
 
     _refused = refuse(*_REFUSED)
+    _accepted = accept(ACCEPTED)
     _tool_choice = refuse("tool_choice", allowed=(None, "none", "auto"), why="is not supported (no tools)")
 
     @field_validator("truncation")
@@ -326,10 +334,10 @@ class Responses(Dialect):
     fields = PARAM_NAMES
     media_type = "text/event-stream"
 
-    def renamed(self, exc: ServingError) -> ServingError:
+    def renamed(self, exc: ServingError, body: Any = None) -> ServingError:
         if exc.param == "prompt" and exc.message.startswith("prompt "):
             exc.message = "input (with the conversation it continues) " + exc.message[len("prompt "):]
-        return super().renamed(exc)
+        return super().renamed(exc, body)
 
     def error_body(self, exc: ServingError) -> dict[str, Any]:
         return error_body(exc)

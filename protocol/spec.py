@@ -129,15 +129,19 @@ class Dialect:
             out["do_sample"] = sampling_switch(out["temperature"])
         return out
 
-    def param_name(self, engine: str) -> str:
-        """The dialect's name of an engine parameter, for error messages."""
+    def param_name(self, engine: str, body: Any = None) -> str:
+        """The dialect's name of an engine parameter, for error messages: of several names (chat's
+        max_completion_tokens and max_tokens), the one ``body`` set."""
         wire = self.fields.get(engine, engine)
-        return wire if isinstance(wire, str) else wire[0]
+        if isinstance(wire, str):
+            return wire
+        return next((name for name in wire if getattr(body, name, None) is not None), wire[0])
 
-    def renamed(self, exc: ServingError) -> ServingError:
-        """``exc`` naming the field the client sent, not the engine's parameter."""
-        if exc.param:
-            own = self.param_name(exc.param)
+    def renamed(self, exc: ServingError, body: Any = None) -> ServingError:
+        """``exc`` naming the field the client sent in ``body``, not the engine's parameter (a
+        BodyError names the body's own field already)."""
+        if exc.param and not isinstance(exc, BodyError):
+            own = self.param_name(exc.param, body)
             exc.message = exc.message.replace(f"generation_config.{exc.param}", own)
             exc.param = own
         return exc

@@ -13,10 +13,13 @@ from protocol.spec import Dialect, Route
 
 
 # Engine parameter -> Takeoff's field: the body's sampling fields, the overrides and error names.
-FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "sampling_temperature", "top_p": "sampling_topp",
-          "top_k": "sampling_topk", "repetition_penalty": "repetition_penalty"}
+FIELDS = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens", "temperature": "sampling_temperature",
+          "top_p": "sampling_topp", "top_k": "sampling_topk", "repetition_penalty": "repetition_penalty"}
 # ``text`` plus Takeoff's generation parameters; request_id is kvbento's (the stored conversation).
-TakeoffBody = body_model("TakeoffBody", FIELDS, text=(str, Field(max_length=1_000_000)),
+# What Takeoff's clients send besides: its reader group ("primary" by default) picks among the models a
+# Takeoff server holds; one model is served here, so every group is that one.
+ACCEPTED = {"consumer_group": "the reader group serving the request; one model, so every group is it"}
+TakeoffBody = body_model("TakeoffBody", FIELDS, accepted=ACCEPTED, text=(str, Field(max_length=1_000_000)),
                          request_id=(str | None, OptionalRequestId),
                          parent_request_id=(str | None, OptionalRequestId))
 

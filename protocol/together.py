@@ -20,7 +20,9 @@ RESULT_TYPE = "language-model-inference"
 FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
           "repetition_penalty": "repetition_penalty", "stop": "stop", "seed": "seed"}
 # ``model`` is accepted (one model is served); ``stream`` is the newer name of ``stream_tokens``.
-InferenceBody = body_model("InferenceBody", FIELDS, model=(str | None, None),
+# Together's legacy Python client sends these as null when unset: taken as null, refused otherwise.
+NOOP = ("logprobs", "safety_model")
+InferenceBody = body_model("InferenceBody", FIELDS, noop=NOOP, model=(str | None, None),
                            prompt=(str, Field(max_length=1_000_000)), stream_tokens=(bool, False),
                            stream=(bool, False), request_id=(str | None, OptionalRequestId),
                            parent_request_id=(str | None, OptionalRequestId))

@@ -18,6 +18,7 @@ from server.http import error_response, read_body, runtime, stream
 async def serve(spec: Dialect, route: Route, request: Request):
     """Answer one call of ``spec`` on ``route``."""
     rt = runtime(request)
+    body = None
     try:
         tenant = rt.tenant(spec.authorization(request.headers.get("authorization")))
         body = await read_body(request, spec.body)
@@ -26,7 +27,7 @@ async def serve(spec: Dialect, route: Route, request: Request):
     except BackendUnavailable:
         return error_response(StoreUnavailable(), spec.error_body)
     except ServingError as exc:
-        return error_response(spec.renamed(exc), spec.error_body)
+        return error_response(spec.renamed(exc, body), spec.error_body)
     headers = spec.headers(streams)
     is_stream = route.stream if route.stream is not None else spec.is_stream(body)
     if is_stream:
