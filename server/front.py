@@ -110,7 +110,7 @@ class Front:
             allow = next((v.decode() for k, v in headers if k.lower() == b"allow"), None)
             exc = ServingError(_message(status, scope, raw, allow))
             exc.type = REWRITTEN[status]
-            body = json.dumps(shape_of(scope["path"])(exc)).encode()
+            body = json.dumps(shape_of(scope["path"])(exc), separators=(",", ":")).encode()
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": start["status"], "headers": headers})
         await send({"type": "http.response.body", "body": body})
