@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(default=512, ge=16)
     # Longest context (prompt + generated) a request may reach; 0 = the model's own limit.
     max_context: int = Field(default=0, ge=0)
+    # Seconds an output constraint (JSON schema, regex, grammar, tools) may take to compile; past it
+    # the request is refused with 400 (the compilation finishes in the background and is cached).
+    grammar_compile_timeout: float = Field(default=10.0, gt=0)
     # Largest request body accepted, in bytes.
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
 

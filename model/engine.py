@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.constraint import GrammarCompiler
 from model.loader import LoadedModel
 from model.postprocess import Postprocessor
 from model.runner import ModelRunner
@@ -47,6 +48,7 @@ class EngineConfig:
     max_queue: int = 64
     prefill_chunk: int = 512
     max_new_tokens_limit: int = 4096
+    grammar_compile_timeout: float = 10.0  # seconds an output constraint may take to compile
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 0 or self.prefill_chunk < 1:
@@ -143,7 +145,9 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.scheduler = Scheduler(self.config.max_batch_size, self.config.max_queue)
         self.runner = ModelRunner(loaded, self.config.max_batch_size, self.config.prefill_chunk)
-        self.postprocessor = Postprocessor(self.runner, self.scheduler, self._emit, self._retire)
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids,
+                                        self.config.grammar_compile_timeout)
+        self.postprocessor = Postprocessor(self.runner, self.scheduler, self._emit, self._retire, self.grammars)
         self.pad_id = self.runner.pad_id
         self._sinks: dict[Sequence, _Sink] = {}  # the model thread's only
         self._cond = threading.Condition()
@@ -176,6 +180,15 @@ class Engine:
     def check(self, params) -> None:
         """Raise InvalidRequest naming a sampling parameter out of range."""
         params.validate(min(self.config.max_new_tokens_limit, self.m.max_context))
+
+    async def prepare(self, params) -> None:
+        """Compile ``params``' output constraint, if it has one, off the model thread (cached).
+
+        Raises:
+            GrammarError: the constraint is malformed, unsupported or too slow to compile.
+        """
+        if params.constraint is not None and params.grammar is None:
+            params.grammar = await self.grammars.compile(params.constraint)
 
     def reserve(self) -> None:
         """Count one more request in flight (the place is held across the session's awaits).
@@ -266,6 +279,7 @@ class Engine:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        self.grammars.close()
 
     # ====================================================================== model thread
     def _loop(self) -> None:

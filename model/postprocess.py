@@ -9,11 +9,13 @@ deltas leave through the two callables the engine gives it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from model.runner import KV, ModelRunner
+from model.constraint import GrammarCompiler, fill_masks
 from model.sampling import RowSpec, TokenLogprob, sample, with_request_extras
 from model.scheduler import Scheduler, SeqStatus
 from model.sequence import Sequence
@@ -23,6 +25,7 @@ from model.types import Delta, Finished
 Emit = Callable[[Sequence, Delta], None]
 # retire(seq, finished, final): give the retired sequence to its on_finish, then send ``final``.
 Retire = Callable[[Sequence, Finished, Delta], None]
+log = logging.getLogger("kvbento.engine")
 
 
 def row_spec(seq: Sequence) -> RowSpec:
@@ -34,7 +37,8 @@ def row_spec(seq: Sequence) -> RowSpec:
             seq.seen_tensor = torch.tensor(sorted(seq.seen_ids), dtype=torch.long)
         seen = seq.seen_tensor
     block = None
-    if seq.eos_tensor is not None and (p.ignore_eos or seq.num_generated < p.min_new_tokens):
+    done = seq.constraint is not None and seq.constraint.is_done  # only EOS is left: it must stay
+    if seq.eos_tensor is not None and (p.ignore_eos or seq.num_generated < p.min_new_tokens) and not done:
         block = seq.eos_tensor
     spec = RowSpec(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, seen, block,
                    seq.generator)
@@ -57,10 +61,17 @@ def append_token(seq: Sequence, token: int,
     if logprob is not None:  # rides with the token ids of the same delta
         seq.pending_logprobs = [*(seq.pending_logprobs or []), logprob]
     finish = None
-    if token in seq.eos_ids and not p.ignore_eos:
+    done = seq.constraint is not None and seq.constraint.is_done
+    if token in seq.eos_ids and (not p.ignore_eos or done):
         finish = "stop"
     text = seq.detok.push(token)
-    text, hit_stop = _apply_stop(seq, text)
+    if seq.constraint is not None and not seq.constraint.accept(token, text):
+        log.warning("request %s: the constraint refused token %d", seq.request_id, token)
+    if seq.num_generated < p.min_new_tokens:  # vLLM's min_tokens: no stop string ends it before
+        text, hit_stop = seq.held_text + text, False
+        seq.held_text = ""
+    else:
+        text, hit_stop = _apply_stop(seq, text)
     if hit_stop:
         finish = "stop"
     elif finish is None and (seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= seq.max_context):
@@ -100,23 +111,33 @@ def _apply_stop(seq: Sequence, text: str, final: bool = False) -> tuple[str, boo
 
 
 class Postprocessor:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, emit: Emit, retire: Retire) -> None:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, emit: Emit, retire: Retire,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.emit = emit
         self.retire = retire
+        self.grammars = grammars
 
     def postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample the next token of each of ``seqs`` from its row of ``logits``; emit, retire."""
         specs = [row_spec(s) for s in seqs]
         logprobs: list[TokenLogprob | None] = []
-        tokens = sample(logits, specs, logprobs)
+        tokens = sample(logits, specs, logprobs, self._masks(seqs))
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             delta, finish = append_token(seq, token, logprob)
             if delta is not None and not finish:
                 self.emit(seq, delta)
             if finish:
                 self.finish(seq, finish, last=delta)
+
+    def _masks(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:
+        """The token bitmasks of the constrained rows (None when no row is constrained)."""
+        rows = [i for i, s in enumerate(seqs) if s.constraint is not None and s.constraint.is_active]
+        if not rows:
+            return None
+        g = self.grammars
+        return rows, fill_masks([seqs[i].constraint for i in rows], g.executor, g.mask_words)
 
     def append_beam(self, seq: Sequence, tokens: list[int]) -> tuple[Delta | None, str]:
         """Record a beam search's tokens up to the first stop; return (their delta, finish reason)."""

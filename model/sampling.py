@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.constraint import apply_masks
+
 
 @dataclass
 class RowSpec:
@@ -71,18 +73,23 @@ def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: f
 
 
 def sample(logits: torch.Tensor, rows: list[RowSpec],
-           logprobs_out: list[TokenLogprob | None] | None = None) -> list[int]:
+           logprobs_out: list[TokenLogprob | None] | None = None,
+           masks: tuple[list[int], torch.Tensor] | None = None) -> list[int]:
     """Choose one token per row of ``logits`` ([n, vocab], modified in place).
 
     Args:
+        masks: (constrained rows, their token bitmasks): forbidden tokens get -inf before
+            anything else reads the logits (greedy, sampling and logprobs all see the mask).
         logprobs_out: when given, filled with one entry per row: a ``TokenLogprob`` for rows whose
             spec asks for logprobs, else None. They are log-softmax of the logits after the
-            repetition / presence / frequency penalties, the EOS block and (sampling rows) the
+            repetition / presence / frequency penalties, the output constraint, the EOS block and (sampling rows) the
             temperature, before top-k / top-p truncation.
     Returns:
         The chosen token ids, one per row, as Python ints.
     """
     logits = logits.float()
+    if masks is not None:
+        apply_masks(logits, *masks)
     for i, row in enumerate(rows):
         if row.seen_ids is not None and row.repetition_penalty != 1.0 and row.seen_ids.numel():
             apply_repetition_penalty(logits[i], row.seen_ids, row.repetition_penalty)

@@ -54,6 +54,8 @@ class Sequence:
         # Ids the repetition penalty applies to (when it is set), and their tensor once built.
         self.seen_ids: set[int] = set(token_ids) if params.repetition_penalty != 1.0 else set()
         self.seen_tensor: torch.Tensor | None = None
+        # The output constraint's matcher (model.constraint.Constraint), one per sequence.
+        self.constraint = params.grammar.constraint() if params.grammar is not None else None
         # -- output not yet emitted
         self.detok = IncrementalDetokenizer(tokenizer, token_ids)
         self.held_text = ""  # text withheld because it may be the start of a stop string

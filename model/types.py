@@ -74,6 +74,10 @@ class SamplingParams:
     logprobs: int | None = None
     # Return each prompt token's logprob (log-softmax of the raw logits) and this many alternatives.
     prompt_logprobs: int | None = None
+    # The output must match this (a model.constraint.ConstraintSpec); ``Engine.prepare`` sets
+    # ``grammar`` to its compilation, from which each sequence takes its own matcher.
+    constraint: Any = None
+    grammar: Any = None
 
     def validate(self, max_new_tokens_limit: int) -> None:
         """Check every parameter against its declared range (model/params.py), and the rules
@@ -93,6 +97,8 @@ class SamplingParams:
             raise bad("min_new_tokens", f"must be between 0 and max_new_tokens, got {self.min_new_tokens}")
         if self.num_beams > 1 and self.do_sample:
             raise bad("num_beams", "beam search runs without sampling: set do_sample to false")
+        if self.num_beams > 1 and self.constraint is not None:
+            raise bad("num_beams", "beam search cannot be combined with an output constraint")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise bad("stop", "allows at most 16 non-empty strings of at most 256 characters")
 

@@ -47,7 +47,8 @@ class Runtime:
         engine = Engine(
             m,
             EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                         prefill_chunk=settings.prefill_chunk),
+                         prefill_chunk=settings.prefill_chunk,
+                         grammar_compile_timeout=settings.grammar_compile_timeout),
             observer,
         )
         log.info("kvbento ready: model %s, cache %s, batch %d, queue %d", settings.model,

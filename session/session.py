@@ -102,6 +102,8 @@ class Session:
         arrival = time.perf_counter()
         req = reqs[0]
         self._check(reqs)
+        for r in reqs:  # the output constraint compiles off the model thread (cached)
+            await self.engine.prepare(r.params)
         lease: Lease | None = None
         num_reserved = 0
         try:

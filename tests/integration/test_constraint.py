@@ -1,0 +1,141 @@
+"""Output constraints in the engine on the tiny model: every answer matches its schema, regex or
+choice, greedy and sampled, alone and batched with unconstrained rows; compilation is cached;
+what the library cannot enforce is refused by name; vLLM's min_tokens holds off stop strings."""
+
+import asyncio
+import json
+import re
+
+import jsonschema
+import pytest
+
+from model.constraint import ConstraintSpec, GrammarError
+from model.types import GenerateRequest, SamplingParams
+
+PROMPT = "Hello world, how are you?"
+
+SCHEMAS = {
+    "nested": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                     "zip": {"type": "integer", "minimum": 0, "maximum": 99999}},
+                    "required": ["city", "zip"], "additionalProperties": False}},
+        "required": ["name", "address"], "additionalProperties": False},
+    "array": {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 2, "maxItems": 4}},
+        "required": ["tags"], "additionalProperties": False},
+    "enum_bounds": {"type": "object", "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "score": {"type": "number", "minimum": -1.5, "maximum": 2.5},
+        "count": {"type": "integer", "exclusiveMinimum": 3, "maximum": 9}},
+        "required": ["color", "score", "count"], "additionalProperties": False},
+    "anyof": {"type": "object", "properties": {
+        "value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 100}, {"type": "boolean"},
+                            {"type": "string", "maxLength": 5}]}},
+        "required": ["value"], "additionalProperties": False},
+    "ref": {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
+                                                                 "y": {"type": "integer", "minimum": -9, "maximum": 9}},
+                                "required": ["x", "y"], "additionalProperties": False}},
+            "type": "object", "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"$ref": "#/$defs/point"}},
+            "required": ["a", "b"], "additionalProperties": False},
+}
+
+
+def run(loop, coro):
+    return loop.run_until_complete(coro)
+
+
+async def generate(engine, spec, rid, **params):
+    params.setdefault("max_new_tokens", 200)
+    s = await engine.generate(GenerateRequest(rid, PROMPT, params=SamplingParams(constraint=spec, **params),
+                                              use_cache=False))
+    await s.collect()
+    return s
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_json_schema_holds_greedy_and_sampled(engine, loop, name):
+    schema = SCHEMAS[name]
+    spec = ConstraintSpec("json", schema)
+
+    async def go():
+        runs = [generate(engine, spec, f"js-{name}-g")]
+        runs += [generate(engine, spec, f"js-{name}-{i}", do_sample=True, temperature=1.0, top_k=0, seed=i)
+                 for i in range(6)]
+        return await asyncio.gather(*runs)
+
+    for s in run(loop, go()):
+        assert s.finish_reason == "stop", s.text
+        jsonschema.validate(json.loads(s.text), schema)
+
+
+def test_regex_and_choice_hold_next_to_unconstrained_rows(engine, loop):
+    regex = ConstraintSpec("regex", r"[0-9]{3}-[a-z]{2,5}", param="structured_outputs.regex")
+    choice = ConstraintSpec("choice", ["alpha", "beta gamma", "delta"], param="structured_outputs.choice")
+
+    async def go():
+        free = SamplingParams(max_new_tokens=20, ignore_eos=True)
+        free_stream = await engine.generate(GenerateRequest("free", PROMPT, params=free, use_cache=False))
+        constrained = [generate(engine, regex, f"re-{i}", do_sample=True, seed=i) for i in range(3)]
+        constrained += [generate(engine, choice, f"ch-{i}", do_sample=True, seed=i) for i in range(3)]
+        done = await asyncio.gather(*constrained)
+        await free_stream.collect()
+        return free_stream, done
+
+    free_stream, done = run(loop, go())
+    for s in done[:3]:
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,5}", s.text), s.text
+    for s in done[3:]:
+        assert s.text in ("alpha", "beta gamma", "delta")
+    # The unconstrained row in the same batch is exactly what it would be alone.
+    alone = run(loop, _free(engine))
+    assert free_stream.text == alone.text and free_stream.usage.completion_tokens == 20
+
+
+async def _free(engine):
+    s = await engine.generate(GenerateRequest("free-alone", PROMPT, params=SamplingParams(max_new_tokens=20,
+                                                                                         ignore_eos=True),
+                                              use_cache=False))
+    await s.collect()
+    return s
+
+
+def test_a_burst_with_one_schema_compiles_once(engine, loop):
+    grammars = engine.engine.grammars
+    schema = {"type": "object", "properties": {"burst": {"type": "integer"}}, "required": ["burst"]}
+    before = grammars.num_compiled
+    spec = ConstraintSpec("json", schema)
+
+    async def burst():
+        return await asyncio.gather(*(generate(engine, spec, f"burst-{i}", max_new_tokens=20) for i in range(4)))
+
+    run(loop, burst())
+    assert grammars.num_compiled == before + 1
+
+
+@pytest.mark.parametrize("schema, named", [
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "object", "properties": {"x": {"not": {"type": "string"}}}}, "not"),
+    ({"type": "object", "properties": {"x": {"type": "strin"}}}, "strin"),
+])
+def test_what_cannot_be_enforced_is_refused_by_name(engine, loop, schema, named):
+    with pytest.raises(GrammarError) as e:
+        run(loop, generate(engine, ConstraintSpec("json", schema, param="response_format.json_schema"), "bad"))
+    assert named in e.value.message and e.value.param == "response_format.json_schema"
+
+
+def test_min_tokens_holds_off_stop_strings(engine, loop):
+    free = run(loop, _free(engine))
+    stop = free.text[2:5]
+    assert stop and free.text.find(stop) < 5
+
+    async def go(min_tokens):
+        s = await engine.generate(GenerateRequest(f"min-{min_tokens}", PROMPT, params=SamplingParams(
+            max_new_tokens=20, ignore_eos=True, stop=[stop], min_new_tokens=min_tokens), use_cache=False))
+        await s.collect()
+        return s
+
+    early = run(loop, go(0))
+    assert early.text == free.text[:free.text.find(stop)]
+    late = run(loop, go(20))
+    assert late.usage.completion_tokens == 20 and late.text == free.text
