@@ -22,9 +22,28 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "var" / "models"
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+# ChatML; with tools, Hermes-style tool calls: a system block lists them, and an assistant's calls
+# are written as the model generates them (<tool_call>{"name":...,"arguments":...}</tool_call>,
+# compact JSON), so a next turn's prompt repeats the generated tokens and reuses their KV.
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ 'You may call functions. Their signatures are within <tools></tools>:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\nWrite each call as <tool_call>\n{\"name\":<name>,\"arguments\":<arguments>}"
+    "\n</tool_call><|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{% set args = call['function']['arguments'] %}"
+    "{{ '<tool_call>\n{\"name\":\"' + call['function']['name'] + '\",\"arguments\":' }}"
+    "{{ args if args is string else (args | tojson) }}{{ '}\n</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -133,6 +152,7 @@ def ensure(name: str = "kvbento-tiny", models_dir: Path = MODELS_DIR) -> Path:
     """
     out = models_dir / name
     if (out / "config.json").exists():
+        _update_template(out)
         return out
     models_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
@@ -143,6 +163,18 @@ def ensure(name: str = "kvbento-tiny", models_dir: Path = MODELS_DIR) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _update_template(out: Path) -> None:
+    """Give a model built before the template changed the current one (weights stay as they are)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    if tok.chat_template != CHAT_TEMPLATE:
+        tok.chat_template = CHAT_TEMPLATE
+        tok.save_pretrained(out)
+        for path in out.iterdir():
+            os.chmod(path, 0o644)
 
 
 def main(argv: list[str] | None = None) -> int:

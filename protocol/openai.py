@@ -17,21 +17,23 @@ from protocol.openai_logprobs import TokenTexts
 from protocol.spec import Call, Dialect, Framing, Route
 from session.request import GenerateRequest
 from session.session import SessionStream
+from protocol import tools
+from protocol.structured import GUIDED_FIELDS, from_response_format, from_vllm, one_constraint
+from protocol.tools import ChatTool
+from model.constraint import ConstraintSpec
 
 MAX_N = 8  # choices per request: engine sequences of one prompt, prefilled once
 MAX_TOP_LOGPROBS = 20
 
 # OpenAI / vLLM fields that are refused unless they carry their no-op value: ignoring them would
 # silently change what the client asked for.
-_REFUSED_COMMON = ("logit_bias", "min_p", "use_beam_search", "guided_json", "guided_regex",
-                   "guided_choice", "guided_grammar", "prompt_logprobs")
-_REFUSED_CHAT = ("tools", "functions", "function_call", "audio", "prediction")
+_REFUSED_COMMON = ("logit_bias", "min_p", "use_beam_search", "prompt_logprobs")
+_REFUSED_CHAT = ("functions", "function_call", "audio", "prediction")
 # Fields OpenAI's clients send that change nothing this server answers, by OpenAI's own definition
 # of them: accepted and dropped. Any other undeclared field is refused with a 400 naming it.
 ACCEPTED = {
     "metadata": "tags for completions stored on OpenAI's side (store is refused), not read by the model",
     "service_tier": "which processing tier serves the request (latency and price); one tier here",
-    "parallel_tool_calls": "how tool calls may be made; no tools are taken (tools is refused)",
     "prompt_cache_key": "a routing hint for OpenAI's prompt cache; kvbento's reuse needs none",
     "safety_identifier": "an end user's id for abuse monitoring, like user",
 }
@@ -57,6 +59,14 @@ class _Common(OpenAISampling):
     user: str | None = None
     request_id: str | None = OptionalRequestId  # kvbento: the conversation's stored sequence
     parent_request_id: str | None = OptionalRequestId  # kvbento: start request_id as a fork of this one
+    # Output constraints: OpenAI's (chat's response_format, also taken on completions as vLLM
+    # does), vLLM's structured_outputs and its older guided_* fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     _refused = refuse(*_REFUSED_COMMON)
     _one_candidate = refuse("best_of", allowed=(*NOOP_VALUES, 1))
     _not_stored = refuse("store", why="is not supported (completions are not kept for retrieval)")
@@ -76,6 +86,15 @@ class _Common(OpenAISampling):
     def num_logprobs(self) -> int | None:
         """Alternatives per token to report; None = no logprobs."""
         return None
+
+    def constraint(self) -> ConstraintSpec | None:
+        """The output constraint the body asks for (at most one).
+
+        Raises:
+            BodyError: a malformed constraint field, or two of them.
+        """
+        guided = {name: getattr(self, name) for name in GUIDED_FIELDS}
+        return one_constraint(from_response_format(self.response_format), from_vllm(self.structured_outputs, guided))
 
     @property
     def num_prompt_logprobs(self) -> int | None:
@@ -132,6 +151,21 @@ class TextPart(BaseModel):
     text: str
 
 
+class CallFunction(BaseModel):
+    model_config = STRICT
+
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    model_config = STRICT
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CallFunction
+
+
 class Message(BaseModel):
     """A chat message. A client that sends back the SDK's own message object also sends its empty
     fields (refusal, audio, tool_calls...): taken when empty, refused when they hold something."""
@@ -145,13 +179,22 @@ class Message(BaseModel):
     annotations: list[Any] | None = None  # citations of an answer's text: not read by the model
     audio: None = None
     function_call: None = None
-    tool_calls: list[Any] | None = Field(default=None, max_length=0)
-    tool_call_id: str | None = None  # a tool message's reference to its call: only its content is read
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def rendered(self) -> dict[str, Any]:
+        """The message as the chat template takes it."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatBody(_Common):
@@ -159,19 +202,12 @@ class ChatBody(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Checked, then unused: silently ignoring a JSON schema or audio output would mislead clients.
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
+    tools: list[ChatTool] | None = Field(default=None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     _refused_chat = refuse(*_REFUSED_CHAT)
-    _tool_choice = refuse("tool_choice", allowed=(None, "none", "auto"), why="is not supported (no tools)")
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v and v.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported")
-        return v
 
     @field_validator("modalities")
     @classmethod
@@ -185,6 +221,21 @@ class ChatBody(_Common):
         if self.top_logprobs and not self.logprobs:
             raise BodyError("top_logprobs needs logprobs: true", param="top_logprobs")
         return self
+
+    def tool_mode(self) -> str:
+        """"none", "auto" or "required" (a named function too)."""
+        return tools.chosen([t.function for t in self.tools or []], self.tool_choice, "tool_choice")[0]
+
+    def constraint(self) -> ConstraintSpec | None:
+        """The output constraint: the body's structured output, or its tool choice's."""
+        functions = [t.function for t in self.tools or []]
+        mode, picked = tools.chosen(functions, self.tool_choice, "tool_choice")
+        calls = tools.constraint(picked, mode, self.parallel_tool_calls is not False)
+        own = super().constraint()
+        if own is not None and mode == "required":
+            raise BodyError(f"{own.param}: a required tool call leaves no room for a response format",
+                            param=own.param)
+        return own if own is not None else calls
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -272,6 +323,7 @@ class _OpenAI(Dialect):
         out["max_new_tokens"] = body.max_new_tokens
         out["logprobs"] = body.num_logprobs
         out["prompt_logprobs"] = body.num_prompt_logprobs
+        out["constraint"] = body.constraint()
         return out
 
     def shapes(self, call: Call) -> OpenAIShapes:
@@ -281,7 +333,8 @@ class _OpenAI(Dialect):
             echo = body.prompt if isinstance(body.prompt, str) else call.decode(body.prompt)
         texts = TokenTexts(call.tokenizer) if body.num_logprobs is not None else None
         return OpenAIShapes(self.chat, call.model_name, body.include_usage, texts=texts, echo=echo,
-                      prompt_logprobs=body.num_prompt_logprobs is not None)
+                            prompt_logprobs=body.num_prompt_logprobs is not None,
+                            tools=self.chat and body.tool_mode() != "none")
 
     async def start(self, call: Call, session) -> list[SessionStream]:
         """The ``n`` choices start together, all or none: the engine prefills their prompt once."""
@@ -344,10 +397,13 @@ class Chat(_OpenAI):
             InvalidRequest: the model has no chat template or the template rejects the messages.
         """
         body = call.body
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [m.rendered() for m in body.messages]
+        uses_tools = bool(body.tools) or any(m.tool_calls for m in body.messages)
+        if uses_tools and not tools.supports_tools(call.tokenizer):
+            raise InvalidRequest("tools: the model's chat template has no tool-call format", param="tools")
+        extra = {"tools": [t.model_dump(exclude_none=True) for t in body.tools]} if body.tools else {}
         try:
-            text = call.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = call.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
         except Exception as exc:  # jinja / tokenizer errors are the caller's messages, not a crash
             raise InvalidRequest(f"messages: the chat template failed: {exc}", param="messages") from None
         req = engine_request("chatcmpl", body.request_id, call.tenant, call.defaults, self.overrides(body),

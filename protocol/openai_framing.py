@@ -9,12 +9,20 @@ from typing import Any
 from model.sampling import TokenLogprob
 from model.types import Delta, Usage
 from protocol.openai_logprobs import TokenTexts, chat_content, completion_block, prompt_block
+from protocol.tools import CallStream, ToolCall, split_calls
 from session.session import SessionStream
 
 
-def finish_reason(reason: str | None) -> str | None:
-    """OpenAI knows "stop" and "length"; an abort is reported as "stop"."""
-    return None if reason is None else ("length" if reason == "length" else "stop")
+def finish_reason(reason: str | None, called: bool = False) -> str | None:
+    """OpenAI knows "stop", "length" and "tool_calls" (an answer that ended in calls); an abort is
+    reported as "stop"."""
+    if reason is None:
+        return None
+    return "length" if reason == "length" else ("tool_calls" if called else "stop")
+
+
+def tool_call_body(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def usage(u: Usage) -> dict[str, Any]:
@@ -37,10 +45,12 @@ class OpenAIShapes:
         texts: token texts for logprobs; None = the request asked for no logprobs.
         echo: completions' ``echo``: the prompt text put before each choice's text.
         prompt_logprobs: ``echo`` with logprobs: the prompt's tokens lead each choice's logprobs.
+        tools: the answer may hold tool calls (chat with tools): they go out as ``tool_calls``.
     """
 
     def __init__(self, chat: bool, model: str, include_usage: bool = False, *,
-                 texts: TokenTexts | None = None, echo: str = "", prompt_logprobs: bool = False) -> None:
+                 texts: TokenTexts | None = None, echo: str = "", prompt_logprobs: bool = False,
+                 tools: bool = False) -> None:
         self.chat = chat
         self.model = model
         self.include_usage = include_usage
@@ -52,6 +62,7 @@ class OpenAIShapes:
         self.object = "chat.completion" if chat else "text_completion"
         self._sent_role: set[int] = set()
         self._offsets: dict[int, int] = {}
+        self._calls: dict[int, CallStream] | None = {} if tools else None
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -74,15 +85,19 @@ class OpenAIShapes:
             lp = self._logprobs(entries[i] if entries else None, i)
             if self.chat and self.texts is not None and lp is None:
                 lp = {"content": []}
-            reason = finish_reason(s.finish_reason)
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": s.text},
-                                "logprobs": lp, "finish_reason": reason})
+                content, calls = split_calls(s.text) if self._calls is not None else (s.text, [])
+                message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+                if calls:
+                    message["tool_calls"] = [tool_call_body(c) for c in calls]
+                choices.append({"index": i, "message": message, "logprobs": lp,
+                                "finish_reason": finish_reason(s.finish_reason, bool(calls))})
             else:
                 head = self._prompt_logprobs(s)
                 if head is not None:
                     lp = head if lp is None else {k: head[k] + lp[k] for k in head}
-                choices.append({"index": i, "text": self.echo + s.text, "logprobs": lp, "finish_reason": reason})
+                choices.append({"index": i, "text": self.echo + s.text, "logprobs": lp,
+                                "finish_reason": finish_reason(s.finish_reason)})
         return {**self._head(self.object), "choices": choices, "usage": usage(total_usage(streams))}
 
     def _prompt_logprobs(self, stream: SessionStream) -> dict[str, Any] | None:
@@ -98,6 +113,8 @@ class OpenAIShapes:
 
     def chunk(self, delta: Delta, index: int = 0) -> dict[str, Any] | None:
         """One stream chunk for ``delta`` of choice ``index`` (None when it carries nothing)."""
+        if self._calls is not None:
+            return self._tool_chunk(delta, index)
         reason = finish_reason(delta.finish_reason)
         if not delta.text and reason is None and not delta.logprobs and (index in self._sent_role or not self.chat):
             return None
@@ -111,6 +128,27 @@ class OpenAIShapes:
                 d["content"] = delta.text
             return self._wrap({"index": index, "delta": d, "logprobs": lp, "finish_reason": reason})
         return self._wrap({"index": index, "text": delta.text, "logprobs": lp, "finish_reason": reason})
+
+    def _tool_chunk(self, delta: Delta, index: int) -> dict[str, Any] | None:
+        """A chat chunk of an answer that may call tools: content until a call opens, then
+        ``delta.tool_calls`` fragments (the first with id, type and name, arguments "")."""
+        reader = self._calls.setdefault(index, CallStream())
+        content, parts = reader.feed(delta.text, final=delta.finish_reason is not None)
+        d: dict[str, Any] = {}
+        if index not in self._sent_role:
+            d["role"] = "assistant"
+            self._sent_role.add(index)
+        if content or ("role" in d and not parts):
+            d["content"] = content
+        if parts:
+            d["tool_calls"] = [
+                {"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+                if header else {"index": i, "function": {"arguments": step}} for i, c, step, header in parts]
+        reason = finish_reason(delta.finish_reason, bool(reader.calls))
+        if not d and reason is None and not delta.logprobs:
+            return None
+        return self._wrap({"index": index, "delta": d, "logprobs": self._logprobs(delta.logprobs, index),
+                           "finish_reason": reason})
 
     def _wrap(self, choice: dict[str, Any]) -> dict[str, Any]:
         out = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
