@@ -73,6 +73,11 @@ class _Common(OpenAISampling):
     _accepted = accept(ACCEPTED)
 
     @model_validator(mode="after")
+    def _constraint_is_well_formed(self) -> "_Common":
+        self.constraint()  # raises BodyError naming the field; compiled later, off the event loop
+        return self
+
+    @model_validator(mode="after")
     def _one_choice_per_cached_sequence(self) -> "_Common":
         if self.n > 1 and self.request_id:
             raise BodyError("n > 1 cannot continue a request_id (one cached sequence per request_id)",

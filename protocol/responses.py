@@ -26,6 +26,11 @@ from protocol.spec import Call, Dialect, Route
 from session import responses as stored
 from session.errors import StoreUnavailable
 from session.session import SessionStream
+from model.constraint import ConstraintSpec
+from protocol import responses_tools as rtools
+from protocol import tools
+from protocol.structured import from_response_format
+from protocol.tools import FunctionDef
 
 log = logging.getLogger("kvbento.protocol")
 
@@ -40,15 +45,16 @@ MAX_METADATA = 16
 
 # Declared only to be refused unless they carry their no-op value: ignoring them would silently
 # change what the client asked for.
-_REFUSED = ("tools", "reasoning", "background", "conversation", "include", "prompt", "top_logprobs")
+_REFUSED = ("reasoning", "background", "conversation", "include", "prompt", "top_logprobs")
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _parse_input(value: Any) -> list[dict[str, str]]:
-    """``input`` as plain ``{"role", "content"}`` messages; raises BodyError naming the item."""
+def _parse_input(value: Any) -> list[dict[str, Any]]:
+    """``input`` as chat-template messages (``{"role", "content"}``, tool calls and their results
+    as ``tools.py`` writes them); raises BodyError naming the item."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -59,9 +65,12 @@ def _parse_input(value: Any) -> list[dict[str, str]]:
         if not isinstance(item, dict):
             raise BodyError(f"{at}: must be a message item (an object)", param=at)
         kind = item.get("type", "message")
+        if kind in ("function_call", "function_call_output"):
+            out.append(rtools.tool_item(item, at))
+            continue
         if kind != "message":
-            raise BodyError(f"{at}.type: item type {kind!r} is not supported (text messages only)",
-                            param=f"{at}.type")
+            raise BodyError(f"{at}.type: item type {kind!r} is not supported (messages, function_call and "
+                            "function_call_output)", param=f"{at}.type")
         role = item.get("role")
         if role not in ROLES:
             raise BodyError(f"{at}.role: must be one of {', '.join(ROLES)}, got {role!r}", param=f"{at}.role")
@@ -84,7 +93,7 @@ def _parse_input(value: Any) -> list[dict[str, str]]:
         else:
             raise BodyError(f"{at}.content: must be a string or a list of text parts", param=f"{at}.content")
         out.append({"role": role, "content": text})
-    return out
+    return rtools.merge_calls(out)
 
 
 # Fields OpenAI's clients send that change nothing this server answers, by OpenAI's own definition
@@ -114,9 +123,12 @@ class ResponsesBody(OpenAISampling):
     parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = Field(default=None, ge=1)
     tool_choice: Any = None
+    tools: list[Any] | None = Field(default=None, max_length=128)
     text: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
-    _messages: list[dict[str, str]] = PrivateAttr(default_factory=list)
+    _messages: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _functions: list[FunctionDef] = PrivateAttr(default_factory=list)
+    _constraint: ConstraintSpec | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -128,7 +140,6 @@ class ResponsesBody(OpenAISampling):
 
     _refused = refuse(*_REFUSED)
     _accepted = accept(ACCEPTED)
-    _tool_choice = refuse("tool_choice", allowed=(None, "none", "auto"), why="is not supported (no tools)")
 
     @field_validator("truncation")
     @classmethod
@@ -149,18 +160,35 @@ class ResponsesBody(OpenAISampling):
 
     @model_validator(mode="after")
     def _checks(self) -> ResponsesBody:
-        fmt = (self.text or {}).get("format")
-        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-            raise BodyError("text.format: only {\"type\": \"text\"} is supported", param="text.format")
+        fmt = from_response_format((self.text or {}).get("format"), "text.format", flat=True)
+        self._functions = rtools.functions(self.tools)
+        mode, picked = tools.chosen(self._functions, self.tool_choice, "tool_choice")
+        if fmt is not None and mode == "required":
+            raise BodyError(f"{fmt.param}: a required tool call leaves no room for a text format", param=fmt.param)
+        self._constraint = fmt or tools.constraint(picked, mode, self.parallel_tool_calls is not False)
         if (self.text or {}).get("verbosity") not in (None, "medium"):
             raise BodyError("text.verbosity: only the default (medium) is supported", param="text.verbosity")
         self._messages = _parse_input(self.input)
         return self
 
     @property
-    def messages(self) -> list[dict[str, str]]:
-        """The new input as ``{"role", "content"}`` messages."""
+    def messages(self) -> list[dict[str, Any]]:
+        """The new input as chat-template messages."""
         return self._messages
+
+    @property
+    def calls_tools(self) -> bool:
+        """The answer may hold function calls (tools offered and tool_choice is not none)."""
+        return bool(self._functions) and self.tool_choice != "none"
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The tools as chat templates take them (chat's nested form)."""
+        return [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in self._functions]
+
+    @property
+    def constraint(self) -> ConstraintSpec | None:
+        """The output constraint: ``text.format``'s, or the tool choice's."""
+        return self._constraint
 
 
 def input_items(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
@@ -168,6 +196,9 @@ def input_items(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
     ``output_text``."""
     items = []
     for m in messages:
+        if m.get("tool_calls") or m["role"] == "tool":
+            items += rtools.input_item(m)
+            continue
         if m["role"] == "assistant":
             part = {"type": "output_text", "text": m["content"], "annotations": []}
         else:
@@ -216,6 +247,14 @@ class ResponseObject:
         self.created_at = int(time.time())
         self.item_id = new_id("msg")
         self.sequence_number = 0
+        self.output_index = 0  # of the message item, in a response that may also call tools
+        self._call_ids: list[str] = []
+
+    def call_item_id(self, index: int) -> str:
+        """The output item id of the answer's ``index``-th call (stable across stream and record)."""
+        while len(self._call_ids) <= index:
+            self._call_ids.append(new_id("fc"))
+        return self._call_ids[index]
 
     def message(self, status: str, text: str | None) -> dict[str, Any]:
         content = [] if text is None else [self.part(text)]
@@ -237,14 +276,20 @@ class ResponseObject:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "max_tool_calls": b.max_tool_calls, "model": self.model,
-            "output": [self.message(item_status, text)] if text is not None else [],
+            "output": self.output(item_status, text),
             "parallel_tool_calls": b.parallel_tool_calls if b.parallel_tool_calls is not None else True,
             "previous_response_id": b.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": b.store, "temperature": p.temperature if p.do_sample else 0.0,
-            "text": {"format": {"type": "text"}}, "tool_choice": b.tool_choice or "auto", "tools": [],
+            "text": {"format": (b.text or {}).get("format") or {"type": "text"}},
+            "tool_choice": b.tool_choice or "auto", "tools": b.tools or [],
             "top_p": p.top_p, "truncation": "disabled", "usage": usage(u, self.store_up) if u is not None else None,
             "user": b.user, "metadata": b.metadata or {},
         }
+
+    def output(self, item_status: str, text: str | None) -> list[dict[str, Any]]:
+        if text is None:
+            return []
+        return rtools.output(self, item_status, text) if self.body.calls_tools else [self.message(item_status, text)]
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         out = {"type": kind, "sequence_number": self.sequence_number, **fields}
@@ -252,7 +297,7 @@ class ResponseObject:
         return out
 
     def item_event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        return self.event(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)
+        return self.event(kind, item_id=self.item_id, output_index=self.output_index, content_index=0, **fields)
 
 
 def response_status(finish_reason: str | None, error: str | None) -> str:
@@ -344,13 +389,20 @@ class Responses(Dialect):
 
     async def start(self, call: Call, session: Any) -> list[SessionStream]:
         body = call.body
-        params = sampling_params(call.defaults, openai_overrides(self.overrides(body)))
+        params = sampling_params(call.defaults, {**openai_overrides(self.overrides(body)),
+                                                 "constraint": body.constraint})
         response_id = new_id("resp")
         responses = stored.ResponseStore(call.store)
 
-        def render(messages: list[dict[str, str]]) -> str:
+        uses_tools = bool(body.tools) or any(m.get("tool_calls") for m in body.messages)
+        if uses_tools and not tools.supports_tools(call.tokenizer):
+            raise InvalidRequest("tools: the model's chat template has no tool-call format", param="tools")
+        extra = {"tools": body.template_tools()} if body.tools else {}
+
+        def render(messages: list[dict[str, Any]]) -> str:
             # Text, not ids: the session matches it against the parent's stored tokens.
-            return call.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return call.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                      **extra)
 
         started = await stored.start(
             session, responses, tenant=call.tenant, response_id=response_id,
@@ -368,7 +420,8 @@ class Responses(Dialect):
         async def keep(final: dict[str, Any]) -> None:
             if not body.store:
                 return
-            answer = {"role": "assistant", "content": started.stream.text}
+            text = started.stream.text
+            answer = rtools.answer_message(text) if body.calls_tools else {"role": "assistant", "content": text}
             rec = stored.StoredResponse(final, started.messages + [answer], input_items(body.messages),
                                         list(started.stream.token_ids))
             try:
@@ -376,6 +429,8 @@ class Responses(Dialect):
             except StoreUnavailable:
                 log.warning("the KV store is unavailable: response %s is answered but not stored", st["response_id"])
 
+        if body.calls_tools:
+            return rtools.events(started.stream, st["framer"], keep, response_status)
         return events(started.stream, st["framer"], keep)
 
     async def frames(self, call: Call, streams: list[SessionStream]) -> AsyncIterator[bytes]:

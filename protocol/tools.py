@@ -144,6 +144,7 @@ class CallStream:
     out as a header (id, name) once its name is known, then its arguments as they come."""
 
     buf: str = ""
+    content: str = ""  # all content sent so far
     in_calls: bool = False
     calls: list[ToolCall] = field(default_factory=list)
     _open: ToolCall | None = None  # the call whose arguments are streaming
@@ -158,8 +159,10 @@ class CallStream:
             if at < 0:
                 keep = 0 if final else _partial_suffix(self.buf, TOOL_OPEN)
                 content, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+                self.content += content
                 return content, []
             content, self.buf, self.in_calls = self.buf[:at], self.buf[at:], True
+            self.content += content
         return content, self._calls(final)
 
     def _calls(self, final: bool) -> list[tuple[int, ToolCall, str, bool]]:

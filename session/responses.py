@@ -123,8 +123,7 @@ async def start(session: Session, responses: ResponseStore, *, tenant: str, resp
     messages = history + new_messages
     # Instructions are this request's system message only; a parent's are not carried over.
     system = [{"role": "system", "content": instructions}] if instructions else []
-    rendered = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-                for m in system + messages]
+    rendered = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in system + messages]
     try:
         text = render(rendered)
     except Exception as exc:  # noqa: BLE001 (jinja / tokenizer errors are the caller's, not a crash)

@@ -218,7 +218,8 @@ def test_unsupported_fields_are_400_naming_the_field(client, kwargs, param):
 
 
 def test_chat_refusals_name_the_field(client):
-    for kwargs, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    for kwargs, param in (({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
+                          ({"tool_choice": "required"}, "tool_choice"),
                           ({"top_logprobs": 2}, "top_logprobs"),
                           ({"n": 2, "extra_body": {"request_id": "eco-n"}}, "n")):
         with pytest.raises(openai.BadRequestError) as e:

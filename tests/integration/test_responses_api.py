@@ -39,11 +39,12 @@ def ask(client: openai.OpenAI, text, previous=None, **kw):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"background": True}, "background"),
     ({"conversation": "conv_1"}, "conversation"),
-    ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"truncation": "auto"}, "truncation"),
     ({"include": ["message.output_text.logprobs"]}, "include"),
     ({"top_logprobs": 3}, "top_logprobs"),
@@ -63,7 +64,8 @@ def test_unsupported_or_bad_fields_are_400_naming_the_field(client, extra, param
 
 
 @pytest.mark.parametrize("input_, param", [
-    ([{"type": "function_call_output", "call_id": "c", "output": "x"}], "input.0.type"),
+    ([{"type": "computer_call", "call_id": "c"}], "input.0.type"),
+    ([{"type": "function_call_output", "call_id": "c"}], "input.0.output"),
     ([{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}], "input.0.content.0.type"),
     ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "input.1.role"),
     ([{"role": "user", "content": [{"type": "input_text"}]}], "input.0.content.0.text"),

@@ -73,8 +73,8 @@ def test_openai_body_rules():
         body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], presence_penalty=2.5)
     with pytest.raises(BodyError, match="tools"):
         body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}])
-    with pytest.raises(BodyError, match="response_format"):
-        body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"})
+    with pytest.raises(BodyError, match="response_format.type"):
+        body(oa.ChatBody, messages=[{"role": "user", "content": "x"}], response_format={"type": "xml"})
     [req] = requests(oa.Completions(), body(oa.CompletionBody, prompt=["only"], stop="\n", temperature=0))
     assert req.prompt == "only" and req.params.stop == ["\n"] and req.params.max_new_tokens == 16
     assert req.params.do_sample is False

@@ -1,0 +1,189 @@
+"""Tool calling on the Responses API: flat function tools, ``function_call`` /
+``function_call_output`` input items, and answers whose output holds ``function_call`` items
+(streamed as ``response.output_item.added``, ``response.function_call_arguments.delta`` / ``.done``,
+``response.output_item.done``). The format in the text and its constraint are protocol/tools.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from model.engine import RequestStream
+from protocol.common import BodyError
+from protocol.tools import CallStream, FunctionDef, ToolCall, split_calls
+
+log = logging.getLogger("kvbento.protocol")
+
+
+def functions(tools: list[Any] | None) -> list[FunctionDef]:
+    """The function tools of a body's ``tools`` (``{"type": "function", "name", "parameters"}``).
+
+    Raises:
+        BodyError: a tool of another type (built-in tools are not served) or a malformed one.
+    """
+    out = []
+    for i, tool in enumerate(tools or []):
+        at = f"tools.{i}"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else tool
+            raise BodyError(f"{at}.type: only function tools are supported, got {kind!r}", param=f"{at}.type")
+        try:
+            out.append(FunctionDef.model_validate(tool))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in (at, *err.get("loc", ())))
+            raise BodyError(f"{loc}: {err.get('msg')}", param=loc) from None
+    return out
+
+
+def tool_item(item: dict[str, Any], at: str) -> dict[str, Any]:
+    """A ``function_call`` or ``function_call_output`` input item as a chat-template message."""
+    def text(name: str) -> str:
+        value = item.get(name)
+        if not isinstance(value, str):
+            raise BodyError(f"{at}.{name}: must be a string", param=f"{at}.{name}")
+        return value
+
+    if item["type"] == "function_call":
+        call = {"id": text("call_id"), "type": "function",
+                "function": {"name": text("name"), "arguments": text("arguments")}}
+        return {"role": "assistant", "content": "", "tool_calls": [call]}
+    return {"role": "tool", "content": text("output"), "tool_call_id": text("call_id")}
+
+
+def merge_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive ``function_call`` items are one assistant turn's calls (and so one message)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        prev = out[-1] if out else None
+        if m.get("tool_calls") and prev is not None and prev.get("tool_calls") and prev["role"] == "assistant":
+            prev["tool_calls"] = prev["tool_calls"] + m["tool_calls"]
+        else:
+            out.append(dict(m))
+    return out
+
+
+def input_item(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """``input_items`` entries of a tool message (none for other messages)."""
+    if m.get("tool_calls"):
+        return [{"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "status": "completed",
+                 "call_id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for c in m["tool_calls"]]
+    return [{"id": f"fco_{uuid.uuid4().hex}", "type": "function_call_output", "status": "completed",
+             "call_id": m["tool_call_id"], "output": m["content"]}]
+
+
+def call_item(call: ToolCall, item_id: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "status": status, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments}
+
+
+def answer_message(text: str) -> dict[str, Any]:
+    """The stored assistant message of an answer, its calls as the chat template takes them."""
+    content, calls = split_calls(text)
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": content, "tool_calls": [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}
+
+
+def output(framer: Any, item_status: str, text: str) -> list[dict[str, Any]]:
+    """A finished answer's output items: its text (if any) as a message, then its calls."""
+    content, calls = split_calls(text)
+    items = [framer.message(item_status, content)] if content or not calls else []
+    return items + [call_item(c, framer.call_item_id(i)) for i, c in enumerate(calls)]
+
+
+async def events(stream: RequestStream, framer: Any, on_done: Callable[[dict[str, Any]], Awaitable[None]],
+                 status_of: Callable[[str | None, str | None], str]) -> AsyncIterator[dict[str, Any]]:
+    """The stream events of a response that may call tools: the text (if any) as a message item,
+    then each call as a ``function_call`` item, all in OpenAI's order with rising sequence numbers."""
+    yield framer.event("response.created", response=framer.response("in_progress"))
+    yield framer.event("response.in_progress", response=framer.response("in_progress"))
+    reader, error = CallStream(), None
+    items: list[dict[str, Any]] = []  # output items opened so far
+    text_open = False
+    try:
+        async for delta in stream:
+            content, parts = reader.feed(delta.text, final=delta.finish_reason is not None)
+            if content:
+                if not text_open:
+                    text_open = True
+                    for ev in _open_message(framer, items):
+                        yield ev
+                yield framer.item_event("response.output_text.delta", delta=content, logprobs=[])
+            for i, call, step, header in parts:
+                if header:
+                    if text_open:
+                        for ev in _close_message(framer, items, reader):
+                            yield ev
+                        text_open = False
+                    for ev in _close_call(framer, items, reader):
+                        yield ev
+                    items.append(call_item(call, framer.call_item_id(i), "in_progress"))
+                    yield framer.event("response.output_item.added", output_index=len(items) - 1,
+                                       item={**items[-1], "arguments": ""})
+                else:
+                    yield framer.event("response.function_call_arguments.delta", item_id=items[-1]["id"],
+                                       output_index=len(items) - 1, delta=step)
+            if delta.error:
+                error = delta.error
+    except (asyncio.CancelledError, GeneratorExit):
+        stream.cancel()
+        raise
+    except Exception as exc:  # an exception must not end the stream silently
+        log.exception("stream failed")
+        error = f"{type(exc).__name__}: {exc}"
+    status = status_of(stream.finish_reason, error)
+    if status == "failed":
+        error = error or "generation failed"
+        yield framer.event("error", code="server_error", message=error, param=None)
+        yield framer.event("response.failed", response=framer.response("failed", stream.text, stream.usage,
+                                                                         error=error))
+        return
+    if not items:  # neither text nor calls: an empty message, as a plain answer has
+        for ev in _open_message(framer, items):
+            yield ev
+        text_open = True
+    if text_open:
+        for ev in _close_message(framer, items, reader, "completed" if status == "completed" else "incomplete"):
+            yield ev
+    for ev in _close_call(framer, items, reader):
+        yield ev
+    final = framer.response(status, stream.text, stream.usage)
+    await on_done(final)
+    yield framer.event(f"response.{status}", response=final)
+
+
+def _open_message(framer: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    framer.output_index = len(items)
+    items.append(framer.message("in_progress", None))
+    return [framer.event("response.output_item.added", output_index=framer.output_index, item=items[-1]),
+            framer.item_event("response.content_part.added", part=framer.part(""))]
+
+
+def _close_message(framer: Any, items: list[dict[str, Any]], reader: CallStream,
+                   status: str = "completed") -> list[dict[str, Any]]:
+    text = reader.content
+    items[framer.output_index] = framer.message(status, text)
+    return [framer.item_event("response.output_text.done", text=text, logprobs=[]),
+            framer.item_event("response.content_part.done", part=framer.part(text)),
+            framer.event("response.output_item.done", output_index=framer.output_index,
+                         item=items[framer.output_index])]
+
+
+def _close_call(framer: Any, items: list[dict[str, Any]], reader: CallStream) -> list[dict[str, Any]]:
+    if not items or items[-1]["type"] != "function_call" or items[-1]["status"] == "completed":
+        return []
+    call = next(c for c in reader.calls if c.id == items[-1]["call_id"])
+    item = items[-1] = {**items[-1], "status": "completed", "arguments": call.arguments}
+    at = len(items) - 1
+    return [framer.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                         name=item["name"], arguments=item["arguments"]),
+            framer.event("response.output_item.done", output_index=at, item=item)]
