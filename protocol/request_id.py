@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
+from model.constraint import ConstraintSpec
 from model.params import wire
 from model.types import ServingError
 from protocol.common import (
@@ -32,6 +33,25 @@ class GenerationConfig(BaseModel):
     length_penalty: float | None = wire("length_penalty")
     stop: Stop = None
     seed: int | None = wire("seed")
+    # The output must match this JSON schema, or this regex (enforced token by token).
+    json_schema: dict[str, Any] | None = Field(default=None, description="JSON schema the output must match")
+    regex: str | None = Field(default=None, min_length=1, description="regex the whole output must match")
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "GenerationConfig":
+        self.constraint()
+        return self
+
+    def constraint(self) -> ConstraintSpec | None:
+        """The output constraint (at most one of json_schema and regex)."""
+        if self.json_schema is not None and self.regex is not None:
+            raise BodyError("generation_config.regex: only one of json_schema and regex",
+                            param="generation_config.regex")
+        if self.json_schema is not None:
+            return ConstraintSpec("json", self.json_schema, param="generation_config.json_schema")
+        if self.regex is not None:
+            return ConstraintSpec("regex", self.regex, param="generation_config.regex")
+        return None
 
 
 RequestId = Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS, pattern=REQUEST_ID_PATTERN)
@@ -74,6 +94,7 @@ def to_engine(request_id: str, prompt: str, config: GenerationConfig, defaults: 
               tenant: str, *, append: str | None = None, parent_request_id: str | None = None) -> GenerateRequest:
     """A stored sequence is continued (``prompt`` ignored), as the seed API defines."""
     params = sampling_params(defaults, config.model_dump())
+    params.constraint = config.constraint()
     return GenerateRequest(request_id=request_id, prompt=prompt, params=params, tenant=tenant,
                            continue_stored=True, append=append, parent_request_id=parent_request_id)
 

@@ -212,3 +212,24 @@ def test_tool_choice_auto_answers_text_or_valid_calls(client):
             _calls_valid(choice.message.tool_calls)
         else:
             assert "<tool_call>" not in (choice.message.content or "") or choice.finish_reason == "length"
+
+
+def test_request_id_api_and_bentoml_client_take_json_schema_or_regex(server):
+    import bentoml
+    import requests
+
+    schema = SCHEMAS["enum_bounds"]
+    r = requests.post(server.url + "/api/generate", timeout=120, json={
+        "request_id": "so-rid-1", "prompt": "data:", "stream_response": False,
+        "generation_config": {"do_sample": True, "seed": 1, "max_new_tokens": 200, "json_schema": schema}})
+    assert r.status_code == 200 and r.json()["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(r.json()["response"]), schema)
+    with bentoml.SyncHTTPClient(server.url, timeout=120) as c:
+        typed = c.generate(request_id="so-rid-2", prompt="code:", generation_config={
+            "do_sample": True, "seed": 2, "max_new_tokens": 30, "regex": r"[A-Z]{2}-[0-9]{4}"})
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{4}", typed["response"])
+    bad = requests.post(server.url + "/api/generate", timeout=60, json={
+        "request_id": "so-rid-3", "prompt": "x", "stream_response": False,
+        "generation_config": {"json_schema": {"type": "array", "uniqueItems": True}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "generation_config.json_schema"
+    assert "uniqueItems" in bad.json()["error"]["message"]
