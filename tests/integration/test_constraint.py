@@ -139,3 +139,32 @@ def test_min_tokens_holds_off_stop_strings(engine, loop):
     assert early.text == free.text[:free.text.find(stop)]
     late = run(loop, go(20))
     assert late.usage.completion_tokens == 20 and late.text == free.text
+
+
+def _mask_ids(engine, spec, text):
+    """The token ids a fresh matcher of ``spec`` allows after ``text``."""
+    import torch
+
+    from model.constraint import fill_masks
+
+    grammars = engine.engine.grammars
+    compiled = asyncio.run(grammars.compile(spec))
+    c = compiled.constraint()
+    assert c.matcher.consume_tokens(grammars.tokenizer.tokenize_str(text)) if text else True
+    mask = fill_masks([c], grammars.executor, grammars.mask_words)
+    bits = ((mask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten()
+    return set(bits.nonzero().flatten().tolist())
+
+
+def test_every_eos_id_ends_a_complete_grammar(engine, loaded):
+    allowed = _mask_ids(engine, ConstraintSpec("regex", "ab"), "ab")
+    assert allowed == set(loaded.eos_token_ids) and len(allowed) == 2
+
+
+def test_json_allows_no_whitespace_between_tokens(engine, loaded):
+    tok = loaded.tokenizer
+    blank = {i for t, i in tok.get_vocab().items() if tok.convert_tokens_to_string([t]).isspace()}
+    assert blank
+    for text in ("{", '{"a":', '{"a":1', "[1,"):
+        spec = ConstraintSpec("json", {"type": "object"} if text.startswith("{") else {"type": "array"})
+        assert not _mask_ids(engine, spec, text) & blank, text
