@@ -18,7 +18,8 @@ import jsonschema
 from model.constraint import ConstraintSpec
 from model.engine import Engine, EngineConfig
 from model.loader import load
-from model.types import GenerateRequest, SamplingParams
+from model.types import SamplingParams
+from session.request import GenerateRequest
 from protocol.tools import FunctionDef, constraint as tool_constraint
 from session import Session
 from tests.integration.test_constraint import SCHEMAS

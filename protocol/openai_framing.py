@@ -62,7 +62,7 @@ class OpenAIShapes:
         self.object = "chat.completion" if chat else "text_completion"
         self._sent_role: set[int] = set()
         self._offsets: dict[int, int] = {}
-        self._calls: dict[int, CallStream] | None = {} if tools else None
+        self._readers: dict[int, CallStream] | None = {} if tools else None
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -86,7 +86,7 @@ class OpenAIShapes:
             if self.chat and self.texts is not None and lp is None:
                 lp = {"content": []}
             if self.chat:
-                content, calls = split_calls(s.text) if self._calls is not None else (s.text, [])
+                content, calls = split_calls(s.text) if self._readers is not None else (s.text, [])
                 message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
                 if calls:
                     message["tool_calls"] = [tool_call_body(c) for c in calls]
@@ -113,7 +113,7 @@ class OpenAIShapes:
 
     def chunk(self, delta: Delta, index: int = 0) -> dict[str, Any] | None:
         """One stream chunk for ``delta`` of choice ``index`` (None when it carries nothing)."""
-        if self._calls is not None:
+        if self._readers is not None:
             return self._tool_chunk(delta, index)
         reason = finish_reason(delta.finish_reason)
         if not delta.text and reason is None and not delta.logprobs and (index in self._sent_role or not self.chat):
@@ -132,7 +132,7 @@ class OpenAIShapes:
     def _tool_chunk(self, delta: Delta, index: int) -> dict[str, Any] | None:
         """A chat chunk of an answer that may call tools: content until a call opens, then
         ``delta.tool_calls`` fragments (the first with id, type and name, arguments "")."""
-        reader = self._calls.setdefault(index, CallStream())
+        reader = self._readers.setdefault(index, CallStream())
         content, parts = reader.feed(delta.text, final=delta.finish_reason is not None)
         d: dict[str, Any] = {}
         if index not in self._sent_role:

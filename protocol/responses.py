@@ -248,13 +248,13 @@ class ResponseObject:
         self.item_id = new_id("msg")
         self.sequence_number = 0
         self.output_index = 0  # of the message item, in a response that may also call tools
-        self._call_ids: list[str] = []
+        self._fc_ids: list[str] = []
 
     def call_item_id(self, index: int) -> str:
         """The output item id of the answer's ``index``-th call (stable across stream and record)."""
-        while len(self._call_ids) <= index:
-            self._call_ids.append(new_id("fc"))
-        return self._call_ids[index]
+        while len(self._fc_ids) <= index:
+            self._fc_ids.append(new_id("fc"))
+        return self._fc_ids[index]
 
     def message(self, status: str, text: str | None) -> dict[str, Any]:
         content = [] if text is None else [self.part(text)]

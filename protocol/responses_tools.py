@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from model.engine import RequestStream
+from session.session import SessionStream
 from protocol.common import BodyError
 from protocol.tools import CallStream, FunctionDef, ToolCall, split_calls
 
@@ -100,7 +100,7 @@ def output(framer: Any, item_status: str, text: str) -> list[dict[str, Any]]:
     return items + [call_item(c, framer.call_item_id(i)) for i, c in enumerate(calls)]
 
 
-async def events(stream: RequestStream, framer: Any, on_done: Callable[[dict[str, Any]], Awaitable[None]],
+async def events(stream: SessionStream, framer: Any, on_done: Callable[[dict[str, Any]], Awaitable[None]],
                  status_of: Callable[[str | None, str | None], str]) -> AsyncIterator[dict[str, Any]]:
     """The stream events of a response that may call tools: the text (if any) as a message item,
     then each call as a ``function_call`` item, all in OpenAI's order with rising sequence numbers."""

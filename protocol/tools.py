@@ -163,9 +163,9 @@ class CallStream:
                 return content, []
             content, self.buf, self.in_calls = self.buf[:at], self.buf[at:], True
             self.content += content
-        return content, self._calls(final)
+        return content, self._read_calls(final)
 
-    def _calls(self, final: bool) -> list[tuple[int, ToolCall, str, bool]]:
+    def _read_calls(self, final: bool) -> list[tuple[int, ToolCall, str, bool]]:
         out = []
         while True:
             if self._open is None:

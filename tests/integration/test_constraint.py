@@ -10,7 +10,8 @@ import jsonschema
 import pytest
 
 from model.constraint import ConstraintSpec, GrammarError
-from model.types import GenerateRequest, SamplingParams
+from model.types import SamplingParams
+from session.request import GenerateRequest
 
 PROMPT = "Hello world, how are you?"
 
