@@ -4,6 +4,7 @@ what the library cannot enforce is refused by name; vLLM's min_tokens holds off 
 
 import asyncio
 import json
+import math
 import re
 
 import jsonschema
@@ -169,3 +170,21 @@ def test_json_allows_no_whitespace_between_tokens(engine, loaded):
     for text in ("{", '{"a":', '{"a":1', "[1,"):
         spec = ConstraintSpec("json", {"type": "object"} if text.startswith("{") else {"type": "array"})
         assert not _mask_ids(engine, spec, text) & blank, text
+
+
+def test_logprobs_see_the_masked_logits(engine, loop, loaded):
+    async def go():
+        p = SamplingParams(max_new_tokens=4, logprobs=20, constraint=ConstraintSpec("regex", "[0-9]"))
+        s = await engine.generate(GenerateRequest("lp-masked", PROMPT, params=p, use_cache=False))
+        entries = []
+        async for delta in s:
+            entries += delta.logprobs or []
+        return s, entries
+
+    s, entries = run(loop, go())
+    assert s.text.isdigit() and len(s.text) == 1
+    first = entries[0]
+    finite = [(i, lp) for i, lp in first.top if lp > float("-inf")]
+    # Only digits carry probability, and together all of it.
+    assert all(loaded.tokenizer.decode([i]).isdigit() for i, _ in finite)
+    assert abs(sum(math.exp(lp) for _, lp in finite) - 1.0) < 1e-4
