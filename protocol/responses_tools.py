@@ -106,32 +106,12 @@ async def events(stream: SessionStream, framer: Any, on_done: Callable[[dict[str
     then each call as a ``function_call`` item, all in OpenAI's order with rising sequence numbers."""
     yield framer.event("response.created", response=framer.response("in_progress"))
     yield framer.event("response.in_progress", response=framer.response("in_progress"))
-    reader, error = CallStream(), None
-    items: list[dict[str, Any]] = []  # output items opened so far
-    text_open = False
+    out = _Output(framer)
+    error = None
     try:
         async for delta in stream:
-            content, parts = reader.feed(delta.text, final=delta.finish_reason is not None)
-            if content:
-                if not text_open:
-                    text_open = True
-                    for ev in _open_message(framer, items):
-                        yield ev
-                yield framer.item_event("response.output_text.delta", delta=content, logprobs=[])
-            for i, call, step, header in parts:
-                if header:
-                    if text_open:
-                        for ev in _close_message(framer, items, reader):
-                            yield ev
-                        text_open = False
-                    for ev in _close_call(framer, items, reader):
-                        yield ev
-                    items.append(call_item(call, framer.call_item_id(i), "in_progress"))
-                    yield framer.event("response.output_item.added", output_index=len(items) - 1,
-                                       item={**items[-1], "arguments": ""})
-                else:
-                    yield framer.event("response.function_call_arguments.delta", item_id=items[-1]["id"],
-                                       output_index=len(items) - 1, delta=step)
+            for ev in out.feed(delta.text, final=delta.finish_reason is not None):
+                yield ev
             if delta.error:
                 error = delta.error
     except (asyncio.CancelledError, GeneratorExit):
@@ -147,18 +127,52 @@ async def events(stream: SessionStream, framer: Any, on_done: Callable[[dict[str
         yield framer.event("response.failed", response=framer.response("failed", stream.text, stream.usage,
                                                                          error=error))
         return
-    if not items:  # neither text nor calls: an empty message, as a plain answer has
-        for ev in _open_message(framer, items):
-            yield ev
-        text_open = True
-    if text_open:
-        for ev in _close_message(framer, items, reader, "completed" if status == "completed" else "incomplete"):
-            yield ev
-    for ev in _close_call(framer, items, reader):
+    for ev in out.close("completed" if status == "completed" else "incomplete"):
         yield ev
     final = framer.response(status, stream.text, stream.usage)
     await on_done(final)
     yield framer.event(f"response.{status}", response=final)
+
+
+class _Output:
+    """The output items of one streamed answer, opened and closed as its text comes."""
+
+    def __init__(self, framer: Any) -> None:
+        self.framer = framer
+        self.reader = CallStream()
+        self.items: list[dict[str, Any]] = []
+        self.text_open = False
+
+    def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
+        f, out = self.framer, []
+        content, parts = self.reader.feed(text, final=final)
+        if content:
+            if not self.text_open:
+                self.text_open = True
+                out += _open_message(f, self.items)
+            out.append(f.item_event("response.output_text.delta", delta=content, logprobs=[]))
+        for i, call, step, header in parts:
+            if not header:
+                out.append(f.event("response.function_call_arguments.delta", item_id=self.items[-1]["id"],
+                                   output_index=len(self.items) - 1, delta=step))
+                continue
+            if self.text_open:
+                out += _close_message(f, self.items, self.reader)
+                self.text_open = False
+            out += _close_call(f, self.items, self.reader)
+            self.items.append(call_item(call, f.call_item_id(i), "in_progress"))
+            out.append(f.event("response.output_item.added", output_index=len(self.items) - 1,
+                               item={**self.items[-1], "arguments": ""}))
+        return out
+
+    def close(self, status: str) -> list[dict[str, Any]]:
+        out = []
+        if not self.items:  # neither text nor calls: an empty message, as a plain answer has
+            out += _open_message(self.framer, self.items)
+            self.text_open = True
+        if self.text_open:
+            out += _close_message(self.framer, self.items, self.reader, status)
+        return out + _close_call(self.framer, self.items, self.reader)
 
 
 def _open_message(framer: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
