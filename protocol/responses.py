@@ -28,8 +28,6 @@ from session.errors import StoreUnavailable
 from session.session import SessionStream
 from model.constraint import ConstraintSpec
 from protocol import responses_tools as rtools
-from protocol import tools
-from protocol.structured import from_response_format
 from protocol.tools import FunctionDef
 
 log = logging.getLogger("kvbento.protocol")
@@ -160,12 +158,9 @@ class ResponsesBody(OpenAISampling):
 
     @model_validator(mode="after")
     def _checks(self) -> ResponsesBody:
-        fmt = from_response_format((self.text or {}).get("format"), "text.format", flat=True)
         self._functions = rtools.functions(self.tools)
-        mode, picked = tools.chosen(self._functions, self.tool_choice, "tool_choice")
-        if fmt is not None and mode == "required":
-            raise BodyError(f"{fmt.param}: a required tool call leaves no room for a text format", param=fmt.param)
-        self._constraint = fmt or tools.constraint(picked, mode, self.parallel_tool_calls is not False)
+        self._constraint = rtools.output_constraint((self.text or {}).get("format"), self._functions,
+                                                    self.tool_choice, self.parallel_tool_calls)
         if (self.text or {}).get("verbosity") not in (None, "medium"):
             raise BodyError("text.verbosity: only the default (medium) is supported", param="text.verbosity")
         self._messages = _parse_input(self.input)
@@ -180,10 +175,6 @@ class ResponsesBody(OpenAISampling):
     def calls_tools(self) -> bool:
         """The answer may hold function calls (tools offered and tool_choice is not none)."""
         return bool(self._functions) and self.tool_choice != "none"
-
-    def template_tools(self) -> list[dict[str, Any]]:
-        """The tools as chat templates take them (chat's nested form)."""
-        return [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in self._functions]
 
     @property
     def constraint(self) -> ConstraintSpec | None:
@@ -394,10 +385,7 @@ class Responses(Dialect):
         response_id = new_id("resp")
         responses = stored.ResponseStore(call.store)
 
-        uses_tools = bool(body.tools) or any(m.get("tool_calls") for m in body.messages)
-        if uses_tools and not tools.supports_tools(call.tokenizer):
-            raise InvalidRequest("tools: the model's chat template has no tool-call format", param="tools")
-        extra = {"tools": body.template_tools()} if body.tools else {}
+        extra = rtools.template_kwargs(body._functions, body.messages, call.tokenizer)
 
         def render(messages: list[dict[str, Any]]) -> str:
             # Text, not ids: the session matches it against the parent's stored tokens.

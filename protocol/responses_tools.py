@@ -16,7 +16,11 @@ from pydantic import ValidationError
 
 from session.session import SessionStream
 from protocol.common import BodyError
-from protocol.tools import CallStream, FunctionDef, ToolCall, split_calls
+from model.constraint import ConstraintSpec
+from model.types import InvalidRequest
+from protocol import tools
+from protocol.structured import from_response_format
+from protocol.tools import CallStream, FunctionDef, ToolCall, split_calls, supports_tools
 
 log = logging.getLogger("kvbento.protocol")
 
@@ -40,6 +44,31 @@ def functions(tools: list[Any] | None) -> list[FunctionDef]:
             loc = ".".join(str(p) for p in (at, *err.get("loc", ())))
             raise BodyError(f"{loc}: {err.get('msg')}", param=loc) from None
     return out
+
+
+def output_constraint(text_format: Any, fns: list[FunctionDef], tool_choice: Any,
+                      parallel: bool | None) -> ConstraintSpec | None:
+    """The output constraint of a body: ``text.format``'s, or its tool choice's.
+
+    Raises:
+        BodyError: a malformed format or tool choice, or a format beside a required call.
+    """
+    fmt = from_response_format(text_format, "text.format", flat=True)
+    mode, picked = tools.chosen(fns, tool_choice, "tool_choice")
+    if fmt is not None and mode == "required":
+        raise BodyError(f"{fmt.param}: a required tool call leaves no room for a text format", param=fmt.param)
+    return fmt or tools.constraint(picked, mode, parallel is not False)
+
+
+def template_kwargs(fns: list[FunctionDef], messages: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any]:
+    """What the chat template takes besides the messages: the tools in chat's nested form.
+
+    Raises:
+        InvalidRequest: tools or calls, and a template without a tool-call format.
+    """
+    if (fns or any(m.get("tool_calls") for m in messages)) and not supports_tools(tokenizer):
+        raise InvalidRequest("tools: the model's chat template has no tool-call format", param="tools")
+    return {"tools": [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in fns]} if fns else {}
 
 
 def tool_item(item: dict[str, Any], at: str) -> dict[str, Any]:
