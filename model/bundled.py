@@ -170,11 +170,20 @@ def _update_template(out: Path) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
-    if tok.chat_template != CHAT_TEMPLATE:
-        tok.chat_template = CHAT_TEMPLATE
-        tok.save_pretrained(out)
-        for path in out.iterdir():
-            os.chmod(path, 0o644)
+    if tok.chat_template == CHAT_TEMPLATE:
+        return
+    tok.chat_template = CHAT_TEMPLATE
+    try:  # file by file with rename: a replica loading the model meanwhile reads old or new files
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-template-", dir=out.parent))
+        try:
+            tok.save_pretrained(tmp)
+            for path in tmp.iterdir():
+                os.chmod(path, 0o644)
+                os.replace(path, out / path.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:  # a read-only model directory keeps its template
+        print(f"kvbento: could not update the chat template of {out}: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
