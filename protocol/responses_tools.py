@@ -38,7 +38,7 @@ def functions(tools: list[Any] | None) -> list[FunctionDef]:
             kind = tool.get("type") if isinstance(tool, dict) else tool
             raise BodyError(f"{at}.type: only function tools are supported, got {kind!r}", param=f"{at}.type")
         try:
-            out.append(FunctionDef.model_validate(tool))
+            out.append(FunctionDef.model_validate({k: v for k, v in tool.items() if k != "type"}))
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in (at, *err.get("loc", ())))
