@@ -40,9 +40,8 @@ class ConstraintSpec:
     """What a request constrains its output to.
 
     Attributes:
-        kind: "json" (``value`` a JSON schema, a dict; ``{}`` = any JSON object... see
-            ``json_object``), "regex", "choice" (a list of strings) or "grammar" (Lark, llguidance's
-            dialect, which may embed ``%json {...}``).
+        kind: "json" (``value`` a JSON schema, a dict), "regex", "choice" (a list of strings) or
+            "grammar" (Lark, llguidance's dialect, which may embed ``%json {...}``).
         param: the request field it came from, named by errors.
         trigger: when set, generation runs free until this text appears; from there on the rest
             must match (a tool call the model starts in "auto" mode).
@@ -198,11 +197,6 @@ class Constraint:
     def is_done(self) -> bool:
         """The grammar is complete and admits nothing more than EOS."""
         return self.is_active and self.matcher.is_stopped()
-
-    @property
-    def is_complete(self) -> bool:
-        """The grammar may end here (an EOS now gives valid output)."""
-        return self.is_active and self.matcher.is_accepting()
 
     def accept(self, token: int, text: str) -> bool:
         """Advance past the sampled ``token`` (whose text is ``text``). Returns False when the
