@@ -54,13 +54,34 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn=True"
 
 
+def onednn_packs(dtype: torch.dtype) -> str | None:
+    """None if oneDNN packs ``dtype`` weights on this CPU, else why not (for the startup log).
+
+    oneDNN's bf16 linear needs AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; without them it refuses to
+    pack, and torch's own bf16 linear then runs (converting to fp32 around each multiply).
+    """
+    if not onednn_available():
+        return "oneDNN missing"
+    if dtype not in PACKABLE_DTYPES:
+        return f"oneDNN does not pack {str(dtype).removeprefix('torch.')}"
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+    except RuntimeError as exc:
+        return f"oneDNN cannot pack it on this CPU: {str(exc).split(':')[-1].strip()}"
+    return None
+
+
 def pack_linears(model: torch.nn.Module) -> int:
     """Replace every ``nn.Linear`` in ``model`` (on CPU, fp32/bf16) by a ``PackedLinear``.
 
     Returns:
-        How many modules were replaced (0 when oneDNN is missing or the model is not on CPU).
+        How many modules were replaced (0 when oneDNN is missing, cannot pack the model's dtype on
+        this CPU, or the model is not on CPU).
     """
-    if not onednn_available():
+    dtype = next(model.parameters()).dtype
+    why = onednn_packs(dtype)
+    if why is not None:
+        log.info("linears: torch %s (%s)", str(dtype).removeprefix("torch."), why)
         return 0
     targets = [
         (name, module) for name, module in model.named_modules()
@@ -72,7 +93,7 @@ def pack_linears(model: torch.nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, PackedLinear(module))
     if targets:
-        log.info("packed %d linear layers for oneDNN", len(targets))
+        log.info("linears: oneDNN packed %s (%d layers)", str(dtype).removeprefix("torch."), len(targets))
     return len(targets)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from model import fastpath, kernels
+from model import fastpath, kernels, precision
 
 log = logging.getLogger("kvbento.model")
 
@@ -27,6 +27,9 @@ class LoadedModel:
     weight_bytes: int = 0  # parameter bytes as loaded (packed kernels hold them outside parameters())
     # The lean decode step (model.fastpath) where it applies; None = the HF forward decodes.
     decode_step: object | None = None
+    # Why this dtype (precision.DtypeChoice.reason) and which kernels run: for /health and metrics.
+    dtype_reason: str = ""
+    kernels: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -47,11 +50,8 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The dtype ``load`` uses (``model.precision.pick`` says why)."""
+    return precision.pick(device, dtype).dtype
 
 
 def fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
@@ -83,11 +83,13 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_conte
 
     Raises:
         OSError: the directory or hub id cannot be loaded.
+        ValueError: ``dtype`` is not a floating torch dtype.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
-    dt = pick_dtype(dev, dtype)
+    choice = precision.pick(dev, dtype)
+    dt = choice.dtype
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt)
     model.to(dev)
@@ -103,15 +105,21 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_conte
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     fp = fingerprint(model, dt)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    step = None
+    step, used = None, {"linears": "torch", "attention": str(getattr(cfg, "_attn_implementation", "")),
+                        "decode_step": "hf forward"}
     if dev.type == "cpu" and cpu_kernels == "onednn":
         packed = kernels.pack_linears(model)
         attn = kernels.install_attention(model)
         native = attn and kernels.load_native() is not None
         step = fastpath.build(model, dt, limit) if attn else None
+        used = {"linears": "onednn" if packed else "torch",
+                "attention": "native" if native else ("bmm" if attn else used["attention"]),
+                "decode_step": "lean" if step is not None else "hf forward"}
         if packed or attn:
             # Other kernels sum in another order: records stay exact only between equal kernels.
             ident = f"{fp}:onednn={packed}:attn={attn}:native={native}:step={step is not None}"
             fp = hashlib.sha256(ident.encode()).hexdigest()
-    log.info("loaded %s on %s (%s), context %d, fingerprint %s", name_or_path, dev, dt, limit, fp[:12])
-    return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids, weight_bytes, step)
+    log.info("loaded %s on %s, dtype %s (%s), kernels %s, context %d, fingerprint %s", name_or_path, dev,
+             choice.name, choice.reason, " ".join(f"{k}={v}" for k, v in used.items()), limit, fp[:12])
+    return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids, weight_bytes, step,
+                       choice.reason, used)
