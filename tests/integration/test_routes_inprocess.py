@@ -296,7 +296,7 @@ def test_health_names_the_dtype_its_reason_and_the_kernels(call, runtime):
     from model import precision
 
     body = call("GET", "/health", auth=False).json()
-    choice = precision.pick(runtime.model.device)  # the settings leave KVBENTO_DTYPE at auto
+    choice = precision.pick(runtime.model.device, runtime.settings.dtype)  # auto unless KVBENTO_DTYPE is set
     assert body["status"] == "ok" and body["device"] == "cpu"
     assert (body["dtype"], body["dtype_reason"]) == (choice.name, choice.reason)
     assert body["kernels"] == runtime.model.kernels
