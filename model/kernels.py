@@ -42,6 +42,7 @@ class PackedLinear(torch.nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
+        self.dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
@@ -95,6 +96,42 @@ def pack_linears(model: torch.nn.Module) -> int:
     if targets:
         log.info("linears: oneDNN packed %s (%d layers)", str(dtype).removeprefix("torch."), len(targets))
     return len(targets)
+
+
+# Row counts the batch-invariance probe tries: 1 row alone against these many rows together.
+PROBE_ROWS = (2, 5, 16, 33)
+
+
+@torch.inference_mode()
+def batch_variance(model: torch.nn.Module, rows: tuple[int, ...] = PROBE_ROWS) -> list[int]:
+    """Row counts at which a linear of ``model`` gives some row other bits than that row alone.
+
+    A GEMM library may pick another kernel, blocking or split of the sum by row count; then a
+    sequence's logits would depend on what else is in its batch. Each distinct linear shape is
+    tried as the engine calls it (for packed ones also with the fused SiLU and residual add).
+
+    Returns:
+        The failing row counts, sorted; empty = batch-invariant.
+    """
+    shapes: dict[tuple, torch.nn.Module] = {}
+    for mod in model.modules():
+        if isinstance(mod, (PackedLinear, torch.nn.Linear)):
+            shapes.setdefault((type(mod), mod.in_features, mod.out_features), mod)
+    g = torch.Generator().manual_seed(0)
+    top, bad = max(rows), set()
+    for mod in shapes.values():
+        dev, dtype = (mod.weight.device, mod.weight.dtype) if hasattr(mod, "weight") else ("cpu", mod.dtype)
+        x = torch.randn(top, mod.in_features, generator=g).to(dev, dtype)
+        r = torch.randn(top, mod.out_features, generator=g).to(dev, dtype)
+        calls = [mod]
+        if isinstance(mod, PackedLinear):
+            op, w, b = torch.ops.mkldnn._linear_pointwise, mod.packed, mod.bias
+            calls += [lambda a, _r: op(a, w, b, "swish", [], ""), lambda a, r_: op.binary(a, r_, w, b, "add")]
+        for i, call in enumerate(calls):
+            f = call if i else (lambda a, _r: mod(a))
+            alone = torch.cat([f(x[j:j + 1], r[j:j + 1]) for j in range(top)])
+            bad.update(m for m in rows if not torch.equal(f(x[:m], r[:m]), alone[:m]))
+    return sorted(bad)
 
 
 # ------------------------------------------------------------------------------------ attention

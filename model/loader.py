@@ -119,6 +119,11 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_conte
             # Other kernels sum in another order: records stay exact only between equal kernels.
             ident = f"{fp}:onednn={packed}:attn={attn}:native={native}:step={step is not None}"
             fp = hashlib.sha256(ident.encode()).hexdigest()
+    bad = kernels.batch_variance(model)
+    used["batch_invariant"] = "yes" if not bad else "no"
+    if bad:  # the exactness tests would fail here: say so at start, not in a diverging answer
+        log.warning("linears are NOT batch-invariant here (a row differs at m=%s): a sequence's tokens may "
+                    "depend on what shares its batch", bad)
     log.info("loaded %s on %s, dtype %s (%s), kernels %s, context %d, fingerprint %s", name_or_path, dev,
              choice.name, choice.reason, " ".join(f"{k}={v}" for k, v in used.items()), limit, fp[:12])
     return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids, weight_bytes, step,

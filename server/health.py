@@ -20,7 +20,8 @@ router = APIRouter()
                                                        "dtype_reason": "amx_bf16",
                                                        "kernels": {"linears": "onednn",
                                                                    "attention": "native",
-                                                                   "decode_step": "lean"}}}}},
+                                                                   "decode_step": "lean",
+                                                                   "batch_invariant": "yes"}}}}},
     503: {"description": "Loading or shutting down",
           "content": {"application/json": {"example": {"error": {
               "type": "unavailable_error", "message": "the model is loading"}}}}},

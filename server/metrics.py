@@ -33,7 +33,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0)
 REUSE_SOURCES = ("local", "store")
-INFO_KERNELS = ("linears", "attention", "decode_step")  # model.loader.LoadedModel.kernels' keys
+INFO_KERNELS = ("linears", "attention", "decode_step", "batch_invariant")  # model.loader.LoadedModel.kernels' keys
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 

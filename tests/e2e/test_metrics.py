@@ -50,7 +50,8 @@ def test_engine_info_names_the_dtype_health_reports(server):
     assert len(info) == 1, info
     k = health["kernels"]
     assert info[0] == ("kvbento_engine_info{"
-                       f"attention={k['attention']},decode_step={k['decode_step']},device={health['device']},"
+                       f"attention={k['attention']},batch_invariant={k['batch_invariant']},"
+                       f"decode_step={k['decode_step']},device={health['device']},"
                        f"dtype={health['dtype']},dtype_reason={health['dtype_reason']},linears={k['linears']}}}")
 
 

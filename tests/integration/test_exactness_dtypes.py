@@ -100,6 +100,7 @@ def test_decode_logits_of_a_row_are_the_same_bits_in_any_batch(loaded_in):
     other lengths, are bitwise equal (every kernel on the decode path is batch-invariant)."""
     from tests.integration.test_fastpath import prefilled_slab
 
+    assert loaded_in.kernels["batch_invariant"] == "yes"  # the load-time probe of every linear shape
     step = loaded_in.decode_step
     if step is None:
         pytest.skip("no lean decode step here (the HF forward decodes)")

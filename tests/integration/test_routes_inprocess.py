@@ -300,4 +300,4 @@ def test_health_names_the_dtype_its_reason_and_the_kernels(call, runtime):
     assert body["status"] == "ok" and body["device"] == "cpu"
     assert (body["dtype"], body["dtype_reason"]) == (choice.name, choice.reason)
     assert body["kernels"] == runtime.model.kernels
-    assert set(body["kernels"]) == {"linears", "attention", "decode_step"}
+    assert set(body["kernels"]) == {"linears", "attention", "decode_step", "batch_invariant"}
