@@ -147,7 +147,7 @@ def measure(model_dir: str, dtype: str, prompt_tokens: int, decode_tokens: int, 
 
 def render(results: list[dict], meta: dict) -> str:
     lines = [HEADER, "", f"`python -m bench.machine` ({meta['when']}, {meta['cpu']}, {meta['threads']} torch "
-             f"thread(s), bench model, in process). {meta['note']}", "",
+             f"thread(s), bench model, in process). {meta['note']} `KVBENTO_DTYPE=auto` here: {meta['auto']}.", "",
              "| dtype (why) | kernels | GEMM GFLOP/s m=16 / 256 / 1024 | copy GB/s | prefill "
              f"{results[0]['prompt_tokens']} tok: ms, tok/s | prefill × 2 × params / GEMM(1024) | batch-1 "
              "decode tok/s | decode × weight bytes / copy |",
@@ -160,7 +160,7 @@ def render(results: list[dict], meta: dict) -> str:
         dec_share = dec * r["weight_bytes"] / 1e9 / r["copy_gbs"]
         k = r["kernels"]
         lines.append(f"| {r['dtype']} ({r['reason']}) | linears={k['linears']} attention={k['attention']} "
-                     f"step={k['decode_step']} | {g[16]:.1f} / {g[256]:.1f} / {g[1024]:.1f} | {r['copy_gbs']:.1f} "
+                     f"step={k['decode_step']} batch-invariant={k.get('batch_invariant')} | {g[16]:.1f} / {g[256]:.1f} / {g[1024]:.1f} | {r['copy_gbs']:.1f} "
                      f"| {1e3 * r['ttft_s']:,.0f}, {pf_tok_s:,.0f} | {100 * pf_share:.0f} % | {dec:.1f} "
                      f"| {100 * dec_share:.0f} % |")
     lines += ["", "Store codec, one 1k-token record of the bench model's KV:", "",
@@ -204,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     model_dir = a.model or str(bundled.ensure("kvbento-bench-100m"))
     results = [measure(model_dir, d, a.prompt_tokens, a.decode_tokens, a.reps) for d in a.dtype or ["float32", "bfloat16"]]
+    from model import precision
+
+    auto = precision.pick(torch.device("cpu"))
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": machine()["cpu"],
-            "threads": a.threads, "note": a.note}
+            "threads": a.threads, "note": a.note, "auto": f"{auto.name} ({auto.reason})"}
     text = render(results, meta)
     write_section(text, a.out)
     print(text)
