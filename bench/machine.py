@@ -134,6 +134,14 @@ def measure(model_dir: str, dtype: str, prompt_tokens: int, decode_tokens: int, 
     m = loader.load(model_dir, "cpu", dtype)
     res = {"dtype": str(m.dtype).removeprefix("torch."), "reason": m.dtype_reason, "kernels": m.kernels,
            "weight_bytes": m.weight_bytes, "params": layer_linear_params(m.model)}
+    t = time.perf_counter()
+    from model import kernels
+
+    kernels.batch_variance(m.model)  # what the load-time probe costs
+    res["probe_s"] = time.perf_counter() - t
+    cfg = m.model.config
+    plain = torch.nn.Linear(cfg.hidden_size, cfg.intermediate_size).to(m.dtype)
+    res["plain_variance"] = kernels.batch_variance(plain)  # torch's own linear (KVBENTO_CPU_KERNELS=torch)
     print(f"[{res['dtype']}] GEMM ...", flush=True)
     res["gemm_gflops"] = gemm_rates(m.model)
     res["copy_gbs"] = micro.memory_bandwidth_gbs(256)
@@ -168,7 +176,13 @@ def render(results: list[dict], meta: dict) -> str:
     for r in results:
         c = r["codec"]
         lines.append(f"| {r['dtype']} | {c['bytes']:,} | {c['encode_ms']:.2f} | {c['decode_ms']:.2f} |")
-    lines += ["", f"Params = the decoder layers' linear weights ({results[0]['params'] / 1e6:.1f} M; the LM head "
+    lines += ["", "Batch invariance (a row's result alone == in a batch, every linear shape at 2/5/16/33 rows, "
+              "fused SiLU/add included): " + "; ".join(
+                  f"{r['dtype']}: the engine's linears {'invariant' if r['kernels'].get('batch_invariant') == 'yes' else 'NOT invariant'}"
+                  f", torch's plain linear {'invariant' if not r['plain_variance'] else 'differs at m=' + str(r['plain_variance'])}"
+                  f", probe {r['probe_s']:.2f} s at load" for r in results)
+              + ". Where the engine's kernels are invariant nothing per step had to change (no cost per token).",
+              "", f"Params = the decoder layers' linear weights ({results[0]['params'] / 1e6:.1f} M; the LM head "
               "runs for one position, attention's own FLOPs are not counted). Copy GB/s counts bytes read + "
               "written; weight bytes are all parameters as loaded. Prefill time includes the first decode step.",
               ""]
