@@ -81,8 +81,9 @@ def layer_linear_params(model: torch.nn.Module) -> int:
 def engine_timings(loaded, prompt_tokens: int, decode_tokens: int, reps: int) -> dict:
     """Median TTFT of a ``prompt_tokens`` prompt (prefill + one decode step) and mean batch-1 ITL."""
     from model.engine import Engine, EngineConfig
-    from model.types import GenerateRequest, SamplingParams
+    from model.types import SamplingParams
     from session import Session
+    from session.request import GenerateRequest
 
     engine = Engine(loaded, EngineConfig(max_batch_size=8, prefill_chunk=512))
     session = Session(engine, None)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cache.store import CacheStatus
-from model.types import GenerateRequest, SamplingParams
+from model.types import SamplingParams
+from session.request import GenerateRequest
 
 DTYPES = ["float32", "bfloat16"]
 PROMPT = "Exactness holds in every dtype, said the engineer"
