@@ -49,11 +49,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    """The dtype ``load`` uses (``model.precision.pick`` says why)."""
-    return precision.pick(device, dtype).dtype
-
-
 def fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
     """Identity of a model's weights and dtype, cheap enough for large models.
 
