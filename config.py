@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     model_name: str = Field(default="", max_length=256)
     # "auto" = cuda when available, else cpu.
     device: str = "auto"
-    # "auto" = bfloat16 (or float16 without bf16 support) on CUDA, float32 on CPU.
-    dtype: str = "auto"
+    # "auto" = bfloat16 on CUDA (float16 without bf16 support); on CPU bfloat16 where the CPU
+    # multiplies bf16 natively (amx_bf16 or avx512_bf16 in its flags), else float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Torch intra-op threads on CPU; 0 = torch's default (one per core).
     num_threads: int = Field(default=0, ge=0)
     # CPU matmul kernels: "onednn" (weights re-packed once at load, faster) or "torch" (defaults).

@@ -25,11 +25,12 @@ def memory_bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def make_record(num_layers: int, kv_heads: int, head_dim: int, num_tokens: int) -> KVRecord:
+def make_record(num_layers: int, kv_heads: int, head_dim: int, num_tokens: int,
+                dtype: torch.dtype = torch.float32) -> KVRecord:
     g = torch.Generator().manual_seed(0)
     shape = (kv_heads, num_tokens - 1, head_dim)
-    keys = [torch.randn(shape, generator=g) for _ in range(num_layers)]
-    values = [torch.randn(shape, generator=g) for _ in range(num_layers)]
+    keys = [torch.randn(shape, generator=g).to(dtype) for _ in range(num_layers)]
+    values = [torch.randn(shape, generator=g).to(dtype) for _ in range(num_layers)]
     return KVRecord(list(range(num_tokens)), num_tokens, "bench", keys, values)
 
 

@@ -1,7 +1,8 @@
 """Contender 3: the naive server of simple serving examples — ``model.generate`` once per request.
 
 Every generate runs on ONE dedicated thread (requests queue behind each other), tokens stream out
-through a ``TextIteratorStreamer``. Run: ``python -m bench.naive_server MODEL_DIR PORT``.
+through a ``TextIteratorStreamer``. Run: ``python -m bench.naive_server MODEL_DIR PORT [DTYPE]``
+(DTYPE: float32, bfloat16; default: from_pretrained's own, float32).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from fastapi.responses import StreamingResponse
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 
-def build(model_dir: str) -> FastAPI:
+def build(model_dir: str, dtype: str = "auto") -> FastAPI:
     """The app: POST /generate {prompt, max_new_tokens} streams the generated text."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
     worker = ThreadPoolExecutor(max_workers=1)  # one generate at a time, like the examples
     app = FastAPI()
 
@@ -43,4 +45,4 @@ def build(model_dir: str) -> FastAPI:
 
 
 if __name__ == "__main__":
-    uvicorn.run(build(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+    uvicorn.run(build(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "auto"), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")

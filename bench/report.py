@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+from bench import dtypes
 from bench.responses_turns import table as responses_table
 
 NOTES = Path(__file__).with_name("NOTES.md")
@@ -53,7 +54,9 @@ def write_report(res: dict, path: Path) -> str:
     add("- No GPU in this session (the device tool reported can_start_another=false), so the GPU table "
         "(bf16, ~1B random-weight model) is not produced.")
     add("- Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()))
-    add(f"- Model: `{res['model_dir']}` (fp32, CPU), {res['threads']} torch threads per server.")
+    d = res.get("defaults") or {}
+    add(f"- Model: `{res['model_dir']}` (CPU), {res['threads']} torch threads per server; each contender in its "
+        "default dtype: " + (", ".join(f"{k} {v}" for k, v in d.items()) or "n/a") + ".")
     k = res.get("inproc", {}).get("kernels")
     if k:
         add("- kvbento's CPU kernels in this run: " + ", ".join(f"{n.replace('_', ' ')} {'on' if v else 'OFF'}"
@@ -85,6 +88,7 @@ def write_report(res: dict, path: Path) -> str:
         add("")
 
     # ---- continuation
+    L.extend(dtypes.report(res, _load_table))
     add("## Continuation: TTFT of a request_id continuation vs a fresh prefill\n")
     add("`fresh` = first request with a new request_id and the whole context as prompt (prefill + store "
         "write after); `continued` = the same request_id again on the same replica: the store is asked "

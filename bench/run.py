@@ -17,7 +17,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from bench import conversation, micro, responses_turns, servers
+from bench import conversation, dtypes, micro, responses_turns, servers
 from bench.client import HFServe, Kvbento, Naive, run_load, summarize
 from bench.report import write_report
 
@@ -194,6 +194,16 @@ def conversation_scenario(a, model_dir: str, tok, tmp: str, threads: int, hf: HF
     return out
 
 
+def default_dtypes(kvbento_url: str, cfg) -> dict:
+    """What each contender runs in when nobody sets a dtype (kvbento's as its /health says)."""
+    import requests
+
+    h = requests.get(kvbento_url + "/health", timeout=10).json()
+    weights = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32").removeprefix("torch.")
+    return {"kvbento": f"{h.get('dtype')} ({h.get('dtype_reason')})", "hf-serve": f"{weights} (--dtype auto)",
+            "naive": "float32 (from_pretrained)"}
+
+
 def machine() -> dict:
     cpu = "?"
     try:
@@ -222,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                         "event loop and this client need a core; on a shared 2-core box 2 threads "
                         "oversubscribe and every contender's decode slows ~10x)")
     p.add_argument("--no-hf", action="store_true", help="skip `transformers serve`")
+    p.add_argument("--no-dtypes", action="store_true", help="skip the same-dtype runs (float32, bfloat16)")
     a = p.parse_args(argv)
 
     from model import bundled
@@ -326,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"poisson {c.name} ...", flush=True)
                 r, wall = asyncio.run(run_load(c, prompts, n_out, rate=rate, seed=7, tag="poisson"))
                 res["poisson"][c.name] = summarize(r, wall)
+            res["defaults"] = default_dtypes(procs[0].url, cfg)
             res["conversation"] = conversation_scenario(a, model_dir, tok, tmp, threads, hf, procs)
         finally:
             for pr in procs + [base, twin]:
@@ -348,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                 rp.stop()
                 rp2.stop()
         res["routing"] = routing(a, model_dir, tok, threads)
+        if not (a.quick or a.no_dtypes):
+            res["same_dtype"] = dtypes.same_dtype(
+                model_dir, lambda conc: [make_prompt(tok, prompt_len, 7000 + 100 * conc + i)
+                                         for i in range(requests_at(conc))],
+                n_out, threads, tmp, with_hf=not a.no_hf)
     res["seconds"] = time.time() - started
     res["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     text = write_report(res, a.out)

@@ -42,6 +42,7 @@ class PackedLinear(torch.nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
+        self.dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
@@ -54,13 +55,34 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn=True"
 
 
+def onednn_packs(dtype: torch.dtype) -> str | None:
+    """None if oneDNN packs ``dtype`` weights on this CPU, else why not (for the startup log).
+
+    oneDNN's bf16 linear needs AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; without them it refuses to
+    pack, and torch's own bf16 linear then runs (converting to fp32 around each multiply).
+    """
+    if not onednn_available():
+        return "oneDNN missing"
+    if dtype not in PACKABLE_DTYPES:
+        return f"oneDNN does not pack {str(dtype).removeprefix('torch.')}"
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+    except RuntimeError as exc:
+        return f"oneDNN cannot pack it on this CPU: {str(exc).split(':')[-1].strip()}"
+    return None
+
+
 def pack_linears(model: torch.nn.Module) -> int:
     """Replace every ``nn.Linear`` in ``model`` (on CPU, fp32/bf16) by a ``PackedLinear``.
 
     Returns:
-        How many modules were replaced (0 when oneDNN is missing or the model is not on CPU).
+        How many modules were replaced (0 when oneDNN is missing, cannot pack the model's dtype on
+        this CPU, or the model is not on CPU).
     """
-    if not onednn_available():
+    dtype = next(model.parameters()).dtype
+    why = onednn_packs(dtype)
+    if why is not None:
+        log.info("linears: torch %s (%s)", str(dtype).removeprefix("torch."), why)
         return 0
     targets = [
         (name, module) for name, module in model.named_modules()
@@ -72,8 +94,44 @@ def pack_linears(model: torch.nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, PackedLinear(module))
     if targets:
-        log.info("packed %d linear layers for oneDNN", len(targets))
+        log.info("linears: oneDNN packed %s (%d layers)", str(dtype).removeprefix("torch."), len(targets))
     return len(targets)
+
+
+# Row counts the batch-invariance probe tries: 1 row alone against these many rows together.
+PROBE_ROWS = (2, 5, 16, 33)
+
+
+@torch.inference_mode()
+def batch_variance(model: torch.nn.Module, rows: tuple[int, ...] = PROBE_ROWS) -> list[int]:
+    """Row counts at which a linear of ``model`` gives some row other bits than that row alone.
+
+    A GEMM library may pick another kernel, blocking or split of the sum by row count; then a
+    sequence's logits would depend on what else is in its batch. Each distinct linear shape is
+    tried as the engine calls it (for packed ones also with the fused SiLU and residual add).
+
+    Returns:
+        The failing row counts, sorted; empty = batch-invariant.
+    """
+    shapes: dict[tuple, torch.nn.Module] = {}
+    for mod in model.modules():
+        if isinstance(mod, (PackedLinear, torch.nn.Linear)):
+            shapes.setdefault((type(mod), mod.in_features, mod.out_features), mod)
+    g = torch.Generator().manual_seed(0)
+    top, bad = max(rows), set()
+    for mod in shapes.values():
+        dev, dtype = (mod.weight.device, mod.weight.dtype) if hasattr(mod, "weight") else ("cpu", mod.dtype)
+        x = torch.randn(top, mod.in_features, generator=g).to(dev, dtype)
+        r = torch.randn(top, mod.out_features, generator=g).to(dev, dtype)
+        calls = [mod]
+        if isinstance(mod, PackedLinear):
+            op, w, b = torch.ops.mkldnn._linear_pointwise, mod.packed, mod.bias
+            calls += [lambda a, _r: op(a, w, b, "swish", [], ""), lambda a, r_: op.binary(a, r_, w, b, "add")]
+        for i, call in enumerate(calls):
+            f = call if i else (lambda a, _r: mod(a))
+            alone = torch.cat([f(x[j:j + 1], r[j:j + 1]) for j in range(top)])
+            bad.update(m for m in rows if not torch.equal(f(x[:m], r[:m]), alone[:m]))
+    return sorted(bad)
 
 
 # ------------------------------------------------------------------------------------ attention

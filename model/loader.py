@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from model import fastpath, kernels
+from model import fastpath, kernels, precision
 
 log = logging.getLogger("kvbento.model")
 
@@ -27,6 +27,9 @@ class LoadedModel:
     weight_bytes: int = 0  # parameter bytes as loaded (packed kernels hold them outside parameters())
     # The lean decode step (model.fastpath) where it applies; None = the HF forward decodes.
     decode_step: object | None = None
+    # Why this dtype (precision.DtypeChoice.reason) and which kernels run: for /health and metrics.
+    dtype_reason: str = ""
+    kernels: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -44,14 +47,6 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
@@ -74,6 +69,36 @@ def fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
     return h.hexdigest()
 
 
+def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int,
+                    cpu_kernels: str) -> tuple[object | None, dict[str, str], str]:
+    """Swap in this repo's CPU kernels (``cpu_kernels="onednn"``) and probe batch invariance.
+
+    Returns:
+        The lean decode step (or None), the kernels in use by role (for the log, /health and the
+        metrics) and the kernels' part of the fingerprint ("" = the model's own modules).
+    """
+    cfg = model.config
+    step, ident = None, ""
+    used = {"linears": "torch", "attention": str(getattr(cfg, "_attn_implementation", "")),
+            "decode_step": "hf forward"}
+    if cpu_kernels == "onednn":
+        packed = kernels.pack_linears(model)
+        attn = kernels.install_attention(model)
+        native = attn and kernels.load_native() is not None
+        step = fastpath.build(model, dtype, max_context) if attn else None
+        used = {"linears": "onednn" if packed else "torch",
+                "attention": "native" if native else ("bmm" if attn else used["attention"]),
+                "decode_step": "lean" if step is not None else "hf forward"}
+        if packed or attn:
+            ident = f"onednn={packed}:attn={attn}:native={native}:step={step is not None}"
+    bad = kernels.batch_variance(model)
+    used["batch_invariant"] = "yes" if not bad else "no"
+    if bad:  # the exactness tests would fail here: say so at start, not in a diverging answer
+        log.warning("linears are NOT batch-invariant here (a row differs at m=%s): a sequence's tokens may "
+                    "depend on what shares its batch", bad)
+    return step, used, ident
+
+
 def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_context: int = 0,
          cpu_kernels: str = "onednn") -> LoadedModel:
     """Load model and tokenizer with ``from_pretrained``.
@@ -83,11 +108,13 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_conte
 
     Raises:
         OSError: the directory or hub id cannot be loaded.
+        ValueError: ``dtype`` is not a floating torch dtype.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
-    dt = pick_dtype(dev, dtype)
+    choice = precision.pick(dev, dtype)
+    dt = choice.dtype
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt)
     model.to(dev)
@@ -103,15 +130,10 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_conte
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     fp = fingerprint(model, dt)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    step = None
-    if dev.type == "cpu" and cpu_kernels == "onednn":
-        packed = kernels.pack_linears(model)
-        attn = kernels.install_attention(model)
-        native = attn and kernels.load_native() is not None
-        step = fastpath.build(model, dt, limit) if attn else None
-        if packed or attn:
-            # Other kernels sum in another order: records stay exact only between equal kernels.
-            ident = f"{fp}:onednn={packed}:attn={attn}:native={native}:step={step is not None}"
-            fp = hashlib.sha256(ident.encode()).hexdigest()
-    log.info("loaded %s on %s (%s), context %d, fingerprint %s", name_or_path, dev, dt, limit, fp[:12])
-    return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids, weight_bytes, step)
+    step, used, ident = install_kernels(model, dt, limit, cpu_kernels if dev.type == "cpu" else "torch")
+    if ident:  # other kernels sum in another order: records stay exact only between equal kernels
+        fp = hashlib.sha256(f"{fp}:{ident}".encode()).hexdigest()
+    log.info("loaded %s on %s, dtype %s (%s), kernels %s, context %d, fingerprint %s", name_or_path, dev,
+             choice.name, choice.reason, " ".join(f"{k}={v}" for k, v in used.items()), limit, fp[:12])
+    return LoadedModel(model, tokenizer, dev, dt, fp, name_or_path, limit, eos_ids, weight_bytes, step,
+                       choice.reason, used)

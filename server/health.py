@@ -15,7 +15,13 @@ router = APIRouter()
     200: {"description": "The engine is ready",
           "content": {"application/json": {"example": {"status": "ok", "model": "kvbento-tiny",
                                                        "num_requests_running": 0,
-                                                       "num_requests_waiting": 0}}}},
+                                                       "num_requests_waiting": 0,
+                                                       "device": "cpu", "dtype": "bfloat16",
+                                                       "dtype_reason": "amx_bf16",
+                                                       "kernels": {"linears": "onednn",
+                                                                   "attention": "native",
+                                                                   "decode_step": "lean",
+                                                                   "batch_invariant": "yes"}}}}},
     503: {"description": "Loading or shutting down",
           "content": {"application/json": {"example": {"error": {
               "type": "unavailable_error", "message": "the model is loading"}}}}},
@@ -27,6 +33,10 @@ async def health(request: Request):
         return error_response(EngineClosed("the model is loading"))
     if rt.is_closing:
         return error_response(EngineClosed("the server is shutting down"))
+    m = rt.model
     return JSONResponse({"status": "ok", "model": rt.settings.served_model_name,
                          "num_requests_running": rt.engine.num_running,
-                         "num_requests_waiting": rt.engine.num_waiting})
+                         "num_requests_waiting": rt.engine.num_waiting,
+                         # What the engine runs in and why (model.precision): auto follows the CPU's flags.
+                         "device": m.device.type, "dtype": str(m.dtype).removeprefix("torch."),
+                         "dtype_reason": m.dtype_reason, "kernels": m.kernels})

@@ -33,6 +33,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0)
 REUSE_SOURCES = ("local", "store")
+INFO_KERNELS = ("linears", "attention", "decode_step", "batch_invariant")  # model.loader.LoadedModel.kernels' keys
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -73,6 +74,10 @@ class PrometheusObserver(EngineObserver, SessionObserver):
         self.waiting = Gauge(PREFIX + "num_requests_waiting",
                              "Requests waiting for a place in the running batch.",
                              multiprocess_mode="livemostrecent")
+        # Constant 1, the labels carry the value (as Prometheus' *_info / build_info metrics do).
+        self.info = Gauge(PREFIX + "engine_info", "What the engine runs: device, dtype, why that dtype "
+                          "(KVBENTO_DTYPE or the CPU flag auto found) and the kernels in use.",
+                          ["device", "dtype", "dtype_reason", *INFO_KERNELS], multiprocess_mode="livemostrecent")
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens",
                                      "Prompt tokens of finished requests (cached ones included).")
         self.cached_tokens = Counter(PREFIX + "cached_prompt_tokens",
@@ -114,8 +119,11 @@ class PrometheusObserver(EngineObserver, SessionObserver):
                                       "KV record writes lost because the store was unavailable.")
 
     def bind(self, engine: "Engine") -> None:
-        """Read the running/waiting gauges from ``engine`` from now on."""
+        """Read the running/waiting gauges from ``engine`` from now on; publish what it runs in."""
         self._engine = engine
+        m = engine.m
+        self.info.labels(device=m.device.type, dtype=str(m.dtype).removeprefix("torch."),
+                         dtype_reason=m.dtype_reason, **{k: m.kernels.get(k, "") for k in INFO_KERNELS}).set(1)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -44,6 +44,17 @@ def test_metrics_are_exposed_with_zero_series(server):
         assert name in m, (name, sorted(m))
 
 
+def test_engine_info_names_the_dtype_health_reports(server):
+    health = requests.get(server.url + "/health", timeout=10).json()
+    info = [k for k, v in scrape(server.url).items() if k.startswith("kvbento_engine_info{") and v == 1]
+    assert len(info) == 1, info
+    k = health["kernels"]
+    assert info[0] == ("kvbento_engine_info{"
+                       f"attention={k['attention']},batch_invariant={k['batch_invariant']},"
+                       f"decode_step={k['decode_step']},device={health['device']},"
+                       f"dtype={health['dtype']},dtype_reason={health['dtype_reason']},linears={k['linears']}}}")
+
+
 def test_metrics_move_as_requests_are_served(server):
     before = scrape(server.url)
     generate(server.url, "metrics-1", 6)  # a new request_id: miss, then a write

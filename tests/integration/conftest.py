@@ -5,9 +5,12 @@ import pytest
 
 @pytest.fixture(scope="session")
 def loaded(tiny_model_dir):
+    """The tiny model in the dtype a server here would pick (KVBENTO_DTYPE, default auto: bf16 on a
+    CPU with native bf16 matmul). ``KVBENTO_DTYPE=bfloat16 pytest`` runs the suite as such a CPU would."""
+    from config import Settings
     from model.loader import load
 
-    return load(str(tiny_model_dir))
+    return load(str(tiny_model_dir), dtype=Settings().dtype)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from model.types import SamplingParams
 from protocol.openai import fan_out
 from protocol.spec import merge
 from session.request import GenerateRequest
+from tests.integration.rounding import logit_tolerance
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 
@@ -111,6 +112,11 @@ def test_cancelling_one_choice_leaves_the_others_and_all_release(engine, loop):
     assert all(s.usage.completion_tokens < 400 for s in streams)  # aborted, not run to the end
 
 
+def loaded_logit_scale(loaded, ids) -> float:
+    with torch.inference_mode():
+        return float(loaded.model(torch.tensor([ids])).logits.float().abs().max())
+
+
 def direct_logprobs(loaded, ids):
     with torch.inference_mode():
         logits = loaded.model(torch.tensor([ids])).logits[0].float()
@@ -131,11 +137,15 @@ def test_prompt_logprobs_match_the_model_even_on_a_cache_hit(engine, loaded, loo
     assert len(entries) == len(ids) and entries[0] is None
     assert [e.token_id for e in entries[1:]] == ids[1:]
     want, lp = direct_logprobs(loaded, ids)
-    assert [e.logprob for e in entries[1:]] == pytest.approx(want, abs=1e-4)
+    # One forward vs 16-token chunks: the same arithmetic in another order. A log-softmax moves by
+    # up to twice a logit's rounding (1e-4 in float32; in bf16 a few hundredths on the tiny model).
+    tol = 1e-4 if loaded.dtype == torch.float32 else 2 * logit_tolerance(loaded.dtype, loaded_logit_scale(loaded, ids))
+    assert [e.logprob for e in entries[1:]] == pytest.approx(want, abs=tol)
     for i, e in enumerate(entries[1:]):
         top = lp[i].topk(2)
-        assert [t for t, _ in e.top] == top.indices.tolist()
-        assert [x for _, x in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [x for _, x in e.top] == pytest.approx(top.values.tolist(), abs=tol)
+        if float(top.values[0] - top.values[1]) > tol:  # no tie within rounding: the same order
+            assert [t for t, _ in e.top] == top.indices.tolist()
     assert streams[1].prompt_logprobs == entries
     # Without the ask there are none, and the prefill keeps only the last position's logits.
     plain = run(loop, collect(engine, choices(1, prompt, max_new_tokens=2)))

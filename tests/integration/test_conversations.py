@@ -10,6 +10,7 @@ from cache.store import CacheStatus
 from model.types import InvalidRequest, SamplingParams
 from session.errors import Conflict, NotFound
 from session.request import GenerateRequest
+from tests.integration.rounding import assert_same_greedy
 
 SYSTEM = "<system> You are a careful assistant who answers briefly. </system>\n"
 
@@ -49,9 +50,11 @@ def test_next_turn_reuses_the_previous_answer_sent_back_as_text(engine, loop, na
     want = before - 16 if named else before - 16 - block
     assert b.usage.cached_tokens >= want, (b.usage.cached_tokens, before)
     assert b.cache_status in (CacheStatus.HIT, CacheStatus.PARTIAL)
-    # Exact: the answer equals recomputing the same token sequence from nothing.
+    # Exact: the answer equals recomputing the same token sequence from nothing (in a half type up to
+    # a rounding tie: turn 1's answer KV came from decode steps, the recomputation prefills it).
     ref = recompute(engine, loop, list(b.base_token_ids), 12)
-    assert b.token_ids == ref.token_ids
+    n = len(b.base_token_ids)
+    assert_same_greedy(engine.engine.m, b.base_token_ids, b.token_ids[n:], ref.token_ids[n:])
 
 
 def test_edited_history_reuses_what_still_matches(engine, loop):
@@ -62,7 +65,8 @@ def test_edited_history_reuses_what_still_matches(engine, loop):
     assert 0 < b.usage.cached_tokens < len(a.token_ids) - 1
     assert b.cache_status is CacheStatus.PARTIAL
     ref = recompute(engine, loop, list(b.base_token_ids), 8)
-    assert b.token_ids == ref.token_ids
+    n = len(b.base_token_ids)
+    assert_same_greedy(engine.engine.m, b.base_token_ids, b.token_ids[n:], ref.token_ids[n:])
 
 
 def test_append_continues_with_new_text(engine, loop):

@@ -290,3 +290,14 @@ def test_body_that_is_not_json_is_400_in_the_dialects_shape(call, path):
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and "JSON" in err["message"]
     check_shape(path, err)
+
+
+def test_health_names_the_dtype_its_reason_and_the_kernels(call, runtime):
+    from model import precision
+
+    body = call("GET", "/health", auth=False).json()
+    choice = precision.pick(runtime.model.device, runtime.settings.dtype)  # auto unless KVBENTO_DTYPE is set
+    assert body["status"] == "ok" and body["device"] == "cpu"
+    assert (body["dtype"], body["dtype_reason"]) == (choice.name, choice.reason)
+    assert body["kernels"] == runtime.model.kernels
+    assert set(body["kernels"]) == {"linears", "attention", "decode_step", "batch_invariant"}

@@ -362,3 +362,28 @@ def test_prefill_buffer_holds_the_prefix_and_the_chunks_in_order_and_grows_when_
     assert cache.layers[1].get_mask_sizes(3) == (7, 0)
     buf.cache(9, [])  # longer than the buffer: it grows (by half at least), empty again
     assert buf.capacity >= 9 and buf.keys[0].data_ptr() != kept
+
+
+class _RowByRow(torch.nn.Linear):
+    """A linear computed one row at a time (batch-invariant by construction); ``jump`` adds a shift
+    once more than 4 rows come together, as a GEMM that switched kernels by row count would."""
+
+    jump = 0.0
+
+    def forward(self, x):
+        y = torch.stack([self.weight @ row for row in x]) + self.bias
+        return y + (self.jump if x.shape[0] > 4 else 0.0)
+
+
+class _Jumps(_RowByRow):
+    jump = 1e-3
+
+
+def test_batch_variance_finds_a_linear_that_depends_on_the_row_count():
+    torch.manual_seed(0)
+    assert kernels.batch_variance(torch.nn.Sequential(_RowByRow(24, 40), _RowByRow(40, 24))) == []
+    assert kernels.batch_variance(torch.nn.Sequential(_RowByRow(24, 40), _Jumps(40, 24))) == [5, 16, 33]
+    if kernels.onednn_packs(torch.float32) is None:  # the packed linears, fused SiLU and add included
+        packed = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 24))
+        kernels.pack_linears(packed)
+        assert kernels.batch_variance(packed) == []

@@ -58,3 +58,21 @@ def test_mixed_batch_greedy_row_unaffected_by_sampling_row():
     logits = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     sampled = RowSpec(True, 1.0, 0, 1.0, generator=torch.Generator().manual_seed(3))
     assert sample(logits, [greedy(), sampled])[0] == 1
+
+
+def test_bf16_logits_are_sampled_and_scored_in_fp32():
+    """A bf16 model hands over bf16 logits: penalties, softmax, top-p and logprobs run in fp32 on
+    them (a bf16 softmax over a vocabulary would round every small probability away)."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 4096, generator=g) * 4).to(torch.bfloat16)
+    rows = [RowSpec(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, logprobs=2),
+            RowSpec(do_sample=True, temperature=0.7, top_k=0, top_p=0.9, generator=torch.Generator().manual_seed(1),
+                    logprobs=0)]
+    got_lp, want_lp = [], []
+    got = sample(logits.clone(), rows, got_lp)
+    rows[1].generator = torch.Generator().manual_seed(1)
+    want = sample(logits.float(), rows, want_lp)
+    assert got == want and got_lp == want_lp
+    exact = logits[0].float().log_softmax(-1)
+    assert got_lp[0].logprob == float(exact[got[0]])  # fp32 arithmetic, not bf16's
+    assert got_lp[0].logprob != float(logits[0].log_softmax(-1)[got[0]].float())
