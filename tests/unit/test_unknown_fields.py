@@ -53,10 +53,12 @@ def test_noop_values_are_taken_others_refused():
     chat = {"messages": [{"role": "user", "content": "x"}]}
     parse_json(json.dumps({**chat, "store": False, "best_of": 1, "tools": [], "tool_choice": "none"}).encode(),
                oa.ChatBody)
-    for field, value in [("store", True), ("best_of", 2), ("tools", [{"type": "function"}])]:
+    # A tool without its function is malformed (tools are honoured, so the error names the part).
+    for field, value, param in [("store", True, "store"), ("best_of", 2, "best_of"),
+                                ("tools", [{"type": "function"}], "tools.0.function")]:
         with pytest.raises(BodyError) as exc:
             parse_json(json.dumps({**chat, field: value}).encode(), oa.ChatBody)
-        assert exc.value.param == field
+        assert exc.value.param == param
     together = next(s for s in DIALECTS if s.name == "together").body
     parse_json(b'{"prompt": "x", "logprobs": null, "safety_model": null}', together)
     with pytest.raises(BodyError, match="logprobs"):
@@ -70,7 +72,7 @@ def test_an_sdk_message_object_sent_back_is_taken_when_its_extra_fields_are_empt
     assert body.messages[1].text() == "hi"
     with pytest.raises(BodyError) as exc:
         parse_json(json.dumps({"messages": [{**sent_back, "tool_calls": [{"id": "c"}]}]}).encode(), oa.ChatBody)
-    assert exc.value.param == "messages.0.tool_calls"
+    assert exc.value.param == "messages.0.tool_calls.0.function"  # tool calls are honoured: the malformed part is named
 
 
 # The seeds' bodies, as their documents write them (../shared/seeds/*.txt).
