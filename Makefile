@@ -53,7 +53,8 @@ test-deploy: setup
 bench-model: setup
 	@$(BIN)/python -m model.bundled --bench
 
-# Side-by-side benchmark (kvbento vs `transformers serve --continuous-batching` vs naive generate);
+# Side-by-side benchmark (kvbento vs vLLM's CPU build (own venv under var/, made on first run; --no-vllm skips)
+# vs `transformers serve --continuous-batching` vs naive generate);
 # rewrites BENCHMARKS.md. `make bench BENCH_ARGS=--quick` is the seconds-long smoke run.
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"

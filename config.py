@@ -47,8 +47,16 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, le=1024)
     # Requests allowed to wait beyond the running batch; past it new requests get 429.
     max_queue: int = Field(default=64, ge=0)
-    # Prompt tokens prefilled per engine step, so long prompts do not stall running streams.
+    # Prompt tokens of one sequence prefilled per engine step, so long prompts do not stall streams.
     prefill_chunk: int = Field(default=512, ge=16)
+    # Tokens of one engine step, all sequences together: every running sequence's decode token
+    # first, then prefill chunks of as many sequences as fit (several short prompts at once).
+    max_batch_tokens: int = Field(default=512, ge=16)
+    # Bytes of the paged KV pool (blocks of cache_block_tokens positions, shared between requests
+    # with a common prefix); 0 = kv_cache_share of the memory available at start, at most a full
+    # batch of max-context sequences. A request that finds no free block waits (or is preempted).
+    kv_cache_bytes: int = Field(default=0, ge=0)
+    kv_cache_share: float = Field(default=0.25, gt=0, le=0.95)
     # Longest context (prompt + generated) a request may reach; 0 = the model's own limit.
     max_context: int = Field(default=0, ge=0)
     # Seconds an output constraint (JSON schema, regex, grammar, tools) may take to compile; past it

@@ -3,7 +3,7 @@
 A fresh multi-megabyte buffer is touched page by page on its first write; with 4 KiB pages that
 fault storm costs more than copying the data into it. With THP in ``madvise`` mode (the common
 Linux default) 2 MiB pages cut it several times over (figures in bench/NOTES.md). Used by the
-engine (the KV slab and its copy-outs, model/memory.py) and the store (the buffers records are read
+engine (the KV pool and its copy-outs, model/memory.py) and the store (the buffers records are read
 into, cache/memory.py), which import nothing of each other.
 """
 

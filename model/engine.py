@@ -3,10 +3,12 @@
 ``engine.reserve()`` admits a request (or raises ``QueueFull``); ``engine.submit(request)`` starts
 an ``EngineRequest`` (token ids plus the KV of a prefix of them) and returns a ``RequestStream``
 (async iterator of ``Delta``); ``submit_choices`` starts n choices of one prompt, prefilled once.
-The model thread loops over three verbs: ``schedule`` (the pure scheduler picks the sequence to
-prefill a chunk of), run the model (``model.runner``: that chunk, then one decode step for the
-whole batch, which a finished prefill joins at once) and ``postprocess`` (``model.postprocess``:
-sample, detokenize, stop checks, emit, retire).
+The model thread loops over three verbs: ``schedule`` (the pure scheduler picks, under a token
+budget, the decode token of every running sequence and prefill chunks of any number of others),
+run the model (``model.runner``: one forward over all of them, K/V into the paged pool) and
+``postprocess`` (``model.postprocess``: sample, detokenize, stop checks, emit, retire).
+KV lives in one pool of blocks (``model.kv``, ``model.blocks``): full blocks are named by the
+store's block hashes the session passes in, so requests sharing a prefix share its blocks.
 Finished sequences leave the batch at once; their new KV is copied out and handed to the request's
 ``on_finish`` (the session stores it) before the final delta. Nothing here knows the store.
 """
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from model.blocks import BlockManager
 from model.constraint import GrammarCompiler
+from model.kv import KVPool, pool_blocks
 from model.loader import LoadedModel
 from model.postprocess import Postprocessor
 from model.runner import ModelRunner
@@ -46,13 +50,18 @@ class EngineObserver:
 class EngineConfig:
     max_batch_size: int = 16
     max_queue: int = 64
-    prefill_chunk: int = 512
+    prefill_chunk: int = 512  # prompt positions of one sequence per step
     max_new_tokens_limit: int = 4096
     grammar_compile_timeout: float = 10.0  # seconds an output constraint may take to compile
+    max_batch_tokens: int = 512  # positions of all sequences per step (decode tokens first)
+    block_tokens: int = 64  # positions per KV block: the store's block
+    kv_cache_bytes: int = 0  # the pool's size; 0 = kv_cache_share of available memory
+    kv_cache_share: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 0 or self.prefill_chunk < 1:
-            raise ValueError("max_batch_size >= 1, max_queue >= 0, prefill_chunk >= 1")
+        if (self.max_batch_size < 1 or self.max_queue < 0 or self.prefill_chunk < 1
+                or self.max_batch_tokens < 1 or self.block_tokens < 1):
+            raise ValueError("max_batch_size, prefill_chunk, max_batch_tokens, block_tokens >= 1, max_queue >= 0")
 
 
 class _Sink:
@@ -143,10 +152,15 @@ class Engine:
         self.m = loaded
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
-        self.scheduler = Scheduler(self.config.max_batch_size, self.config.max_queue)
-        self.runner = ModelRunner(loaded, self.config.max_batch_size, self.config.prefill_chunk)
+        c = self.config
+        per_block = KVPool.bytes_per_block(*ModelRunner.geometry(loaded), loaded.dtype, c.block_tokens)
+        num_blocks = pool_blocks(per_block, loaded.device, -(-loaded.max_context // c.block_tokens) + 1,
+                                 c.max_batch_size, c.kv_cache_bytes, c.kv_cache_share)
+        self.blocks = BlockManager(num_blocks, c.block_tokens)
+        self.scheduler = Scheduler(c.max_batch_size, c.max_queue, self.blocks, c.max_batch_tokens, c.prefill_chunk)
+        self.runner = ModelRunner(loaded, self.blocks.num_blocks, c.block_tokens)
         self.grammars = GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids,
-                                        self.config.grammar_compile_timeout)
+                                        c.grammar_compile_timeout)
         self.postprocessor = Postprocessor(self.runner, self.scheduler, self._emit, self._retire, self.grammars)
         self.pad_id = self.runner.pad_id
         self._sinks: dict[Sequence, _Sink] = {}  # the model thread's only
@@ -173,6 +187,25 @@ class Engine:
     @property
     def max_context(self) -> int:
         return self.m.max_context
+
+    @property
+    def block_tokens(self) -> int:
+        return self.config.block_tokens
+
+    def kv_blocks(self) -> dict[str, int]:
+        """Blocks of the KV pool by state: used (held by a sequence), cached (a prefix kept under
+        its hash, reusable, evicted when needed) and free."""
+        b = self.blocks
+        return {"used": b.num_used, "cached": b.num_cached, "free": b.num_free}
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.blocks.num_blocks * self.runner.pool.block_bytes
+
+    def cached_blocks(self, block_hashes: list[str]) -> int:
+        """How many of the leading ``block_hashes`` the pool holds now (advisory: a block may be
+        evicted before the request runs; the engine then computes it)."""
+        return self.blocks.count_cached(block_hashes)
 
     def decode(self, ids: list[int]) -> str:
         return self.m.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -222,7 +255,7 @@ class Engine:
     def submit_choices(self, reqs: list[EngineRequest], arrival: float | None = None) -> list[RequestStream]:
         """Start reserved requests of the same tokens (n choices of one prompt, each with its own
         sampling parameters, seed and ``on_finish``). The first one prefills; the others take a
-        copy of its KV and never prefill: at once where a batch slot is free, else first in line.
+        share of its blocks and never prefill: at once where a batch slot is free, else first in line.
 
         Raises:
             InvalidRequest: the sequence fills the model's context.
@@ -238,6 +271,7 @@ class Engine:
             seq = Sequence(
                 request_id=req.request_id, token_ids=list(token_ids), num_cached_tokens=req.num_cached,
                 params=req.params, prefix=req.prefix, kv_from=req.kv_from, on_finish=req.on_finish,
+                prefix_from=req.prefix_from, block_hashes=req.block_hashes, hasher=req.hasher,
                 tokenizer=self.m.tokenizer, eos_token_ids=self.m.eos_token_ids,
                 max_context=self.m.max_context,
             )
@@ -292,7 +326,6 @@ class Engine:
                 if self._closed:
                     break
             try:
-                # Slab tensors are inference tensors: freeing a row in place needs the mode too.
                 with torch.inference_mode():
                     for msg in msgs:
                         if msg[0] == "add":
@@ -303,7 +336,6 @@ class Engine:
             except Exception as exc:  # a failed step fails its sequences, never the server
                 log.exception("engine step failed")
                 self.postprocessor.fail_all(f"{type(exc).__name__}: {exc}")
-                self.runner.reset()
         for msg in msgs:
             if msg[0] == "add":
                 self._add(msg[1])
@@ -317,45 +349,61 @@ class Engine:
 
     def _step(self) -> None:
         """One iteration: schedule, run the model, postprocess."""
-        prefill = self.scheduler.schedule()
-        batch, logits = self._run(prefill)
-        if batch:
-            self.postprocessor.postprocess(batch, logits)
+        sched = self.scheduler.schedule()
+        for seq in sched.beams:
+            self._run_beams(seq)
+        done, logits = self.runner.step(sched)
+        for seq, _, _ in sched.chunks:
+            self._register(seq)
+        if not done:
+            return
+        rows = list(range(len(done)))
+        for i, seq in enumerate(list(done)):
+            if seq.num_generated == 0 and seq.status is SeqStatus.RUNNING:
+                for sib in self._joined(seq):  # choices sharing this prefill sample the same logits
+                    done.append(sib)
+                    rows.append(i)
+        if len(rows) > len(set(rows)):
+            logits = logits.index_select(0, torch.tensor(rows))
+        self.postprocessor.postprocess(done, logits)
 
-    def _run(self, prefill: Sequence | None) -> tuple[list[Sequence], torch.Tensor | None]:
-        """One prefill chunk of ``prefill`` (a finished prefill joins the batch at once), then one
-        decode step of the running batch. Returns the batch and its logits."""
-        if prefill is not None:
-            if prefill.params.num_beams > 1:
-                self._run_beams(prefill)
-            elif self.runner.prefill(prefill):
-                self.scheduler.start_running(prefill)
-                self._joined(prefill)
-        batch = list(self.scheduler.running)
-        return batch, self.runner.decode(batch) if batch else None
+    def _register(self, seq: Sequence) -> None:
+        """Name ``seq``'s newly completed blocks in the pool by their store hash."""
+        full = min(seq.num_computed // self.config.block_tokens, len(seq.block_table))
+        if full <= seq.num_registered:
+            return
+        if len(seq.block_hashes) < full and seq.hasher is not None:
+            seq.block_hashes = seq.hasher(seq.token_ids, full, seq.block_hashes)
+        for i in range(seq.num_registered, min(full, len(seq.block_hashes))):
+            self.blocks.register(seq.block_table[i], seq.block_hashes[i])
+        seq.num_registered = min(full, len(seq.block_hashes))
 
-    def _joined(self, seq: Sequence) -> None:
-        """``seq``'s KV is in the batch: its prompt's logprobs go out, and its sibling choices fork
-        that KV (a slot each; those without one wait first in line with a host copy of it)."""
+    def _joined(self, seq: Sequence) -> list[Sequence]:
+        """``seq``'s prompt is in the pool: its prompt's logprobs go out, and its sibling choices
+        fork its blocks. Returns those that join the batch now (the others wait first in line,
+        holding their blocks, and compute the last prompt position again)."""
         if seq.prompt_logprobs is not None:
             self._emit(seq, Delta(prompt_logprobs=seq.prompt_logprobs))
         siblings = [s for s in seq.siblings if s.status is not SeqStatus.FINISHED]
         seq.siblings = []
-        copy = None
-        waiting = []
+        joined, waiting = [], []
         for sib in siblings:
             sib.prompt_logprobs = seq.prompt_logprobs
+            sib.prefix, sib.num_cached_tokens = [], seq.num_cached_tokens
+            sib.block_table = self.blocks.fork(seq.block_table)
+            sib.block_hashes, sib.num_registered = list(seq.block_hashes), seq.num_registered
             if self.scheduler.num_running < self.config.max_batch_size:
-                self.runner.fork(seq, sib)
+                sib.num_computed = seq.num_computed
                 self.scheduler.start_running(sib)
-                self._joined(sib)
+                if sib.prompt_logprobs is not None:
+                    self._emit(sib, Delta(prompt_logprobs=sib.prompt_logprobs))
+                joined.append(sib)
             else:
-                if copy is None:
-                    copy = self.runner.extract(seq, 0, len(seq.token_ids) - 1)
-                sib.forked_kv = copy
+                sib.num_computed = seq.num_computed - 1
                 waiting.append(sib)
         for sib in reversed(waiting):  # in their order, ahead of later requests
             self.scheduler.add(sib, first=True)
+        return joined
 
     def _run_beams(self, seq: Sequence) -> None:
         """A beam search runs outside the batch, from prefill to retirement in one go."""

@@ -1,16 +1,17 @@
-"""A lean decode step for Llama-family models on CPU, over the HF modules' own weights.
+"""A lean forward for Llama-family models on CPU, over the HF modules' own weights.
 
-The HF forward of one decode step is ~50 tensor ops and a dozen module calls per layer; on CPU
-each costs microseconds of Python and dispatch, a sizeable share of a step on a small model
-(bench/NOTES.md). ``LlamaDecodeStep`` runs the same arithmetic with ~12 calls per layer: fused
-RMSNorm, the oneDNN linears with their activation and residual add fused as post-ops, RoPE on q
-and k together, the new K/V column written straight into the slab, and the native attention
-kernel over each row's live span.
+The HF forward is ~50 tensor ops and a dozen module calls per layer; on CPU each costs
+microseconds of Python and dispatch, a sizeable share of a decode step on a small model
+(bench/NOTES.md). ``LlamaStep`` runs the same arithmetic over a step's packed tokens (decode
+tokens and prefill chunks alike) with ~12 calls per layer: fused RMSNorm, the oneDNN linears with
+their activation and residual add fused as post-ops, RoPE on q and k together, the new K/V written
+straight into their pool slots, and paged attention (``model.attention``) over each sequence's
+blocks.
 
 It is used only where it is exact to the HF forward up to float rounding: a Llama, Mistral or
 Qwen2 architecture with the plain pre-norm block (checked structurally), no sliding window
 shorter than the context, on CPU. ``build`` also compares its logits with the HF forward's on
-a small batch and keeps the HF path if they differ; prefill always uses the HF forward.
+a small mixed step and keeps the HF forward if they differ.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from model import kernels
-from model.kv import BatchKV
+from model.attention import NO_MASK, paged_attention
+from model.kv import KVPool, PagedCache, StepBatch
 
 log = logging.getLogger("kvbento.model")
 
@@ -59,8 +61,8 @@ class _Layer:
     __slots__ = ("ln1", "ln2", "eps1", "eps2", "q", "k", "v", "o", "gate", "up", "down")
 
 
-class LlamaDecodeStep:
-    """One decode step: ``logits = step(ids [B], positions [B], slab, lo)`` for the slab's first B rows."""
+class LlamaStep:
+    """One packed step: ``logits = step(ids [T], positions [T], batch, keep)`` for positions ``keep``."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         cfg = model.config
@@ -117,42 +119,40 @@ class LlamaDecodeStep:
         return None
 
     @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slab: BatchKV, lo: torch.Tensor,
-                 bias: torch.Tensor) -> torch.Tensor:
-        b = ids.shape[0]
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, batch: StepBatch,
+                 keep: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[0]
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
-        x = F.embedding(ids, self.embed)  # [b, hidden]
-        cos, sin = self.rotary(x, positions.view(b, 1))  # [b, 1, d]
-        col, start, end = slab.end, slab.start, slab.end + 1
+        x = F.embedding(ids, self.embed)  # [t, hidden]
+        cos, sin = self.rotary(x, positions.view(1, t))  # [1, t, d]
+        cos, sin = cos.view(t, 1, d), sin.view(t, 1, d)
         for i, L in enumerate(self.layers):
             y = F.rms_norm(x, (self.hidden,), L.ln1, L.eps1)
-            q = L.q(y).view(b, h, d)
-            k = L.k(y).view(b, hkv, d)
-            v = L.v(y).view(b, hkv, d)
+            q = L.q(y).view(t, h, d)
+            k = L.k(y).view(t, hkv, d)
+            v = L.v(y).view(t, hkv, d)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = slab.keys[i], slab.values[i]
-            keys[:b, :, col] = k
-            values[:b, :, col] = v
-            attn = kernels.decode_attention(q, keys[:b, :, start:end], values[:b, :, start:end], lo, bias,
-                                            self.scaling)
-            x = L.o(attn.reshape(b, h * d), x)
+            batch.pool.write(i, batch.slot_mapping, k, v)
+            attn = paged_attention(q, i, batch, self.scaling)
+            x = L.o(attn.reshape(t, h * d), x)
             y = F.rms_norm(x, (self.hidden,), L.ln2, L.eps2)
             x = L.down(L.gate(y) * L.up(y), x)
+        x = x.index_select(0, keep)
         return self.lm_head(F.rms_norm(x, (self.hidden,), self.norm, self.norm_eps))
 
 
-def build(model: torch.nn.Module, dtype: torch.dtype, max_context: int) -> LlamaDecodeStep | None:
+def build(model: torch.nn.Module, dtype: torch.dtype, max_context: int, native: bool) -> LlamaStep | None:
     """The fast step for ``model`` if it applies and agrees with the HF forward, else None."""
-    why = LlamaDecodeStep.supports(model, max_context)
+    why = LlamaStep.supports(model, max_context)
     if why is not None:
-        log.info("decode step: HF forward (%s)", why)
+        log.info("step: HF forward (%s)", why)
         return None
-    step = LlamaDecodeStep(model)
+    step = LlamaStep(model)
     try:
-        err, scale = _self_check(model, step, dtype)
+        err, scale = _self_check(model, step, dtype, native)
     except Exception as exc:  # a layout the structural check missed
-        log.warning("decode step: HF forward (self-check failed: %s: %s)", type(exc).__name__, exc)
+        log.warning("step: HF forward (self-check failed: %s: %s)", type(exc).__name__, exc)
         return None
     # A layout mistake moves logits wholesale; rounding moves them by a few units of the dtype's
     # precision per layer. Half types get 64 machine epsilons of the largest logit (fp16 ~0.06,
@@ -160,36 +160,33 @@ def build(model: torch.nn.Module, dtype: torch.dtype, max_context: int) -> Llama
     # orders of the same bf16 arithmetic already differ by more than fp16's bound.
     tol = 1e-3 if dtype == torch.float32 else 64 * torch.finfo(dtype).eps * max(1.0, scale)
     if not err <= tol:
-        log.warning("decode step: HF forward (fast step differs from it by %.3g)", err)
+        log.warning("step: HF forward (fast step differs from it by %.3g)", err)
         return None
-    log.info("decode step: lean Llama step (max |logit diff| vs HF forward %.2g)", err)
+    log.info("step: lean Llama step (max |logit diff| vs HF forward %.2g)", err)
     return step
 
 
 @torch.inference_mode()
-def _self_check(model: torch.nn.Module, step: LlamaDecodeStep, dtype: torch.dtype) -> tuple[float, float]:
-    """Decode 2 rows of unequal length both ways; return the largest logit difference and the
-    largest logit magnitude of the HF forward."""
-    from model.kv import SlabCache
-
+def _self_check(model: torch.nn.Module, step: LlamaStep, dtype: torch.dtype, native: bool) -> tuple[float, float]:
+    """Run a prefill of two prompts, then a step mixing a decode token and a chunk, both ways;
+    return the largest logit difference and the largest logit magnitude of the HF forward."""
     cfg = model.config
     g = torch.Generator().manual_seed(0)
-    lens = [5, 3]
-    slabs = []
-    for _ in range(2):
-        kv = BatchKV(cfg.num_hidden_layers, step.kv_heads, step.head_dim, dtype, torch.device("cpu"), 2, 8)
-        for n in lens:
-            shape = (step.kv_heads, n, step.head_dim)
-            gk = torch.Generator().manual_seed(n)
-            kv.insert([torch.randn(shape, generator=gk, dtype=torch.float32).to(dtype) for _ in range(cfg.num_hidden_layers)],
-                      [torch.randn(shape, generator=gk, dtype=torch.float32).to(dtype) for _ in range(cfg.num_hidden_layers)])
-        slabs.append(kv)
-    ids = torch.randint(0, cfg.vocab_size, (2,), generator=g)
-    pos = torch.tensor(lens)
-    cache, bias, rows, lo = slabs[0].prepare_step()
-    want = model(input_ids=ids.view(2, 1), position_ids=pos.view(2, 1), attention_mask=bias,
-                 past_key_values=cache, use_cache=True).logits[:, -1].float()
-    assert isinstance(cache, SlabCache)
-    _, bias2, _, lo2 = slabs[1].prepare_step()
-    got = step(ids, pos, slabs[1], lo2, bias2).float()
-    return float((want - got).abs().max()), float(want.abs().max())
+    tokens = torch.randint(0, cfg.vocab_size, (12,), generator=g).tolist()
+    seqs = [tokens[:7], tokens[7:]]
+    pools = [KVPool(cfg.num_hidden_layers, step.kv_heads, step.head_dim, dtype, torch.device("cpu"), 4, 4)
+             for _ in range(2)]
+    tables = [[0, 1], [2, 3]]
+    err = scale = 0.0
+    for chunks in ([(0, 5), (0, 2)], [(5, 6), (2, 5)]):
+        ids = torch.tensor([t for s, (a, b) in zip(seqs, chunks) for t in s[a:b]])
+        q_lens, ctx = [b - a for a, b in chunks], [b for _, b in chunks]
+        batches = [StepBatch(pool, tables, q_lens, ctx, native) for pool in pools]
+        keep = torch.arange(ids.shape[0])
+        pos = batches[0].positions
+        want = model(input_ids=ids.view(1, -1), position_ids=pos.view(1, -1), attention_mask=NO_MASK,
+                     past_key_values=PagedCache(batches[0]), use_cache=True, kvbento=batches[0]).logits[0].float()
+        got = step(ids, pos, batches[1], keep).float()
+        err = max(err, float((want - got).abs().max()))
+        scale = max(scale, float(want.abs().max()))
+    return err, scale

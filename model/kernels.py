@@ -9,6 +9,8 @@ which is why the choice is part of the model fingerprint (KV records stay exact)
 
 ``pack_linears`` replaces every ``nn.Linear`` of a CPU model by ``PackedLinear``. The original
 weight is dropped (a tied LM head keeps the embedding's), so memory does not grow.
+``paged_attention_native`` runs ``model.attention``'s paged attention through the C kernel of
+``csrc/decode_attention.c``, built here at first use.
 """
 
 from __future__ import annotations
@@ -134,84 +136,7 @@ def batch_variance(model: torch.nn.Module, rows: tuple[int, ...] = PROBE_ROWS) -
     return sorted(bad)
 
 
-# ------------------------------------------------------------------------------------ attention
-ATTENTION_NAME = "kvbento"
-
-
-def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-              **kwargs) -> tuple[torch.Tensor, None]:
-    """HF attention function: SDPA everywhere but a one-token query on CPU (decode).
-
-    Decode first tries the C kernel (``csrc/decode_attention.c``): given ``kvbento_lo``, the
-    first live column of each row (the engine passes it through the model's kwargs), it reads
-    only the live span of every row, at near the memory bandwidth (fp32 or bf16 K/V). Without it
-    (no compiler, fp16, another caller) decode falls back to batched GEMVs:
-
-    There, torch's SDPA kernel is slower than two batched GEMVs over the same K/V
-    (bench/NOTES.md): decode attention only has to stream
-    K and V once, and ``bmm`` on the slab's strided views does exactly that, with grouped query
-    heads folded into the GEMV's rows instead of repeating K/V. The mask may be the engine's
-    additive float mask ``[rows, 1, 1, kv]`` (built once per step) or a boolean one.
-    """
-    if query.shape[2] != 1 or query.device.type != "cpu" or kwargs.get("softcap") is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    b, h, _, d = query.shape
-    hkv, s = key.shape[1], key.shape[2]
-    if scaling is None:
-        scaling = d ** -0.5
-    lo = kwargs.get("kvbento_lo")
-    if lo is not None and query.dtype in (torch.float32, torch.bfloat16):
-        out = _native_decode(query, key, value, lo, scaling)
-        if out is not None:
-            return out, None
-    q = query.reshape(b * hkv, h // hkv, d)
-    scores = torch.bmm(q, key.reshape(b * hkv, s, d).transpose(1, 2)).view(b, h, s)
-    scores.mul_(scaling)
-    if attention_mask is not None:
-        mask = attention_mask[:, :, -1, -s:]  # [b or 1, 1 or h, s]
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores.add_(mask)
-    probs = torch.softmax(scores, dim=-1).view(b * hkv, h // hkv, s)
-    out = torch.bmm(probs, value.reshape(b * hkv, s, d))
-    return out.view(b, h, 1, d).transpose(1, 2), None
-
-
-def decode_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lo: torch.Tensor,
-                     bias: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``q [b, h, d]`` over slab views ``[b, kv_heads, S, d]`` -> ``[b, h, d]`` (native if possible)."""
-    b, h, d = q.shape
-    query = q.view(b, h, 1, d)
-    out, _ = attention(_NO_MODULE, query, key, value, bias, scaling=scaling, kvbento_lo=lo)
-    return out.reshape(b, h, d)
-
-
-_NO_MODULE = torch.nn.Module()
-
-
-def install_attention(model: torch.nn.Module) -> bool:
-    """Switch ``model`` to ``attention`` (masks built as for SDPA). False if the model cannot."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    try:
-        model.set_attn_implementation(ATTENTION_NAME)
-    except (ValueError, AttributeError, ImportError) as exc:
-        log.info("keeping sdpa attention: %s", exc)
-        return False
-    return model.config._attn_implementation == ATTENTION_NAME
-
-
-# ------------------------------------------------------------------------- native decode kernel
+# ------------------------------------------------------------------------- native paged-attention kernel
 _SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
 _native: ctypes.CDLL | None = None
 _native_tried = False
@@ -293,42 +218,45 @@ def load_native() -> ctypes.CDLL | None:
                     return None
             lib = ctypes.CDLL(str(path))
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            for fn in (lib.kvb_decode_attention, lib.kvb_decode_attention_bf16):
-                fn.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
+            for fn in (lib.kvb_paged_attention, lib.kvb_paged_attention_bf16):
+                fn.argtypes = [ptr] * 7 + [i64] * 7 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
                 fn.restype = ctypes.c_int
             _native = lib
-            log.info("decode attention: native kernel %s", path)
+            log.info("paged attention: native kernel %s", path)
         except OSError as exc:
-            log.warning("decode kernel unavailable, using torch bmm: %s", exc)
+            log.warning("attention kernel unavailable, using the torch path: %s", exc)
         return _native
 
 
-def _native_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lo: torch.Tensor,
-                   scaling: float) -> torch.Tensor | None:
+def paged_attention_native(q: torch.Tensor, layer: int, batch, scaling: float, window: int | None,
+                           softcap: float | None) -> torch.Tensor | None:
+    """``model.attention.paged_attention`` through the native kernel; None where it cannot
+    (no compiler, fp16, too many query heads per KV head): the torch path runs instead."""
     lib = _native if _native_tried else load_native()
-    if lib is None or key.stride() != value.stride() or key.stride(3) != 1 or key.dtype != value.dtype:
+    pool = batch.pool
+    fn = None if lib is None else {torch.float32: lib.kvb_paged_attention,
+                                   torch.bfloat16: lib.kvb_paged_attention_bf16}.get(pool.dtype)
+    if fn is None:
         return None
-    fn = {torch.float32: lib.kvb_decode_attention, torch.bfloat16: lib.kvb_decode_attention_bf16}.get(key.dtype)
-    b, h, _, d = query.shape
-    hkv, s = key.shape[1], key.shape[2]
-    if fn is None or lo.shape[0] != b or lo.dtype != torch.int64:
-        return None
-    q = query.reshape(b, h, d).to(torch.float32).contiguous()  # scores and sums in fp32 either way
-    out = torch.empty(b, h, d, dtype=torch.float32)
-    lo = lo.contiguous()
-    rc = fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lo.data_ptr(),
-            b, h, hkv, d, s, key.stride(0), key.stride(1), key.stride(2), scaling, torch.get_num_threads())
+    t, h, d = q.shape
+    seq, pos, tables = batch.native_meta()
+    keys, values = pool.keys[layer], pool.values[layer]
+    qf = q.to(torch.float32).contiguous()  # scores and sums in fp32 either way
+    out = torch.empty(t, h, d, dtype=torch.float32)
+    rc = fn(qf.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), seq.data_ptr(), pos.data_ptr(),
+            tables.data_ptr(), tables.shape[1], t, h, pool.kv_heads, d, pool.block_size, window or 0,
+            float(softcap or 0.0), scaling, torch.get_num_threads())
     if rc != 0:
         return None
-    return out.to(query.dtype).view(b, h, 1, d).transpose(1, 2)
+    return out.to(q.dtype)
 
 
 if __name__ == "__main__":  # `python -m model.kernels --build DIR`: prebuild for a bundle/image
     import argparse
 
-    ap = argparse.ArgumentParser(description="build the native decode kernel into a directory")
+    ap = argparse.ArgumentParser(description="build the native paged-attention kernel into a directory")
     ap.add_argument("--build", type=Path, default=BUNDLED_DIR)
     target = ap.parse_args().build / kernel_name()
     if not target.exists() and not _compile(target):
-        raise SystemExit("building the decode kernel failed (see the log above)")
+        raise SystemExit("building the attention kernel failed (see the log above)")
     print(target)

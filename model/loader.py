@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import fastpath, kernels, precision
+from model import attention, fastpath, kernels, precision
 
 log = logging.getLogger("kvbento.model")
 
@@ -25,7 +25,7 @@ class LoadedModel:
     max_context: int
     eos_token_ids: list[int]
     weight_bytes: int = 0  # parameter bytes as loaded (packed kernels hold them outside parameters())
-    # The lean decode step (model.fastpath) where it applies; None = the HF forward decodes.
+    # The lean step (model.fastpath) where it applies; None = the HF forward runs the steps.
     decode_step: object | None = None
     # Why this dtype (precision.DtypeChoice.reason) and which kernels run: for /health and metrics.
     dtype_reason: str = ""
@@ -71,26 +71,24 @@ def fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
 
 def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int,
                     cpu_kernels: str) -> tuple[object | None, dict[str, str], str]:
-    """Swap in this repo's CPU kernels (``cpu_kernels="onednn"``) and probe batch invariance.
+    """Swap in this repo's CPU kernels (``cpu_kernels="onednn"``: oneDNN linears, the native
+    paged-attention kernel, the lean step) and probe batch invariance.
 
     Returns:
         The lean decode step (or None), the kernels in use by role (for the log, /health and the
         metrics) and the kernels' part of the fingerprint ("" = the model's own modules).
     """
-    cfg = model.config
-    step, ident = None, ""
-    used = {"linears": "torch", "attention": str(getattr(cfg, "_attn_implementation", "")),
-            "decode_step": "hf forward"}
+    step = None
+    # Attention is paged either way: the native kernel, or the pure-torch path (the CUDA path).
+    used = {"linears": "torch", "attention": "torch", "decode_step": "hf forward"}
+    ident = "paged"
     if cpu_kernels == "onednn":
         packed = kernels.pack_linears(model)
-        attn = kernels.install_attention(model)
-        native = attn and kernels.load_native() is not None
-        step = fastpath.build(model, dtype, max_context) if attn else None
-        used = {"linears": "onednn" if packed else "torch",
-                "attention": "native" if native else ("bmm" if attn else used["attention"]),
+        native = kernels.load_native() is not None
+        step = fastpath.build(model, dtype, max_context, native)
+        used = {"linears": "onednn" if packed else "torch", "attention": "native" if native else "torch",
                 "decode_step": "lean" if step is not None else "hf forward"}
-        if packed or attn:
-            ident = f"onednn={packed}:attn={attn}:native={native}:step={step is not None}"
+        ident = f"paged:onednn={packed}:native={native}:step={step is not None}"
     bad = kernels.batch_variance(model)
     used["batch_invariant"] = "yes" if not bad else "no"
     if bad:  # the exactness tests would fail here: say so at start, not in a diverging answer
@@ -130,6 +128,8 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", max_conte
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     fp = fingerprint(model, dt)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not attention.install(model):
+        raise OSError(f"{name_or_path}: the model takes no custom attention implementation (paged KV)")
     step, used, ident = install_kernels(model, dt, limit, cpu_kernels if dev.type == "cpu" else "torch")
     if ident:  # other kernels sum in another order: records stay exact only between equal kernels
         fp = hashlib.sha256(f"{fp}:{ident}".encode()).hexdigest()

@@ -1,4 +1,4 @@
-"""Large CPU tensors of the engine (the KV slab and its copy-outs, model/kv.py), huge-page advised
+"""Large CPU tensors of the engine (the KV pool and its copy-outs, model/kv.py), huge-page advised
 (hugepages.py)."""
 
 from __future__ import annotations

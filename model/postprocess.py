@@ -152,11 +152,11 @@ class Postprocessor:
 
     def finish(self, seq: Sequence, reason: str, *, last: Delta | None = None, error: str | None = None,
                kv: KV | None = None) -> None:
-        """Retire ``seq``: out of the batch, its new KV (``kv``, else its slab row's) to ``on_finish``.
+        """Retire ``seq``: out of the batch, its new KV (``kv``, else its blocks') to ``on_finish``.
 
         Args:
             last: the sequence's last delta, not yet emitted.
-            kv: the KV of the whole sequence when it has no slab row (a beam search).
+            kv: the KV of the whole sequence when it has no blocks (a beam search).
         """
         keep = seq.num_tokens_to_keep
         finished = Finished(seq.token_ids[:keep], max(0, keep - seq.num_base_tokens), reason, error=error)
@@ -166,14 +166,14 @@ class Postprocessor:
                 keys, values = kv
                 finished.keys = [k[:, lo:hi].cpu() for k in keys]
                 finished.values = [v[:, lo:hi].cpu() for v in values]
-            elif seq.row is not None:
+            elif seq.block_table and seq.num_computed >= hi:
                 if last is not None and (last.text or last.token_ids):
                     self.emit(seq, last)  # the client's token does not wait for the copy-out
                     last = None
                 finished.keys, finished.values = self.runner.extract(seq, lo, hi)
             elif hi == lo:  # nothing new to store (a one-token sequence)
                 finished.keys, finished.values = self.runner.empty_kv()
-        self.runner.release(seq)
+        seq.prefix = []
         self.scheduler.finish(seq)
         heirs = [s for s in seq.siblings if s.status is not SeqStatus.FINISHED]
         seq.siblings = []
@@ -199,11 +199,8 @@ class Postprocessor:
         self.finish(seq, "abort", last=last)
 
     def fail_all(self, message: str) -> None:
-        """End every sequence with an error delta (their rows are not read: the slab is suspect)."""
+        """End every sequence with an error delta (their blocks are not read: they are suspect)."""
         seqs = list(self.scheduler.waiting) + list(self.scheduler.running)
-        if self.scheduler.prefilling is not None:
-            seqs.append(self.scheduler.prefilling)
         seqs += [sib for seq in seqs for sib in seq.siblings]
         for seq in seqs:
-            seq.row = None
             self.finish(seq, "error", error=message)

@@ -1,11 +1,10 @@
-"""The model runner: every call into the model and every touch of the batch's KV slab.
+"""The model runner: every call into the model and every touch of the KV pool.
 
-``prefill`` runs one chunk of a sequence on top of its restored prefix and places the finished KV
-in a slab row; ``decode`` runs one step for the whole running batch and returns its logits;
+``step`` runs one scheduled step as one forward over packed tokens (decode tokens and prefill
+chunks of any number of sequences), writing their K/V into the pool and returning the logits of
+the positions that sample (and of every prompt position of a request for prompt logprobs).
 ``beam_search`` runs a beam request outside the batch and ``recompute`` rebuilds the chosen
-beam's KV. ``fork`` gives a sibling choice a copy of a prefilled row. ``extract`` / ``release``
-copy a row's KV out and free it when a sequence retires.
-Owned by the model thread.
+beam's KV. ``extract`` copies a sequence's KV out when it retires. Owned by the model thread.
 """
 
 from __future__ import annotations
@@ -13,116 +12,96 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from model import kernels
-from model.kv import BatchKV, PrefillBuffer
+from model.attention import NO_MASK
+from model.kv import KV, KVPool, PagedCache, StepBatch
 from model.loader import LoadedModel
 from model.sampling import TokenLogprob
+from model.scheduler import Schedule
 from model.sequence import Sequence
-
-KV = tuple[list[torch.Tensor], list[torch.Tensor]]  # per layer [kv_heads, n, head_dim]
-# Positions the prefill buffer holds from the start (longer prefills grow it once).
-PREFILL_RESERVE_TOKENS = 4096
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, max_batch_size: int, prefill_chunk: int) -> None:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int) -> None:
         self.m = loaded
-        self.max_batch_size = max_batch_size
-        self.prefill_chunk = prefill_chunk
+        self.kv_geometry = self.geometry(loaded)
+        self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        self.pool = KVPool(*self.kv_geometry, loaded.dtype, loaded.device, num_blocks, block_size)
+        self.num_prefilled_tokens = 0  # prompt positions (but the last) run through a forward, ever
+
+    @staticmethod
+    def geometry(loaded: LoadedModel) -> tuple[int, int, int]:
+        """(layers, KV heads, head size) of ``loaded``'s KV."""
         cfg = loaded.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.kv_geometry = (loaded.num_layers, kv_heads, head_dim)
-        # model.kernels.attention reads each row's first live column from the forward's kwargs.
-        self._native_attention = getattr(cfg, "_attn_implementation", None) == kernels.ATTENTION_NAME
-        self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-        self.kv = self._new_kv()
-        self.prefill_buffer = PrefillBuffer(*self.kv_geometry, loaded.dtype, loaded.device)
-        self.prefill_buffer.reserve(min(loaded.max_context, PREFILL_RESERVE_TOKENS))
-        self.num_prefilled_tokens = 0  # positions run through a prefill forward, ever
+        return loaded.num_layers, kv_heads, head_dim
 
-    def _new_kv(self) -> BatchKV:
-        layers, heads, dim = self.kv_geometry
-        kv = BatchKV(layers, heads, dim, self.m.dtype, self.m.device, self.max_batch_size)
-        # Rows for a full batch and two column chunks, touched now rather than by the first burst.
-        kv.reserve(self.max_batch_size, 2 * kv.chunk)
-        return kv
-
-    def reset(self) -> None:
-        """Start over with an empty slab (after a failed step, whose rows are forgotten)."""
-        self.kv = self._new_kv()
-
-    # -- prefill ---------------------------------------------------------------------------
-    def prefill(self, seq: Sequence) -> bool:
-        """Run the next prefill chunk of ``seq``.
+    # -- the step --------------------------------------------------------------------------
+    def step(self, sched: Schedule) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run ``sched`` (block copies, restored KV, then one forward).
 
         Returns:
-            True once the KV of ``token_ids[:-1]`` is complete and in slab row ``seq.row``.
+            The sequences whose chunk ended at their length (they sample now) and their
+            next-token logits ``[n, vocab]`` on the CPU, in that order.
         """
-        if seq.forked_kv is not None:  # a sibling choice: the KV its first choice computed
-            seq.row = self.kv.insert(*seq.forked_kv)
-            seq.forked_kv, seq.prefix = None, []
-            return True
-        if seq.prefix and seq.num_cached_tokens == len(seq.token_ids) - 1:
-            # Everything but the last token is restored: the chunks go straight into the row.
-            chunks, seq.prefix = seq.prefix, []
-            seq.row = self.kv.insert_chunks(chunks)
-            return True
-        if seq.prefill_cache is None:
-            chunks, seq.prefix = seq.prefix, []
-            seq.prefill_cache = self.prefill_buffer.cache(len(seq.token_ids) - 1, chunks)
-            seq.num_computed = seq.num_cached_tokens if chunks else 0
-        kv = self._prefill_chunk(seq)
-        if kv is None:
-            return False  # more chunks to go
-        seq.row = self.kv.insert(*kv)
-        return True
+        for src, dst in sched.copies:
+            self.pool.copy_block(src, dst)
+        for seq, matched in sched.admitted:
+            if seq.num_cached > matched and seq.prefix:
+                self.pool.load(seq.block_table, matched, seq.prefix, seq.prefix_from)
+            seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed)
+            seq.prefix = []
+        if not sched.chunks:
+            return [], None
+        ids, keep, sampling, scored = [], [], [], []
+        for seq, start, end in sched.chunks:
+            at = len(ids)
+            ids += seq.token_ids[start:end]
+            if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) == start + 1:
+                hi = min(end, len(seq.token_ids) - 1)  # positions scoring a prompt token
+                scored.append((seq, start, hi, len(keep)))
+                keep += range(at, at + hi - start)
+            if end == len(seq.token_ids):
+                sampling.append((seq, len(keep)))
+                keep.append(at + end - start - 1)
+            if start < seq.num_base_tokens - 1:  # the prompt before its last position, as stored
+                self.num_prefilled_tokens += min(end, seq.num_base_tokens - 1) - start
+        native = self.m.kernels.get("attention") == "native"
+        batch = StepBatch(self.pool, [s.block_table for s, _, _ in sched.chunks],
+                          [e - s for _, s, e in sched.chunks], [e for _, _, e in sched.chunks], native)
+        logits = self._forward(ids, batch, keep)
+        for seq, start, end in sched.chunks:
+            seq.num_computed = end
+        for seq, start, hi, at in scored:
+            self._score_prompt(seq, logits[at : at + hi - start], start, hi)
+        rows = torch.tensor([r for _, r in sampling], dtype=torch.long)
+        out = logits.index_select(0, rows.to(logits.device)) if sampling else None
+        if out is not None and out.device.type != "cpu":
+            out = out.cpu()
+        return [s for s, _ in sampling], out
 
-    def _restored_cache(self, seq: Sequence) -> DynamicCache:
-        """A DynamicCache holding the restored prefix (the chunked prefill goes on from there)."""
-        cache = DynamicCache()
-        chunks, seq.prefix = seq.prefix, []
-        if chunks:
-            dev = self.m.device
-            for i in range(len(chunks[0][0])):
-                k = torch.cat([c[0][i] for c in chunks], dim=1) if len(chunks) > 1 else chunks[0][0][i]
-                v = torch.cat([c[1][i] for c in chunks], dim=1) if len(chunks) > 1 else chunks[0][1][i]
-                cache.update(k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0), i)
-        seq.num_computed = seq.num_cached_tokens
-        return cache
-
-    def _prefill_chunk(self, seq: Sequence) -> KV | None:
-        """One chunk over ``token_ids[num_computed:-1]`` into ``seq.prefill_cache``; the whole KV
-        when that was the last chunk, else None."""
-        todo = len(seq.token_ids) - 1
-        lo, hi = seq.num_computed, min(todo, seq.num_computed + self.prefill_chunk)
-        if hi > lo:
-            if seq.prefill_cache is None:
-                seq.prefill_cache = DynamicCache()
-            dev = self.m.device
-            ids = torch.tensor([seq.token_ids[lo:hi]], dtype=torch.long, device=dev)
-            pos = torch.arange(lo, hi, dtype=torch.long, device=dev).unsqueeze(0)
-            # Only a request for the prompt's logprobs pays for every position's logits.
-            score = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) == lo + 1
-            out = self.m.model(input_ids=ids, position_ids=pos, past_key_values=seq.prefill_cache,
-                               use_cache=True, logits_to_keep=0 if score else 1)
-            if score:
-                self._score_prompt(seq, out.logits[0], lo, hi)
-            seq.num_computed = hi
-            self.num_prefilled_tokens += hi - lo
-        if seq.num_computed < todo:
-            return None
-        if seq.prefill_cache is None:
-            return [], []
-        layers = seq.prefill_cache.layers
-        keys = [layer.keys[0] for layer in layers]
-        values = [layer.values[0] for layer in layers]
-        seq.prefill_cache = None
-        return keys, values
+    def _forward(self, ids: list[int], batch: StepBatch, keep: list[int]) -> torch.Tensor:
+        """Logits ``[len(keep), vocab]`` of packed positions ``keep`` of the tokens ``ids``."""
+        dev = self.m.device
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos_t = batch.positions.to(dev)
+        keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+        if batch.slot_mapping.device != dev:
+            batch.slot_mapping = batch.slot_mapping.to(dev)
+        if not keep:
+            keep_t = torch.tensor([len(ids) - 1], dtype=torch.long, device=dev)
+        if self.m.decode_step is not None:
+            return self.m.decode_step(ids_t, pos_t, batch, keep_t)
+        out = self.m.model(input_ids=ids_t.unsqueeze(0), position_ids=pos_t.unsqueeze(0),
+                           attention_mask=NO_MASK, past_key_values=PagedCache(batch), use_cache=True,
+                           logits_to_keep=keep_t, kvbento=batch)
+        return out.logits[0]
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor, lo: int, hi: int) -> None:
         """Append the logprobs of prompt tokens ``lo + 1 .. hi`` (log-softmax of the raw logits of
         positions ``lo .. hi - 1``, no sampling transforms) to ``seq.prompt_logprobs``."""
+        if hi <= lo:
+            return
         lp = logits.float().log_softmax(dim=-1)
         targets = torch.tensor(seq.token_ids[lo + 1 : hi + 1], dtype=torch.long, device=lp.device)
         chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
@@ -134,46 +113,24 @@ class ModelRunner:
             alts = [[] for _ in chosen]
         seq.prompt_logprobs.extend(TokenLogprob(t, x, a) for t, x, a in zip(targets.tolist(), chosen, alts))
 
-    def fork(self, seq: Sequence, sibling: Sequence) -> None:
-        """Give ``sibling`` (the same tokens) a slab row holding a copy of prefilled ``seq``'s KV."""
-        sibling.row = self.kv.copy_row(seq.row)
-        sibling.prefix = []
-
-    # -- decode ----------------------------------------------------------------------------
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One decode step for the running batch ``seqs``.
-
-        Returns:
-            The next-token logits ``[len(seqs), vocab]`` on the CPU, in the order of ``seqs``.
-        """
-        cache, mask, rows, lo = self.kv.prepare_step()
-        ids = [self.pad_id] * rows
-        pos = [0] * rows
-        for seq in seqs:
-            ids[seq.row] = seq.token_ids[-1]
-            pos[seq.row] = self.kv.row_len[seq.row]
-        dev = self.m.device
-        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
-        if self.m.decode_step is not None:
-            logits = self.m.decode_step(ids_t, pos_t, self.kv, lo, mask)
-        else:
-            extra = {"kvbento_lo": lo} if self._native_attention else {}
-            out = self.m.model(input_ids=ids_t.unsqueeze(1), position_ids=pos_t.unsqueeze(1),
-                               attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
-            logits = out.logits[:, -1, :]
-        self.kv.finish_step()
-        order = [s.row for s in seqs]
-        if order != list(range(rows)):
-            logits = logits.index_select(0, torch.tensor(order, device=logits.device))
-        return logits.cpu() if logits.device.type != "cpu" else logits
-
     # -- beam search (outside the continuous batch) ----------------------------------------
+    def _restored_cache(self, seq: Sequence) -> DynamicCache:
+        """A DynamicCache holding the restored prefix (beam search goes on from there)."""
+        cache = DynamicCache()
+        chunks, seq.prefix = seq.prefix, []
+        if chunks:
+            dev = self.m.device
+            for i in range(len(chunks[0][0])):
+                k = torch.cat([c[0][i] for c in chunks], dim=1) if len(chunks) > 1 else chunks[0][0][i]
+                v = torch.cat([c[1][i] for c in chunks], dim=1) if len(chunks) > 1 else chunks[0][1][i]
+                cache.update(k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0), i)
+        return cache
+
     def beam_search(self, seq: Sequence) -> list[int]:
         """Run ``seq`` as a beam search with HF ``generate``; return the chosen beam's new tokens."""
         p = seq.params
         dev = self.m.device
-        past = self._restored_cache(seq) if seq.num_cached_tokens else None
+        past = self._restored_cache(seq) if seq.num_cached and seq.prefix_from == 0 else None
         if past is not None:
             past.batch_repeat_interleave(p.num_beams)  # generate expands the inputs, not a given cache
         ids = torch.tensor([seq.token_ids], dtype=torch.long, device=dev)
@@ -191,31 +148,23 @@ class ModelRunner:
         return new
 
     def recompute(self, seq: Sequence) -> KV:
-        """The KV of ``seq.token_ids[:-1]`` computed afresh (beam search keeps every beam's cache,
-        so the chosen beam's is rebuilt for ``on_finish``)."""
-        seq.num_computed = 0
-        seq.prefill_cache = None
-        kv = None
-        while kv is None:
-            kv = self._prefill_chunk(seq)
-        return kv
+        """The KV of ``seq.token_ids[:-1]`` computed afresh in a scratch cache (beam search keeps
+        every beam's cache, so the chosen beam's is rebuilt for ``on_finish``)."""
+        n = len(seq.token_ids) - 1
+        if n <= 0:
+            return self.empty_kv()
+        ids = torch.tensor([seq.token_ids[:n]], dtype=torch.long, device=self.m.device)
+        cache = DynamicCache()
+        self.m.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return ([layer.keys[0].cpu() for layer in cache.layers], [layer.values[0].cpu() for layer in cache.layers])
 
     # -- retirement ------------------------------------------------------------------------
     def extract(self, seq: Sequence, start: int, end: int) -> KV:
-        """Copy KV positions ``[start, end)`` of ``seq``'s slab row to host memory."""
-        return self.kv.extract(seq.row, end, start)
+        """Copy KV positions ``[start, end)`` of ``seq`` to host memory."""
+        return self.pool.extract(seq.block_table, start, end)
 
     def empty_kv(self) -> KV:
         """A zero-length KV (for a sequence with nothing new to store)."""
         layers, heads, dim = self.kv_geometry
         return ([torch.empty(heads, 0, dim, dtype=self.m.dtype) for _ in range(layers)],
                 [torch.empty(heads, 0, dim, dtype=self.m.dtype) for _ in range(layers)])
-
-    def release(self, seq: Sequence) -> None:
-        """Free ``seq``'s slab row, if it has one, and any prefill in progress."""
-        if seq.row is not None:
-            self.kv.remove(seq.row)
-            seq.row = None
-        seq.prefill_cache = None
-        seq.prefix = []
-        seq.forked_kv = None

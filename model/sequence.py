@@ -15,13 +15,15 @@ from model.types import Finished, SamplingParams
 class Sequence:
     """Tokens, progress and stop state of one request; the runner and postprocess act on it.
 
-    ``token_ids`` is the whole sequence (restored + prompt + generated); the KV of
-    ``token_ids[:-1]`` is computed (in the batch slab once RUNNING) and the last token is the next
-    decode step's input.
+    ``token_ids`` is the whole sequence (restored + prompt + generated); the KV of its first
+    ``num_computed`` positions is in the pool blocks of ``block_table``. A step runs positions
+    ``[num_computed, end)``; where ``end`` is the length, the next token is sampled.
     """
 
     def __init__(self, *, request_id: str, token_ids: list[int], num_cached_tokens: int,
                  params: SamplingParams, prefix: list, kv_from: int,
+                 prefix_from: int = 0, block_hashes: list[str] | None = None,
+                 hasher: Callable[[list[int], int, list[str]], list[str]] | None = None,
                  on_finish: Callable[[Finished], Awaitable[None]] | None, tokenizer: Any,
                  eos_token_ids: list[int], max_context: int) -> None:
         self.request_id = request_id
@@ -29,7 +31,8 @@ class Sequence:
         self.num_base_tokens = len(token_ids)  # tokens before this request generated anything
         self.num_cached_tokens = num_cached_tokens  # restored, not computed: the prefix's length
         self.params = params
-        self.prefix = prefix  # KV chunks of token_ids[:num_cached_tokens], until prefilled
+        self.prefix = prefix  # KV chunks of token_ids[prefix_from:num_cached_tokens], until loaded
+        self.prefix_from = prefix_from  # the positions before are expected in the pool
         self.kv_from = kv_from  # on finish, the KV from this position on goes to on_finish
         self.on_finish = on_finish
         self.max_context = max_context
@@ -37,12 +40,17 @@ class Sequence:
         self.is_aborted = False
         self.num_delivered: int | None = None  # set on abort: generated tokens the client got
         # -- model: where the KV is
-        self.row: int | None = None  # the batch slab's row, once RUNNING
-        self.num_computed = 0  # prefill progress over token_ids[:-1]
-        self.prefill_cache = None  # the DynamicCache of a prefill in progress
-        # Other choices of the same prompt: they take a copy of this one's prefilled KV.
+        self.block_table: list[int] = []  # pool blocks of positions [0, num_computed)
+        self.num_computed = 0
+        self.num_cached = num_cached_tokens  # restored positions not yet in the pool
+        # Store hashes of the full blocks, as far as known; ``hasher`` extends them.
+        self.block_hashes: list[str] = list(block_hashes or [])
+        self.hasher = hasher
+        self.num_registered = 0  # full blocks named in the pool by their hash
+        self.match_prefix = params.prompt_logprobs is None  # those need every position's logits
+        self.is_beam = params.num_beams > 1
+        # Other choices of the same prompt: they share this one's blocks once it is prefilled.
         self.siblings: list[Sequence] = []
-        self.forked_kv = None  # a sibling's copy of that KV while it waits for a batch slot
         # Restored positions have no logits: their entries stay None, as does the first token's.
         self.prompt_logprobs: list | None = (
             [None] * (num_cached_tokens + 1) if params.prompt_logprobs is not None else None)

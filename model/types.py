@@ -108,9 +108,13 @@ class EngineRequest:
     """What the engine runs: token ids, the KV of a prefix of them, sampling parameters (the session
     builds it from a ``session.request.GenerateRequest``).
 
-    ``prefix`` holds the states of positions ``[0, num_cached)`` as consecutive chunks, each per
-    layer ``[kv_heads, n, head_dim]``. On finish the engine hands the KV of positions
-    ``[kv_from, kept - 1)`` to ``on_finish`` (when set) before the final delta.
+    ``prefix`` holds the states of positions ``[prefix_from, num_cached)`` as consecutive chunks,
+    each per layer ``[kv_heads, n, head_dim]``; the positions before ``prefix_from`` are blocks
+    the engine's pool holds (``Engine.cached_blocks``), or computes again if it lost them.
+    ``block_hashes`` are the store's hashes of the sequence's full blocks (the pool names blocks by
+    them) and ``hasher(token_ids, num_blocks, known)`` extends them to generated blocks. On finish
+    the engine hands the KV of positions ``[kv_from, kept - 1)`` to ``on_finish`` (when set)
+    before the final delta.
     """
 
     request_id: str
@@ -121,6 +125,9 @@ class EngineRequest:
     prefix: list[tuple[list[Any], list[Any]]] = field(default_factory=list)
     kv_from: int = 0
     on_finish: Callable[["Finished"], Awaitable[None]] | None = None
+    prefix_from: int = 0
+    block_hashes: list[str] = field(default_factory=list)
+    hasher: Callable[[list[int], int, list[str]], list[str]] | None = None
 
 
 @dataclass

@@ -78,6 +78,12 @@ class PrometheusObserver(EngineObserver, SessionObserver):
         self.info = Gauge(PREFIX + "engine_info", "What the engine runs: device, dtype, why that dtype "
                           "(KVBENTO_DTYPE or the CPU flag auto found) and the kernels in use.",
                           ["device", "dtype", "dtype_reason", *INFO_KERNELS], multiprocess_mode="livemostrecent")
+        # The paged KV pool: vLLM's cache-usage gauge, by block state (cached = a reusable prefix).
+        self.kv_blocks = Gauge(PREFIX + "kv_blocks", "Blocks of the KV pool by state: used (held by a "
+                               "running request), cached (a prefix kept for reuse, evicted when "
+                               "needed) and free.", ["state"], multiprocess_mode="livemostrecent")
+        self.kv_pool_bytes = Gauge(PREFIX + "kv_pool_bytes", "Bytes of the KV pool (all its blocks).",
+                                   multiprocess_mode="livemostrecent")
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens",
                                      "Prompt tokens of finished requests (cached ones included).")
         self.cached_tokens = Counter(PREFIX + "cached_prompt_tokens",
@@ -130,6 +136,9 @@ class PrometheusObserver(EngineObserver, SessionObserver):
         if self._engine is not None:
             self.running.set(self._engine.num_running)
             self.waiting.set(self._engine.num_waiting)
+            for state, n in self._engine.kv_blocks().items():
+                self.kv_blocks.labels(state=state).set(n)
+            self.kv_pool_bytes.set(self._engine.kv_pool_bytes)
 
     # -- EngineObserver hooks (event loop thread) -------------------------------------------
     def on_rejected(self) -> None:

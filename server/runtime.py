@@ -48,7 +48,10 @@ class Runtime:
             m,
             EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                          prefill_chunk=settings.prefill_chunk,
-                         grammar_compile_timeout=settings.grammar_compile_timeout),
+                         grammar_compile_timeout=settings.grammar_compile_timeout,
+                         max_batch_tokens=settings.max_batch_tokens,
+                         block_tokens=settings.cache_block_tokens, kv_cache_bytes=settings.kv_cache_bytes,
+                         kv_cache_share=settings.kv_cache_share),
             observer,
         )
         log.info("kvbento ready: model %s, cache %s, batch %d, queue %d", settings.model,

@@ -9,7 +9,7 @@ from model.types import InvalidRequest
 from session.alignment import Aligner
 from session.errors import Conflict, NotFound
 from session.request import GenerateRequest
-from session.restore import restore_prefix
+from session.restore import Pooled, restore_prefix
 
 
 class Plan:
@@ -28,13 +28,16 @@ class Plan:
         self.read_seconds = 0.0
         self.local_tokens = 0
         self.found_by = "blocks"  # head, anchor or blocks: where the restored prefix was found
+        self.prefix_from = 0  # positions before are in the engine's pool: not read
 
 
 class Planner:
     """Builds a request's ``Plan`` from what the store holds."""
 
-    def __init__(self, store: KVStore | None, aligner: Aligner, *, empty_id: int, max_context: int) -> None:
+    def __init__(self, store: KVStore | None, aligner: Aligner, *, empty_id: int, max_context: int,
+                 pooled: Pooled | None = None) -> None:
         self.store = store
+        self.pooled = pooled
         self.aligner = aligner
         self.empty_id = empty_id  # the one token of an empty prompt
         self.max_context = max_context
@@ -53,9 +56,9 @@ class Planner:
         self._check_context(req, plan, parent or own)
         if available and req.params.prompt_logprobs is None:  # those need every position's logits
             try:
-                await restore_prefix(self.store, self.aligner, req, plan, text)
+                await restore_prefix(self.store, self.aligner, req, plan, text, self.pooled)
             except BackendUnavailable:
-                plan.num_cached, plan.chunks, plan.known_blocks = 0, [], []
+                plan.num_cached, plan.chunks, plan.known_blocks, plan.prefix_from = 0, [], [], 0
         return plan
 
     async def _stored_heads(self, req: GenerateRequest, plan: Plan,

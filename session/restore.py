@@ -10,6 +10,7 @@ head's tail.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,18 +21,22 @@ from session.request import GenerateRequest
 if TYPE_CHECKING:
     from session.planning import Plan
 
+# (request, block hashes) -> how many of the leading blocks the engine's pool holds.
+Pooled = Callable[[GenerateRequest, list[str]], int]
+
 
 @dataclass
 class _Read:
-    chunks: list  # the KV of positions [0, num_cached), block by block
+    chunks: list  # the KV of positions [plan.prefix_from, num_cached), block by block
     num_cached: int
     num_local_blocks: int  # of the blocks read, how many came from this process's memory
 
 
 async def restore_prefix(store: KVStore, aligner: Aligner, req: GenerateRequest, plan: "Plan",
-                         text: str | None) -> None:
+                         text: str | None, pooled: Pooled | None = None) -> None:
     """Fill ``plan`` with the longest stored prefix of ``plan.token_ids`` (at most all but the
-    last token, whose logits start generation) and the lookup's status.
+    last token, whose logits start generation) and the lookup's status. The leading blocks the
+    engine's pool holds (``pooled``) are not read: the engine takes references to them.
 
     Raises:
         BackendUnavailable: the store cannot answer.
@@ -48,7 +53,8 @@ async def restore_prefix(store: KVStore, aligner: Aligner, req: GenerateRequest,
     hashes = store.hashes(req.tenant, plan.token_ids, limit // block, head_blocks)
     num_stored = len(head_blocks) + await store.count_blocks(req.tenant, hashes[len(head_blocks):])
     restorable = max(on_head, num_stored * block)
-    read = await _read_prefix(store, req.tenant, plan, hashes, restorable, head, on_head)
+    skip = pooled(req, hashes[: restorable // block]) if pooled is not None else 0
+    read = await _read_prefix(store, req.tenant, plan, hashes, restorable, head, on_head, skip)
     num_cached = read.num_cached
     plan.num_cached = num_cached
     plan.chunks = read.chunks if num_cached else []
@@ -81,19 +87,22 @@ async def _find_anchor(store: KVStore, aligner: Aligner, req: GenerateRequest, p
 
 
 async def _read_prefix(store: KVStore, tenant: str, plan: "Plan", hashes: list[str], restorable: int,
-                       head: Head | None, on_head: int) -> _Read:
-    """Read the first ``restorable`` positions: the full blocks, then a partial last block sliced
-    from the head's next stored block or its tail. What cannot be read shortens the prefix to the
-    blocks that were."""
+                       head: Head | None, on_head: int, skip: int) -> _Read:
+    """Read the first ``restorable`` positions but the ``skip`` blocks in the engine's pool: the
+    full blocks, then a partial last block sliced from the head's next stored block or its tail.
+    What cannot be read shortens the prefix to the blocks that were."""
     block = store.block_tokens
     num_full = restorable // block
     partial = restorable - num_full * block
     partial_on_head = head is not None and partial and restorable <= on_head
     in_stored_block = partial_on_head and num_full < len(head.blocks)
     to_read = hashes[: num_full + 1] if in_stored_block else hashes[:num_full]
-    blocks, nbytes, num_local = await store.read_blocks(tenant, to_read, plan.token_ids)
+    blocks, nbytes, num_local = await store.read_blocks(tenant, to_read[skip:], plan.token_ids[skip * block:])
+    blocks = [None] * skip + blocks
+    num_local += skip
+    plan.prefix_from = skip * block
     plan.read_bytes += nbytes
-    chunks = [(blk.keys, blk.values) for blk in blocks[:num_full]]
+    chunks = [(blk.keys, blk.values) for blk in blocks[skip:num_full]]
     if len(blocks) < num_full:
         return _Read(chunks, len(blocks) * block, num_local)
     if not partial:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from cache.store import CacheStatus, KVStore
+from cache.store import CacheStatus, KVStore, chain_hashes
 from model.engine import Engine, RequestStream
 from model.types import EngineRequest, InvalidRequest
 from session import leases
@@ -57,7 +57,7 @@ class Session:
         self.tokenizer = engine.tokenizer
         self.aligner = Aligner(engine.tokenizer)
         self.planner = Planner(store, self.aligner, empty_id=engine.tokenizer.bos_token_id or engine.pad_id,
-                               max_context=engine.max_context)
+                               max_context=engine.max_context, pooled=self._pooled)
         self.lease_wait_seconds = lease_wait_seconds
         # Named requests running here, so a client can stop one by its request_id (one at a time
         # per request_id: the lease serializes them).
@@ -153,6 +153,8 @@ class Session:
         block = self.store.block_tokens if self.store is not None else 1
         kv_from = (plan.num_cached // block) * block  # the first position not in a stored block
         release = self._releasing(lease) if lease is not None else None
+        hasher = self._hasher(reqs[0].tenant) if reqs[0].use_cache else None
+        hashes = self._block_hashes(plan, hasher)
         out = []
         for r in reqs:
             if available:
@@ -162,9 +164,35 @@ class Session:
             out.append(EngineRequest(
                 request_id=r.request_id, token_ids=plan.token_ids, params=r.params,
                 num_prompt_tokens=plan.num_prompt_tokens, num_cached=plan.num_cached, prefix=plan.chunks,
-                kv_from=kv_from, on_finish=on_finish,
+                kv_from=kv_from, on_finish=on_finish, prefix_from=plan.prefix_from,
+                block_hashes=hashes, hasher=hasher,
             ))
         return out
+
+    def _hasher(self, tenant: str):
+        """The engine's block naming: the store's own hash chain, at the engine's block size."""
+        fp = self.store.fingerprint if self.store is not None else self.engine.m.fingerprint
+        size = self.engine.block_tokens
+
+        def hasher(token_ids: list[int], num_blocks: int, known: list[str]) -> list[str]:
+            return chain_hashes(fp, tenant, token_ids, size, num_blocks, known)
+
+        return hasher
+
+    def _pooled(self, req: GenerateRequest, hashes: list[str]) -> int:
+        """How many of the leading ``hashes`` (store blocks) the engine's pool holds, where its
+        blocks are the store's (same size) and the request runs in the batch (not a beam search)."""
+        if self.engine.block_tokens != self.store.block_tokens or req.params.num_beams > 1:
+            return 0
+        return self.engine.cached_blocks(hashes)
+
+    def _block_hashes(self, plan: Plan, hasher) -> list[str]:
+        """Hashes of the prompt's full blocks before its last position (what the pool may share)."""
+        if hasher is None:
+            return []
+        same = self.store is not None and self.store.block_tokens == self.engine.block_tokens
+        n = (len(plan.token_ids) - 1) // self.engine.block_tokens
+        return hasher(plan.token_ids, n, plan.known_blocks if same else [])
 
     def _releasing(self, lease: Lease):
         async def release() -> None:

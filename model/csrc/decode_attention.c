@@ -1,14 +1,17 @@
-/* Decode attention over the KV slab: one query token per row, CPU; K/V in fp32 or bf16, the query,
- * the scores and the output in fp32.
+/* Attention over the paged KV pool, CPU: decode tokens and prefill chunks in one call. K/V in
+ * fp32 or bf16; the query, the scores and the output in fp32.
  *
- * q, out: [B, H, D] contiguous. k, v: views of the slab, [B, Hkv, S, D] with strides
- * (s_row, s_head, s_col, 1) in elements; row b attends to columns [lo[b], S), the live span of
- * its (left-padded) sequence, so padding columns are never read. Query heads are grouped
- * (H = g * Hkv): the g heads that share a KV head are scored in one pass over that head's keys.
+ * q, out: [T, H, D] contiguous, the step's packed query tokens. Token t belongs to sequence
+ * seq[t] and sits at position pos[t]; it attends to that sequence's positions
+ * [max(0, pos - window + 1), pos] (window 0: from 0), read through the sequence's block table
+ * (tables[seq * max_blocks + i] is the pool block of positions [i * bs, (i + 1) * bs)). The pool
+ * is [blocks, bs, Hkv, D]: position j of a block is j * Hkv * D elements from its start. Query
+ * heads are grouped (H = g * Hkv): the g heads sharing a KV head are scored in one pass over
+ * that head's keys. softcap > 0 caps the logits (s = cap * tanh(s / cap)).
  *
- * Each (row, kv head) task streams its keys once and its values once; tasks are split over
- * OpenMP threads (the process's libgomp: the one torch already loaded). Built and loaded by
- * model/kernels.py; nothing here is Python-specific.
+ * One task per (token, kv head) streams its keys once and its values once; tasks are split over
+ * OpenMP threads (the process's libgomp: the one torch already loaded). A token's result never
+ * depends on the other tokens of the call. Built and loaded by model/kernels.py.
  */
 #include <float.h>
 #include <math.h>
@@ -35,16 +38,18 @@ static inline float kvb_bf16(uint16_t x) {
 #define KVB_F32(x) (x)
 #define KVB_BF16(x) kvb_bf16(x)
 
-/* The per-(row, kv head) work, written once and instantiated for the common head sizes so the
- * compiler unrolls the d-loops completely (a runtime d costs ~2x here: loop versioning, peeling),
- * and per K/V element type (LOAD widens one element to fp32). */
+/* The per-(token, kv head) work, instantiated for the common head sizes so the compiler unrolls
+ * the d-loops completely (a runtime d costs ~2x: loop versioning, peeling), and per K/V element
+ * type (LOAD widens one element to fp32). KEY(j) is the offset of position j's head row. */
 #define KVB_ATTEND(NAME, DIM, KV_T, LOAD)                                                               \
     KVB_CLONES static void NAME(const float *restrict q, const KV_T *restrict k, const KV_T *restrict v,  \
-                                float *restrict out, float *restrict scores, int64_t n, int64_t g,        \
-                                int64_t dd, int64_t s_col, float scale) {                                 \
+                                float *restrict out, float *restrict scores, const int64_t *table,        \
+                                int64_t lo, int64_t n, int64_t g, int64_t dd, int64_t bs, int64_t s_pos,  \
+                                int64_t s_blk, float scale, float softcap) {                              \
         const int64_t d = (DIM) ? (DIM) : dd;                                                             \
         for (int64_t j = 0; j < n; j++) {                                                                 \
-            const KV_T *kj = k + j * s_col;                                                               \
+            const int64_t p = lo + j;                                                                     \
+            const KV_T *kj = k + table[p / bs] * s_blk + (p % bs) * s_pos;                                \
             for (int64_t i = 0; i < g; i++) {                                                             \
                 const float *qi = q + i * d;                                                              \
                 float acc[KVB_MAX_DIM];                                                                   \
@@ -56,7 +61,9 @@ static inline float kvb_bf16(uint16_t x) {
                 }                                                                                         \
                 float s = 0.f;                                                                            \
                 for (int64_t t = 0; t < w; t++) s += acc[t];                                              \
-                scores[i * n + j] = s * scale;                                                            \
+                s *= scale;                                                                               \
+                if (softcap > 0.f) s = softcap * tanhf(s / softcap);                                      \
+                scores[i * n + j] = s;                                                                    \
             }                                                                                             \
         }                                                                                                 \
         for (int64_t i = 0; i < g; i++) {                                                                 \
@@ -75,9 +82,10 @@ static inline float kvb_bf16(uint16_t x) {
             float acc[KVB_MAX_DIM];                                                                       \
             for (int64_t t = 0; t < d; t++) acc[t] = 0.f;                                                 \
             for (int64_t j = 0; j < n; j++) {                                                             \
-                const KV_T *vj = v + j * s_col;                                                           \
-                const float p = scores[i * n + j];                                                        \
-                for (int64_t t = 0; t < d; t++) acc[t] += p * LOAD(vj[t]);                                \
+                const int64_t p = lo + j;                                                                 \
+                const KV_T *vj = v + table[p / bs] * s_blk + (p % bs) * s_pos;                            \
+                const float pr = scores[i * n + j];                                                       \
+                for (int64_t t = 0; t < d; t++) acc[t] += pr * LOAD(vj[t]);                               \
             }                                                                                             \
             for (int64_t t = 0; t < d; t++) out[i * d + t] = acc[t];                                      \
         }                                                                                                 \
@@ -93,38 +101,42 @@ KVB_ATTEND(attend_bf16_any, 0, uint16_t, KVB_BF16)
 /* The driver, per K/V element type. Returns 0, or -1 when a shape is outside what this kernel
  * handles (the caller falls back). */
 #define KVB_DRIVER(NAME, KV_T, A64, A128, AANY)                                                          \
-    int NAME(const float *q, const KV_T *k, const KV_T *v, float *out, const int64_t *lo, int64_t b,     \
-             int64_t h, int64_t hkv, int64_t d, int64_t s, int64_t s_row, int64_t s_head, int64_t s_col, \
-             float scale, int nthreads) {                                                                \
-        if (hkv <= 0 || h % hkv != 0 || h / hkv > KVB_MAX_GROUP || d > KVB_MAX_DIM || d <= 0) return -1; \
-        for (int64_t r = 0; r < b; r++)                                                                  \
-            if (lo[r] < 0 || lo[r] >= s) return -1;                                                      \
-        const int64_t g = h / hkv;                                                                       \
-        const int64_t tasks = b * hkv;                                                                   \
+    int NAME(const float *q, const KV_T *k, const KV_T *v, float *out, const int64_t *seq,               \
+             const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t t, int64_t h,        \
+             int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, float scale,             \
+             int nthreads) {                                                                             \
+        if (hkv <= 0 || h % hkv != 0 || h / hkv > KVB_MAX_GROUP || d > KVB_MAX_DIM || d <= 0 || bs <= 0) \
+            return -1;                                                                                   \
+        for (int64_t r = 0; r < t; r++)                                                                  \
+            if (pos[r] < 0 || pos[r] >= max_blocks * bs) return -1;                                      \
+        const int64_t g = h / hkv, s_pos = hkv * d, s_blk = bs * hkv * d;                                \
+        const int64_t tasks = t * hkv;                                                                   \
         int failed = 0;                                                                                  \
         _Pragma("omp parallel for num_threads(nthreads) schedule(dynamic, 1) reduction(| : failed)")    \
-        for (int64_t t = 0; t < tasks; t++) {                                                            \
-            const int64_t r = t / hkv, kh = t % hkv;                                                     \
-            const int64_t n = s - lo[r];                                                                 \
+        for (int64_t task = 0; task < tasks; task++) {                                                   \
+            const int64_t r = task / hkv, kh = task % hkv;                                               \
+            const int64_t p = pos[r];                                                                    \
+            const int64_t lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;                  \
+            const int64_t n = p - lo + 1;                                                                \
             float *scores = (float *)malloc(sizeof(float) * (size_t)(n * g));                            \
             if (!scores) {                                                                               \
                 failed |= 1;                                                                             \
                 continue;                                                                                \
             }                                                                                            \
-            const int64_t base = r * s_row + kh * s_head + lo[r] * s_col;                                \
+            const int64_t *table = tables + seq[r] * max_blocks;                                         \
+            const float *qr = q + (r * h + kh * g) * d;                                                  \
+            float *o = out + (r * h + kh * g) * d;                                                       \
+            const KV_T *kk = k + kh * d, *vv = v + kh * d;                                               \
             if (d == 64)                                                                                 \
-                A64(q + (r * h + kh * g) * d, k + base, v + base, out + (r * h + kh * g) * d, scores, n, \
-                    g, d, s_col, scale);                                                                 \
+                A64(qr, kk, vv, o, scores, table, lo, n, g, d, bs, s_pos, s_blk, scale, softcap);        \
             else if (d == 128)                                                                           \
-                A128(q + (r * h + kh * g) * d, k + base, v + base, out + (r * h + kh * g) * d, scores,   \
-                     n, g, d, s_col, scale);                                                             \
+                A128(qr, kk, vv, o, scores, table, lo, n, g, d, bs, s_pos, s_blk, scale, softcap);       \
             else                                                                                         \
-                AANY(q + (r * h + kh * g) * d, k + base, v + base, out + (r * h + kh * g) * d, scores,   \
-                     n, g, d, s_col, scale);                                                             \
+                AANY(qr, kk, vv, o, scores, table, lo, n, g, d, bs, s_pos, s_blk, scale, softcap);       \
             free(scores);                                                                                \
         }                                                                                                \
         return failed ? -1 : 0;                                                                          \
     }
 
-KVB_DRIVER(kvb_decode_attention, float, attend_64, attend_128, attend_any)
-KVB_DRIVER(kvb_decode_attention_bf16, uint16_t, attend_bf16_64, attend_bf16_128, attend_bf16_any)
+KVB_DRIVER(kvb_paged_attention, float, attend_64, attend_128, attend_any)
+KVB_DRIVER(kvb_paged_attention_bf16, uint16_t, attend_bf16_64, attend_bf16_128, attend_bf16_any)

@@ -40,7 +40,9 @@ def test_metrics_are_exposed_with_zero_series(server):
                  "kvbento_time_to_first_token_seconds_count", "kvbento_inter_token_latency_seconds_count",
                  "kvbento_e2e_request_latency_seconds_count", "kvbento_prompt_tokens_total",
                  "kvbento_generation_tokens_total", "kvbento_kv_store_read_seconds_count",
-                 "kvbento_kv_store_write_seconds_count", "kvbento_kv_store_write_bytes_total"):
+                 "kvbento_kv_store_write_seconds_count", "kvbento_kv_store_write_bytes_total",
+                 "kvbento_kv_blocks{state=used}", "kvbento_kv_blocks{state=cached}",
+                 "kvbento_kv_blocks{state=free}", "kvbento_kv_pool_bytes"):
         assert name in m, (name, sorted(m))
 
 
@@ -84,6 +86,9 @@ def test_metrics_move_as_requests_are_served(server):
     assert d(before, after, "kvbento_kv_store_write_seconds_count") == 2
     assert after["kvbento_num_requests_running"] == 0
     assert after["kvbento_num_requests_waiting"] == 0
+    assert after["kvbento_kv_blocks{state=used}"] == 0  # finished requests hold no KV blocks
+    assert after["kvbento_kv_blocks{state=free}"] + after["kvbento_kv_blocks{state=cached}"] > 0
+    assert after["kvbento_kv_pool_bytes"] > 0
 
 
 def test_request_without_request_id_counts_tokens_and_one_store_lookup(server):

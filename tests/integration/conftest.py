@@ -30,7 +30,7 @@ def engine(loaded, tmp_path_factory):
     from session import Session
 
     store = KVStore(open_backend(f"disk://{tmp_path_factory.mktemp('kv')}"), loaded.fingerprint, block_tokens=8)
-    eng = Engine(loaded, EngineConfig(max_batch_size=4, max_queue=64, prefill_chunk=16))
+    eng = Engine(loaded, EngineConfig(max_batch_size=4, max_queue=64, prefill_chunk=16, block_tokens=8))
     yield Session(eng, store)
     eng.close()
     store.close()

@@ -131,12 +131,18 @@ def test_shared_system_prompt_is_stored_once(engine, loop):
     assert all(found) and len(set(shared)) == len(shared)
 
 
+def drop_pool_cache(eng):
+    """Evict every cached block of the engine's pool (taking them all, then giving them back)."""
+    eng.blocks.release(eng.blocks.allocate(eng.blocks.num_free + eng.blocks.num_cached))
+
+
 def test_missing_or_corrupt_blocks_are_recomputed_not_wrong(engine, loop):
     prompt = SYSTEM * 2 + "user: resilience\nassistant:"
     a = run(loop, turn(engine, prompt, "conv-damage", continue_stored=True, max_new_tokens=10))
     head = run(loop, engine.store.load_head("public", "conv-damage")).head
     assert len(head.blocks) >= 3
     engine.store._memory.clear()  # force store reads
+    drop_pool_cache(engine.engine)  # and no blocks from the engine's pool either
     engine.store.backend.delete(keys.block_key("public", head.blocks[2]))
     engine.store.backend.set(keys.block_key("public", head.blocks[1]), b"KVBR-garbage")
     b = run(loop, turn(engine, "ignored", "conv-damage", continue_stored=True, max_new_tokens=6))

@@ -36,7 +36,8 @@ def open_session(loaded, cache_dir, max_batch_size=8):
     from session import Session
 
     store = KVStore(open_backend(f"disk://{cache_dir}"), loaded.fingerprint, block_tokens=8, memory_bytes=0)
-    engine = Engine(loaded, EngineConfig(max_batch_size=max_batch_size, max_queue=64, prefill_chunk=16))
+    engine = Engine(loaded, EngineConfig(max_batch_size=max_batch_size, max_queue=64, prefill_chunk=16,
+                                         block_tokens=8))
     return Session(engine, store), engine, store
 
 
@@ -95,21 +96,42 @@ def test_a_sequence_alone_equals_it_in_a_batch(loaded_in, loop, tmp_path, size):
         store.close()
 
 
+def prefilled_pool(loaded, prompts):
+    """A pool holding the lean step's prefill of each prompt but its last token: (pool, block
+    tables, lengths, last tokens)."""
+    from model.kv import KVPool, StepBatch
+    from model.runner import ModelRunner
+
+    pool = KVPool(*ModelRunner.geometry(loaded), loaded.dtype, torch.device("cpu"), 128, 8)
+    tables, lens, last, free = [], [], [], 0
+    for text in prompts:
+        ids = loaded.tokenizer(text).input_ids
+        n = len(ids) - 1
+        table = list(range(free, free + n // 8 + 1))
+        free += len(table)
+        batch = StepBatch(pool, [table], [n], [n], True)
+        loaded.decode_step(torch.tensor(ids[:-1]), batch.positions, batch, torch.tensor([n - 1]))
+        tables, lens, last = tables + [table], lens + [n], last + [ids[-1]]
+    return pool, tables, lens, torch.tensor(last)
+
+
 @torch.inference_mode()
 def test_decode_logits_of_a_row_are_the_same_bits_in_any_batch(loaded_in):
     """The strongest form: one decode step's logits for a row, alone and beside 1..7 other rows of
     other lengths, are bitwise equal (every kernel on the decode path is batch-invariant)."""
-    from tests.integration.test_fastpath import prefilled_slab
+    from model.kv import StepBatch
 
     assert loaded_in.kernels["batch_invariant"] == "yes"  # the load-time probe of every linear shape
     step = loaded_in.decode_step
     if step is None:
-        pytest.skip("no lean decode step here (the HF forward decodes)")
-    solo_kv, ids = prefilled_slab(loaded_in, MIXED[:1])
-    _, bias, rows, lo = solo_kv.prepare_step()
-    alone = step(ids, torch.tensor(solo_kv.row_len[:rows]), solo_kv, lo, bias)
+        pytest.skip("no lean step here (the HF forward runs the steps)")
+
+    def decode(size):
+        pool, tables, lens, last = prefilled_pool(loaded_in, MIXED[:size])
+        batch = StepBatch(pool, tables, [1] * size, [n + 1 for n in lens], True)
+        return step(last, batch.positions, batch, torch.arange(size))
+
+    alone = decode(1)
     for size in (2, 3, 4, 8):
-        kv, ids = prefilled_slab(loaded_in, MIXED[:size])
-        _, bias, rows, lo = kv.prepare_step()
-        logits = step(ids, torch.tensor(kv.row_len[:rows]), kv, lo, bias)
+        logits = decode(size)
         assert torch.equal(logits[0], alone[0]), (size, float((logits[0] - alone[0]).abs().max()))

@@ -1,32 +1,16 @@
-"""The lean decode step (model/fastpath.py) against the HF forward it replaces, on the tiny model."""
+"""The lean step (model/fastpath.py) against the HF forward it replaces, on the tiny model."""
 
 import pytest
 import torch
 
 from model import fastpath, kernels
-from model.kv import BatchKV
+from model.attention import NO_MASK
+from model.kv import KVPool, PagedCache, StepBatch
 from tests.integration.rounding import assert_same_greedy
 
 
-def prefilled_slab(loaded, prompts):
-    """A slab holding the real prefill KV of ``prompts`` (rows of unequal length), like the engine's."""
-    m = loaded.model
-    cfg = m.config
-    kv = BatchKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                 loaded.dtype, torch.device("cpu"), len(prompts), 8)
-    last = []
-    for text in prompts:
-        ids = loaded.tokenizer(text).input_ids
-        with torch.inference_mode():
-            out = m(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
-        layers = out.past_key_values.layers
-        kv.insert([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
-        last.append(ids[-1])
-    return kv, torch.tensor(last)
-
-
 @pytest.mark.skipif(not kernels.onednn_available(), reason="torch built without oneDNN")
-def test_tiny_model_decodes_with_the_lean_step(loaded):
+def test_tiny_model_runs_the_lean_step(loaded):
     assert loaded.decode_step is not None
     # Linears are packed wherever oneDNN packs the dtype on this CPU (bf16 needs AVX512 or
     # AVX-NE-CONVERT), and the kernels the model runs say which.
@@ -46,27 +30,40 @@ def loaded_fp32(loaded, tiny_model_dir):
 
 
 @torch.inference_mode()
-def test_lean_step_matches_the_hf_forward_over_several_steps(loaded_fp32):
-    """In float32 (pinned: the half-precision self-check below bounds bf16's rounding instead)."""
+def test_lean_step_matches_the_hf_forward_over_mixed_steps(loaded_fp32):
+    """Prompts prefilled in chunks while others decode, each path feeding its own argmax back (in
+    float32, pinned: the half-precision self-check below bounds bf16's rounding instead)."""
     loaded = loaded_fp32
     if loaded.decode_step is None:
         pytest.skip("lean step not active here")
+    cfg = loaded.model.config
     prompts = ["Hello world, how are you?", "A", "The quick brown fox jumps over the lazy dog again and again"]
-    hf_kv, ids = prefilled_slab(loaded, prompts)
-    fast_kv, _ = prefilled_slab(loaded, prompts)
-    hf_ids, fast_ids = ids.clone(), ids.clone()
-    for _ in range(6):  # greedy steps, each path feeding its own argmax back
-        cache, bias, rows, _ = hf_kv.prepare_step()
-        pos = torch.tensor(hf_kv.row_len[:rows])
-        want = loaded.model(input_ids=hf_ids.view(-1, 1), position_ids=pos.view(-1, 1), attention_mask=bias,
-                            past_key_values=cache, use_cache=True).logits[:, -1]
-        hf_kv.finish_step()
-        _, bias2, _, lo = fast_kv.prepare_step()
-        got = loaded.decode_step(fast_ids, torch.tensor(fast_kv.row_len[:rows]), fast_kv, lo, bias2)
-        fast_kv.finish_step()
-        assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
-        hf_ids, fast_ids = want.argmax(-1), got.argmax(-1)
-        assert torch.equal(hf_ids, fast_ids)
+    toks = [loaded.tokenizer(t).input_ids for t in prompts]
+    geometry = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    pools = [KVPool(*geometry, loaded.dtype, torch.device("cpu"), 24, 4) for _ in range(2)]
+    tables = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
+    seqs = [[list(t) for t in toks] for _ in range(2)]
+    done = [0, 0, 0]
+    for _ in range(6):
+        chunks = [(i, done[i], min(len(seqs[0][i]), done[i] + 5)) for i in range(3)]
+        logits = []
+        for path, (pool, ss) in enumerate(zip(pools, seqs)):
+            batch = StepBatch(pool, tables, [e - s for _, s, e in chunks], [e for _, _, e in chunks], True)
+            ids = torch.tensor([t for i, s, e in chunks for t in ss[i][s:e]])
+            keep = torch.tensor([sum(e - s for _, s, e in chunks[: k + 1]) - 1 for k in range(3)])
+            if path == 0:
+                out = loaded.model(input_ids=ids.view(1, -1), position_ids=batch.positions.view(1, -1),
+                                   attention_mask=NO_MASK, past_key_values=PagedCache(batch), use_cache=True,
+                                   logits_to_keep=keep, kvbento=batch).logits[0]
+            else:
+                out = loaded.decode_step(ids, batch.positions, batch, keep)
+            logits.append(out)
+            for i, _, e in chunks:
+                if e == len(ss[i]):
+                    ss[i].append(int(out[i].argmax()))
+        assert torch.allclose(logits[0], logits[1], atol=1e-4), float((logits[0] - logits[1]).abs().max())
+        assert seqs[0] == seqs[1]
+        done = [e for _, _, e in chunks]
 
 
 def test_unsupported_architectures_keep_the_hf_forward(loaded):
@@ -74,13 +71,13 @@ def test_unsupported_architectures_keep_the_hf_forward(loaded):
     old = cfg.model_type
     try:
         cfg.model_type = "gpt2"
-        assert fastpath.LlamaDecodeStep.supports(loaded.model, 1024) == "model_type 'gpt2'"
-        assert fastpath.build(loaded.model, loaded.dtype, 1024) is None
+        assert fastpath.LlamaStep.supports(loaded.model, 1024) == "model_type 'gpt2'"
+        assert fastpath.build(loaded.model, loaded.dtype, 1024, True) is None
     finally:
         cfg.model_type = old
     cfg.sliding_window = 16
     try:
-        assert fastpath.LlamaDecodeStep.supports(loaded.model, 1024) == "sliding window"
+        assert fastpath.LlamaStep.supports(loaded.model, 1024) == "sliding window"
     finally:
         cfg.sliding_window = None
 
@@ -112,9 +109,9 @@ def test_half_precision_models_keep_the_lean_step_and_a_wrong_step_is_still_refu
         pytest.skip("torch built without oneDNN")
     assert half.decode_step is not None
     step = half.decode_step
-    err, scale = fastpath._self_check(half.model, step, half.dtype)
+    err, scale = fastpath._self_check(half.model, step, half.dtype, True)
     tol = 64 * torch.finfo(half.dtype).eps * max(1.0, scale)
     assert err <= tol
     step.layers = step.layers[::-1]  # the layers in the wrong order
-    err, _ = fastpath._self_check(half.model, step, half.dtype)
+    err, _ = fastpath._self_check(half.model, step, half.dtype, True)
     assert err > tol, (err, tol)
