@@ -77,6 +77,21 @@ class Backend(ABC):
     def exists(self, keys: list[str]) -> list[bool]:
         """For each key, whether it holds a live value (not a use for LRU)."""
 
+    def log_append(self, key: str, expected: int, values: list[bytes], ttl: float | None) -> int:
+        """Append ``values`` to the list ``key`` only if it holds ``expected`` items (a writer that
+        lost its place, e.g. to a takeover, is refused), and make the list expire ``ttl`` seconds
+        from now. Returns the new length, or -1 - the current length when refused."""
+        raise NotImplementedError
+
+    def log_read(self, key: str, start: int, count: int) -> list[bytes]:
+        """Up to ``count`` items of the list ``key`` from index ``start`` on ([] past its end or
+        when it is absent)."""
+        raise NotImplementedError
+
+    def log_delete(self, key: str) -> None:
+        """Remove the list ``key``."""
+        self.delete(key)
+
     def scan(self, prefix: str, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
         """Up to ``limit`` keys starting with ``prefix`` from ``cursor`` on, and the next cursor
         (None at the end). Values are not read."""

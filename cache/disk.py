@@ -145,6 +145,36 @@ class DiskBackend(Backend):
             out.append(row is not None and (row[0] is None or row[0] > now))
         return out
 
+    # A list is a length row under ``key`` (not raw: outside the byte budget) and one raw row
+    # per item under ``key#<index>``, each expiring ``ttl`` after its own write (a reader stops at
+    # the first missing one).
+    def log_append(self, key: str, expected: int, values: list[bytes], ttl: float | None) -> int:
+        with self._cache.transact(retry=True):
+            n = self._cache.get(key, default=0, retry=True)
+            if n != expected:
+                return -1 - n
+            for i, value in enumerate(values):
+                self._cache.set(f"{key}#{n + i:09d}", bytes(value), expire=ttl or None, retry=True)
+            self._cache.set(key, n + len(values), expire=ttl or None, retry=True)
+        return n + len(values)
+
+    def log_read(self, key: str, start: int, count: int) -> list[bytes]:
+        n = self._cache.get(key, default=0, retry=True)
+        out = []
+        for i in range(start, min(n, start + count)):
+            value = self._cache.get(f"{key}#{i:09d}", default=None, retry=True)
+            if value is None:
+                break  # expired under the reader: the list ends here
+            out.append(bytes(value))
+        return out
+
+    def log_delete(self, key: str) -> None:
+        with self._cache.transact(retry=True):
+            n = self._cache.get(key, default=0, retry=True)
+            for i in range(n):
+                self._cache.delete(f"{key}#{i:09d}", retry=True)
+            self._cache.delete(key, retry=True)
+
     def close(self) -> None:
         self._cache.close()
 

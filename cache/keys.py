@@ -49,3 +49,34 @@ def request_id_of(tenant: str, key: str) -> str | None:
     if not key.startswith(start) or not key.endswith(HEAD_SUFFIX):
         return None
     return key[len(start):-len(HEAD_SUFFIX)]
+
+
+# Background jobs (a Responses-API ``background: true`` response): one registry record per job
+# under JOB_PREFIX, found by a scan from any replica, and its event list and cancel mark next to
+# the response (same slot).
+JOB_PREFIX = f"{PREFIX}:job:"
+
+
+def job_key(tenant: str, job_id: str) -> str:
+    return f"{JOB_PREFIX}{{{tenant}/{job_id}}}"
+
+
+def job_of(key: str) -> tuple[str, str] | None:
+    """(tenant, job id) of a job key, else None."""
+    if not key.startswith(JOB_PREFIX + "{") or not key.endswith("}"):
+        return None
+    tenant, sep, job_id = key[len(JOB_PREFIX) + 1:-1].partition("/")
+    return (tenant, job_id) if sep else None
+
+
+def job_lease_key(tenant: str, job_id: str) -> str:
+    return LEASE + job_key(tenant, job_id)
+
+
+def events_key(tenant: str, job_id: str) -> str:
+    """A background job's event list (sequence number = index)."""
+    return f"{PREFIX}:{{{tenant}/{job_id}}}:events"
+
+
+def cancel_key(tenant: str, job_id: str) -> str:
+    return f"{PREFIX}:{{{tenant}/{job_id}}}:cancel"

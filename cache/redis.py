@@ -96,6 +96,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Append-if-length (a fenced writer): KEYS[1] the list; ARGV = expected length, ttl_ms (0 = none),
+# values... Returns the new length, or -1 - the current length when it is not the expected one.
+LOG_APPEND = """
+local n = redis.call('LLEN', KEYS[1])
+if n ~= tonumber(ARGV[1]) then return -1 - n end
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return n + #ARGV - 2
+"""
+
 
 class BulkReader:
     """GET of large values straight into one huge-page buffer, for plain TCP Redis URLs.
@@ -304,6 +314,7 @@ class RedisBackend(Backend):
         self._delete = self._r.register_script(_DELETE)
         self._release = self._r.register_script(RELEASE_SCRIPT)
         self._renew = self._r.register_script(RENEW_SCRIPT)
+        self._log_append = self._r.register_script(LOG_APPEND)
         self._bulk = BulkReader.for_client(self._r, timeout)
 
     @contextmanager
@@ -383,6 +394,14 @@ class RedisBackend(Backend):
             return [bool(n) for n in pipe.execute()]
 
         return self._run(work) if keys else []
+
+    def log_append(self, key: str, expected: int, values: list[bytes], ttl: float | None) -> int:
+        # Lists stay out of the byte budget's index: they are bounded by count and expire by TTL.
+        ttl_ms = max(1, int(ttl * 1000)) if ttl else 0
+        return int(self._run(lambda: self._log_append(keys=[key], args=[expected, ttl_ms, *values])))
+
+    def log_read(self, key: str, start: int, count: int) -> list[bytes]:
+        return self._run(lambda: self._r.lrange(key, start, start + count - 1))
 
     def total_bytes(self) -> int:
         """Bytes of all records in the budget's account (for tests and metrics)."""

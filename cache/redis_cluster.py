@@ -38,7 +38,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from cache.base import HEAD_BYTES, Backend, BackendUnavailable, EntryInfo
-from cache.redis import RELEASE_SCRIPT, RENEW_SCRIPT, BulkReader, glob_escape
+from cache.redis import LOG_APPEND, RELEASE_SCRIPT, RENEW_SCRIPT, BulkReader, glob_escape
 
 T = TypeVar("T")
 SCHEME = "redis+cluster"
@@ -127,6 +127,7 @@ class RedisClusterBackend(Backend):
                 )
                 self._release = self._r.register_script(RELEASE_SCRIPT)
                 self._renew = self._r.register_script(RENEW_SCRIPT)
+                self._log_append = self._r.register_script(LOG_APPEND)
             return self._r
 
     @contextmanager
@@ -215,6 +216,14 @@ class RedisClusterBackend(Backend):
 
     def renew(self, key: str, token: str, ttl: float) -> bool:
         return bool(self._run(lambda r: self._renew(keys=[key], args=[token, max(1, int(ttl * 1000))])))
+
+    # -- lists (one key: one slot, so the script runs on its node) ------------------------------
+    def log_append(self, key: str, expected: int, values: list[bytes], ttl: float | None) -> int:
+        ttl_ms = max(1, int(ttl * 1000)) if ttl else 0
+        return int(self._run(lambda r: self._log_append(keys=[key], args=[expected, ttl_ms, *values])))
+
+    def log_read(self, key: str, start: int, count: int) -> list[bytes]:
+        return self._run(lambda r: r.lrange(key, start, start + count - 1))
 
     # -- scan ----------------------------------------------------------------------------------
     def scan(self, prefix: str, cursor: str | None, limit: int) -> tuple[list[str], str | None]:

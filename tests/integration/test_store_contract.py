@@ -363,3 +363,49 @@ def test_store_memory_of_written_blocks_is_bounded(make_backend):
     save(s, "t", "r", list(range(50)))
     assert 0 < s._memory_nbytes <= 2 * one_block
     s._pool.shutdown(wait=True)
+
+
+# -- background jobs: a fenced, expiring event list; registry, lease and cancel mark -------------
+def test_event_list_append_is_fenced_by_length_and_reads_from_any_index(make_backend, key):
+    b = make_backend()
+    assert b.log_read(key, 0, 10) == []
+    assert b.log_append(key, 0, [b"e0", b"e1"], 60) == 2
+    assert b.log_append(key, 1, [b"late"], 60) == -3  # a writer that lost its place: refused
+    assert b.log_append(key, 2, [b"e2"], 60) == 3
+    assert [bytes(v) for v in b.log_read(key, 0, 10)] == [b"e0", b"e1", b"e2"]
+    assert [bytes(v) for v in b.log_read(key, 1, 1)] == [b"e1"]
+    assert b.log_read(key, 3, 10) == []
+    b.log_delete(key)
+    assert b.log_read(key, 0, 10) == [] and b.log_append(key, 0, [b"again"], 60) == 1
+
+
+def test_event_list_expires_after_its_last_append(make_backend, key):
+    b = make_backend()
+    assert b.log_append(key, 0, [b"e0"], 0.3) == 1
+    time.sleep(0.6)
+    assert b.log_read(key, 0, 10) == []
+    assert b.log_append(key, 0, [b"fresh"], 60) == 1  # an expired list starts again at 0
+
+
+def test_jobs_registry_lease_events_and_cancel(store):
+    from cache.jobs import JobStore
+
+    jobs = JobStore(store, ttl=60, lease_seconds=5)
+    tenant, jid = uuid.uuid4().hex[:12], "resp_" + uuid.uuid4().hex
+    run(jobs.put_job(tenant, jid, {"kind": "test", "n": 1}))
+    assert run(jobs.get_job(tenant, jid)) == {"kind": "test", "n": 1}
+    assert (tenant, jid) in run(jobs.list_jobs())
+    assert run(jobs.claim(tenant, jid, "a")) and not run(jobs.claim(tenant, jid, "b"))
+    assert run(jobs.renew(tenant, jid, "a")) and not run(jobs.renew(tenant, jid, "b"))
+    assert run(jobs.append_events(tenant, jid, 0, [{"i": 0}, {"i": 1}]))
+    assert not run(jobs.append_events(tenant, jid, 0, [{"i": 9}]))
+    assert run(jobs.read_events(tenant, jid, 1)) == [{"i": 1}]
+    assert run(jobs.get_job("other-tenant", jid)) is None and run(jobs.read_events("other-tenant", jid, 0)) == []
+    assert not run(jobs.is_cancelled(tenant, jid))
+    run(jobs.mark_cancelled(tenant, jid))
+    assert run(jobs.is_cancelled(tenant, jid))
+    run(jobs.release(tenant, jid, "a"))
+    assert run(jobs.claim(tenant, jid, "b"))
+    run(jobs.delete(tenant, jid))
+    assert run(jobs.get_job(tenant, jid)) is None and run(jobs.read_events(tenant, jid, 0)) == []
+    assert (tenant, jid) not in run(jobs.list_jobs()) and not run(jobs.is_cancelled(tenant, jid))
