@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     cache_block_tokens: int = Field(default=64, ge=1, le=4096)
 
     # --- replicas ---------------------------------------------------------------------------
+    # Seconds a request_id's or a background response's lease lives unless renewed (every third
+    # of it): a crashed holder's work is taken over between one and two of these after its death.
+    lease_seconds: float = Field(default=10.0, ge=0.5, le=600)
+    # Seconds a background response's events and registry record live after their last write.
+    background_ttl: float = Field(default=86400.0, gt=0)
+    # How often a background response's events are written to the store and read by a follower.
+    background_poll_seconds: float = Field(default=0.05, gt=0, le=5)
     # This process's id in the X-KV-Replica answer header; empty = a hash of host name and pid.
     replica_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
 

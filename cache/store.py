@@ -129,7 +129,8 @@ class KVStore:
     """Async facade over a blocking ``Backend`` that stores blocks and heads."""
 
     def __init__(self, backend: Backend, fingerprint: str, *, block_tokens: int = 64, ttl: float = 0,
-                 timeout: float = 5.0, max_workers: int = 4, memory_bytes: int = 512 << 20) -> None:
+                 timeout: float = 5.0, max_workers: int = 4, memory_bytes: int = 512 << 20,
+                 lease_seconds: float = LEASE_SECONDS) -> None:
         if block_tokens < 1:
             raise ValueError("block_tokens must be >= 1")
         self.backend = backend
@@ -137,6 +138,7 @@ class KVStore:
         self.block_tokens = block_tokens
         self.ttl = ttl or None
         self.timeout = timeout
+        self.lease_seconds = lease_seconds
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvstore")
         self._down_since: float | None = None
         # Blocks this process wrote, by key: immutable and content-addressed, so they are valid
@@ -442,12 +444,12 @@ class KVStore:
         Raises BackendUnavailable when the store cannot answer.
         """
         return bool(await self._call(self.backend.acquire, keys.lease_key(tenant, request_id), token,
-                                     LEASE_SECONDS))
+                                     self.lease_seconds))
 
     async def renew(self, tenant: str, request_id: str, token: str) -> bool:
         try:
             return bool(await self._call(self.backend.renew, keys.lease_key(tenant, request_id), token,
-                                         LEASE_SECONDS))
+                                         self.lease_seconds))
         except BackendUnavailable:
             return False
 

@@ -273,7 +273,7 @@ class Engine:
                 params=req.params, prefix=req.prefix, kv_from=req.kv_from, on_finish=req.on_finish,
                 prefix_from=req.prefix_from, block_hashes=req.block_hashes, hasher=req.hasher,
                 tokenizer=self.m.tokenizer, eos_token_ids=self.m.eos_token_ids,
-                max_context=self.m.max_context,
+                max_context=self.m.max_context, on_block=req.on_block, block_tokens=req.block_tokens,
             )
             sink = _Sink()
             stream = RequestStream(self, seq, sink, prompt_text)

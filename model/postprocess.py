@@ -130,6 +130,18 @@ class Postprocessor:
                 self.emit(seq, delta)
             if finish:
                 self.finish(seq, finish, last=delta)
+            elif seq.on_block is not None:
+                self.hand_out_blocks(seq)
+
+    def hand_out_blocks(self, seq: Sequence) -> None:
+        """Give ``on_block`` each full block of ``seq`` whose KV is computed (positions
+        ``[0, len(token_ids) - 1)``) and that it has not had yet."""
+        b = seq.block_tokens
+        while seq.block_from + b <= len(seq.token_ids) - 1:
+            lo = seq.block_from
+            keys, values = self.runner.extract(seq, lo, lo + b)
+            seq.on_block(lo, seq.token_ids[: lo + b + 1], keys, values)
+            seq.block_from = lo + b
 
     def _masks(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:
         """The token bitmasks of the constrained rows (None when no row is constrained)."""

@@ -25,7 +25,8 @@ class Sequence:
                  prefix_from: int = 0, block_hashes: list[str] | None = None,
                  hasher: Callable[[list[int], int, list[str]], list[str]] | None = None,
                  on_finish: Callable[[Finished], Awaitable[None]] | None, tokenizer: Any,
-                 eos_token_ids: list[int], max_context: int) -> None:
+                 eos_token_ids: list[int], max_context: int,
+                 on_block: Callable[..., None] | None = None, block_tokens: int = 0) -> None:
         self.request_id = request_id
         self.token_ids = token_ids
         self.num_base_tokens = len(token_ids)  # tokens before this request generated anything
@@ -35,6 +36,10 @@ class Sequence:
         self.prefix_from = prefix_from  # the positions before are expected in the pool
         self.kv_from = kv_from  # on finish, the KV from this position on goes to on_finish
         self.on_finish = on_finish
+        # Full blocks handed to on_block as they are computed: the next one starts at block_from.
+        self.on_block = on_block if block_tokens > 0 else None
+        self.block_tokens = block_tokens
+        self.block_from = kv_from
         self.max_context = max_context
         self.status = SeqStatus.WAITING
         self.is_aborted = False

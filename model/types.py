@@ -128,6 +128,11 @@ class EngineRequest:
     prefix_from: int = 0
     block_hashes: list[str] = field(default_factory=list)
     hasher: Callable[[list[int], int, list[str]], list[str]] | None = None
+    # Called on the model thread, with (start, token_ids[:start + block_tokens + 1], keys, values),
+    # for each full block of ``block_tokens`` positions from ``kv_from`` on as soon as its KV is
+    # computed (a copy on the host), so a caller can store a sequence while it runs. Must be quick.
+    on_block: Callable[[int, list[int], list[Any], list[Any]], None] | None = None
+    block_tokens: int = 0
 
 
 @dataclass

@@ -43,7 +43,7 @@ MAX_METADATA = 16
 
 # Declared only to be refused unless they carry their no-op value: ignoring them would silently
 # change what the client asked for.
-_REFUSED = ("reasoning", "background", "conversation", "include", "prompt", "top_logprobs")
+_REFUSED = ("reasoning", "conversation", "include", "prompt", "top_logprobs")
 
 
 def new_id(prefix: str) -> str:
@@ -111,6 +111,7 @@ class ResponsesBody(OpenAISampling):
     instructions: str | None = Field(default=None, max_length=1_000_000)
     previous_response_id: str | None = OptionalRequestId
     store: bool = True
+    background: bool = False
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     max_output_tokens: int | None = wire("max_new_tokens")
@@ -158,6 +159,8 @@ class ResponsesBody(OpenAISampling):
 
     @model_validator(mode="after")
     def _checks(self) -> ResponsesBody:
+        if self.background and not self.store:
+            raise BodyError("background: a background response must be stored (store: true)", param="background")
         self._functions = rtools.functions(self.tools)
         self._constraint = rtools.output_constraint((self.text or {}).get("format"), self._functions,
                                                     self.tool_choice, self.parallel_tool_calls)
@@ -262,7 +265,7 @@ class ResponseObject:
         item_status = {"in_progress": "in_progress", "completed": "completed"}.get(status, "incomplete")
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-            "background": False,
+            "background": b.background,
             "error": {"code": "server_error", "message": error} if error else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
@@ -395,10 +398,18 @@ class Responses(Dialect):
         started = await stored.start(
             session, responses, tenant=call.tenant, response_id=response_id,
             previous_response_id=body.previous_response_id, instructions=body.instructions,
-            new_messages=body.messages, render=render, params=params, store=body.store)
+            new_messages=body.messages, render=render, params=params, store=body.store,
+            save_blocks_early=body.background)
         store_up = started.stream.cache_status.value != "unavailable"
-        call.state.update(started=started, responses=responses, response_id=response_id,
-                          framer=ResponseObject(response_id, call.model_name, body, params, store_up=store_up))
+        framer = ResponseObject(response_id, call.model_name, body, params, store_up=store_up)
+        call.state.update(started=started, responses=responses, response_id=response_id, framer=framer)
+        if body.background:
+            from protocol import responses_background
+
+            if not store_up:
+                started.stream.cancel()
+                raise StoreUnavailable("the KV store is unavailable: a background response cannot be kept")
+            await responses_background.start(call, session, call.background, framer, started, responses)
         return [started.stream]
 
     def _events(self, call: Call) -> AsyncIterator[dict[str, Any]]:
@@ -422,10 +433,16 @@ class Responses(Dialect):
         return events(started.stream, st["framer"], keep)
 
     async def frames(self, call: Call, streams: list[SessionStream]) -> AsyncIterator[bytes]:
-        async for event in self._events(call):
+        if call.body.background:  # the job's events as the store has them, from the first
+            events_ = call.background.follow(call.tenant, call.state["response_id"], -1)
+        else:
+            events_ = self._events(call)
+        async for event in events_:
             yield sse_event(event)
 
     async def collect(self, call: Call, streams: list[SessionStream]) -> Any:
+        if call.body.background:
+            return call.state["framer"].response("in_progress")
         last: dict[str, Any] = {}
         async for event in self._events(call):
             last = event

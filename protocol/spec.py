@@ -50,6 +50,7 @@ class Call:
     model_name: str
     tokenizer: Any
     store: Any = None  # the KV store, for dialects that keep objects of their own (Responses)
+    background: Any = None  # session.background.BackgroundRunner, for background responses
     state: dict[str, Any] = field(default_factory=dict)  # per-call scratch of the spec
 
     def decode(self, ids: list[int]) -> str:

@@ -22,7 +22,8 @@ async def serve(spec: Dialect, route: Route, request: Request):
     try:
         tenant = rt.tenant(spec.authorization(request.headers.get("authorization")))
         body = await read_body(request, spec.body)
-        call = Call(body, tenant, rt.settings.generation_defaults(), rt.settings.served_model_name, rt.model.tokenizer, rt.store)
+        call = Call(body, tenant, rt.settings.generation_defaults(), rt.settings.served_model_name, rt.model.tokenizer,
+                    rt.store, background=rt.background)
         streams = await spec.start(call, rt.session)
     except BackendUnavailable:
         return error_response(StoreUnavailable(), spec.error_body)

@@ -20,6 +20,7 @@ from cache.store import CacheStatus
 from model.engine import EngineObserver
 from model.types import Delta
 from session.observer import SessionObserver
+from session.background import BackgroundObserver
 
 if TYPE_CHECKING:
     from model.engine import Engine, RequestStream
@@ -34,6 +35,7 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 
                60.0, 120.0, 240.0, 480.0)
 REUSE_SOURCES = ("local", "store")
 INFO_KERNELS = ("linears", "attention", "decode_step", "batch_invariant")  # model.loader.LoadedModel.kernels' keys
+BACKGROUND_EVENTS = ("queued", "taken_over", "cancelled", "done")
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -46,8 +48,9 @@ class _Timing:
         self.last: float | None = None
 
 
-class PrometheusObserver(EngineObserver, SessionObserver):
-    """The engine's and the session's observer: records vLLM-style metrics with prometheus_client.
+class PrometheusObserver(EngineObserver, SessionObserver, BackgroundObserver):
+    """The engine's, the session's and the background runner's observer: records vLLM-style
+    metrics with prometheus_client.
 
     Create one per process (metric names are registered once); call ``bind(engine)`` after the
     engine exists so the running/waiting gauges can be read from its scheduler.
@@ -123,6 +126,14 @@ class PrometheusObserver(EngineObserver, SessionObserver):
         self.write_bytes = Counter(PREFIX + "kv_store_write_bytes", "Bytes of KV records written.")
         self.write_failures = Counter(PREFIX + "kv_store_write_failures",
                                       "KV record writes lost because the store was unavailable.")
+        self.background = Counter(PREFIX + "background_responses", "Background responses by event: queued "
+                                  "(created), taken_over (resumed from a dead replica's store), cancelled, done.",
+                                  ["event"])
+        for event in BACKGROUND_EVENTS:
+            self.background.labels(event=event)
+        self.background_running = Gauge(PREFIX + "background_responses_running",
+                                        "Background responses running on this replica.",
+                                        multiprocess_mode="livesum")
 
     def bind(self, engine: "Engine") -> None:
         """Read the running/waiting gauges from ``engine`` from now on; publish what it runs in."""
@@ -139,6 +150,15 @@ class PrometheusObserver(EngineObserver, SessionObserver):
             for state, n in self._engine.kv_blocks().items():
                 self.kv_blocks.labels(state=state).set(n)
             self.kv_pool_bytes.set(self._engine.kv_pool_bytes)
+
+    # -- BackgroundObserver hook ------------------------------------------------------------
+    def on_background(self, event: str) -> None:
+        if event == "running":
+            self.background_running.inc()
+            return
+        if event in ("cancelled", "done"):
+            self.background_running.dec()
+        self.background.labels(event=event).inc()
 
     # -- EngineObserver hooks (event loop thread) -------------------------------------------
     def on_rejected(self) -> None:

@@ -1,5 +1,6 @@
-"""The Responses API's stored objects: retrieve, delete, list input items (POST /v1/responses is the
-protocol spec, served by server/dialects.py)."""
+"""The Responses API's stored objects: retrieve (a background response: with the output so far, or
+its events streamed from ``starting_after``), cancel, delete, list input items (POST
+/v1/responses is the protocol spec, served by server/dialects.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from fastapi.responses import JSONResponse
 from model.types import ServingError
 from session.errors import NotFound
 from protocol import responses as rs
+from protocol import responses_background as rb
 from protocol.common import BodyError
-from server.http import authenticate, error_response, runtime
+from server.http import authenticate, error_response, runtime, stream
 from session import responses as stored
 
 router = APIRouter()
@@ -37,10 +39,65 @@ async def _load(request: Request, response_id: str) -> stored.StoredResponse:
     return rec
 
 
+def _starting_after(request: Request) -> int:
+    """The ``starting_after`` query parameter, -1 when absent (replay from the first event)."""
+    raw = request.query_params.get("starting_after")
+    if raw is None:
+        return -1
+    if not raw.isdigit():
+        raise BodyError(f"starting_after: must be a sequence number (an integer >= 0), got {raw!r}",
+                        param="starting_after")
+    return int(raw)
+
+
+def _flag(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise BodyError(f"{name}: must be true or false, got {raw!r}", param=name)
+    return raw in ("true", "1")
+
+
 @router.get("/v1/responses/{response_id}")
 async def retrieve(request: Request, response_id: str):
+    rt = runtime(request)
+    try:
+        is_stream, after = _flag(request, "stream"), _starting_after(request)
+        if "starting_after" in request.query_params and not is_stream:
+            raise BodyError("starting_after: only with stream=true", param="starting_after")
+        rec = await _load(request, response_id)
+        tenant = authenticate(request)
+        items = await rt.background.events_so_far(tenant, response_id)
+        if not is_stream:
+            return JSONResponse(rb.progress(rec.response, items))
+        if items is None:
+            raise BodyError("stream: only a background response's events can be streamed again", param="stream")
+        num_events = len(items) - (1 if "end" in items[-1] else 0)
+        if after >= num_events:
+            raise BodyError(f"starting_after: {after} is beyond the last event ({num_events - 1})",
+                            param="starting_after")
+    except ServingError as exc:
+        return error_response(exc, rs.error_body)
+    events = rt.background.follow(tenant, response_id, after)
+    return stream((rs.sse_event(e) async for e in events), "text/event-stream")
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel(request: Request, response_id: str):
+    """Cancel a background response from any replica: its runner stops at its next write and
+    the record keeps the output so far. A finished one is a 400 (as OpenAI answers); a cancelled
+    one is answered as it is."""
+    rt = runtime(request)
     try:
         rec = await _load(request, response_id)
+        tenant = authenticate(request)
+        status = rec.response.get("status")
+        if not rec.response.get("background"):
+            raise BodyError("only a background response can be cancelled", param="response_id")
+        if status in ("completed", "incomplete", "failed"):
+            raise BodyError(f"cannot cancel a {status} response", param="response_id")
+        if status != "cancelled":
+            await rt.background.cancel(tenant, response_id)  # its runner writes the record
+            rec = await _load(request, response_id)
     except ServingError as exc:
         return error_response(exc, rs.error_body)
     return JSONResponse(rec.response)

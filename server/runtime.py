@@ -9,12 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from cache.factory import open_backend
+from cache.jobs import JobStore
 from cache.store import KVStore, tenant_of
 from config import Settings
 from model import bundled, loader
 from model.engine import Engine, EngineConfig, EngineObserver
 from protocol.common import Unauthorized
 from session import Session, SessionObserver
+from session.background import BackgroundObserver, BackgroundRunner
 
 log = logging.getLogger("kvbento")
 
@@ -26,6 +28,7 @@ class Runtime:
     store: KVStore
     engine: Engine
     session: Session
+    background: BackgroundRunner
 
     @classmethod
     def start(cls, settings: Settings, observer: EngineObserver | None = None,
@@ -42,7 +45,7 @@ class Runtime:
                                timeout=settings.cache_timeout)
         store = KVStore(backend, m.fingerprint, block_tokens=settings.cache_block_tokens,
                         ttl=settings.cache_ttl, timeout=settings.cache_timeout,
-                        memory_bytes=settings.cache_recent_bytes)
+                        memory_bytes=settings.cache_recent_bytes, lease_seconds=settings.lease_seconds)
         store.prefault_reads(m.kv_bytes_per_token, m.max_context, settings.cache_read_buffer_bytes)
         engine = Engine(
             m,
@@ -56,7 +59,8 @@ class Runtime:
         )
         log.info("kvbento ready: model %s, cache %s, batch %d, queue %d", settings.model,
                  backend.scheme, settings.max_batch_size, settings.max_queue)
-        return cls(settings, m, store, engine, Session(engine, store, observer=session_observer))
+        session = Session(engine, store, observer=session_observer)
+        return cls(settings, m, store, engine, session, background_runner(settings, store, session, observer))
 
     def tenant(self, authorization: str | None) -> str:
         """The tenant of a request: checks the bearer key when keys are configured.
@@ -79,6 +83,10 @@ class Runtime:
             raise Unauthorized("invalid API key")
         return tenant_of(match)
 
+    async def close_background(self) -> None:
+        """Stop running and taking background jobs (another replica, or a restart, goes on)."""
+        await self.background.close()
+
     # Set when shutdown begins, so /health answers 503 before the engine stops.
     is_closing: bool = False
 
@@ -86,3 +94,16 @@ class Runtime:
         self.is_closing = True
         self.engine.close()
         self.store.close()
+
+
+def background_runner(settings: Settings, store: KVStore, session: Session,
+                      observer: object | None = None) -> BackgroundRunner:
+    """The runner of background responses, with every job kind it can resume."""
+    from protocol import responses_background
+    from session.responses import ResponseStore
+
+    jobs = JobStore(store, ttl=settings.background_ttl, lease_seconds=settings.lease_seconds)
+    runner = BackgroundRunner(jobs, poll_seconds=settings.background_poll_seconds,
+                              observer=observer if isinstance(observer, BackgroundObserver) else None)
+    runner.kinds[responses_background.KIND] = responses_background.resumer(session, ResponseStore(store))
+    return runner

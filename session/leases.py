@@ -8,7 +8,7 @@ import time
 import uuid
 
 from cache.base import BackendUnavailable
-from cache.store import LEASE_SECONDS, KVStore
+from cache.store import KVStore
 from session.errors import RequestBusy
 
 log = logging.getLogger("kvbento.session")
@@ -24,7 +24,7 @@ class Lease:
 
     async def _renew(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_SECONDS / 3)
+            await asyncio.sleep(self.store.lease_seconds / 3)
             if not await self.store.renew(self.tenant, self.request_id, self.token):
                 log.warning("lost the lease on a request_id while its request ran")
                 return

@@ -34,3 +34,6 @@ class GenerateRequest:
     append: str | None = None
     # Start request_id as a fork of this request_id's sequence.
     parent_request_id: str | None = None
+    # Store each full block of KV as soon as it is computed, not only on finish (a background
+    # response: another replica can then go on from it).
+    save_blocks_early: bool = False

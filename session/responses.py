@@ -101,12 +101,13 @@ class Started:
 async def start(session: Session, responses: ResponseStore, *, tenant: str, response_id: str,
                 previous_response_id: str | None, instructions: str | None,
                 new_messages: list[dict[str, str]], render: Callable[[list[dict[str, str]]], str],
-                params: SamplingParams, store: bool) -> Started:
+                params: SamplingParams, store: bool, save_blocks_early: bool = False) -> Started:
     """Start a response: the parent's conversation plus the new input, rendered, through the session.
 
     Args:
         render: the model's chat template (generation prompt added) over ``{"role", "content"}``.
         store: keep the response (a named head under ``response_id``); False = anonymous.
+        save_blocks_early: store each KV block as soon as it is computed (a background response).
     Raises:
         NotFound: ``previous_response_id`` has no stored record (param ``previous_response_id``).
         InvalidRequest: the template rejects the messages, or the conversation is past the context.
@@ -129,7 +130,8 @@ async def start(session: Session, responses: ResponseStore, *, tenant: str, resp
     except Exception as exc:  # noqa: BLE001 (jinja / tokenizer errors are the caller's, not a crash)
         raise InvalidRequest(f"input: the chat template failed: {exc}", param="input") from None
     req = GenerateRequest(request_id=response_id, prompt=text, special_tokens=False, named=store,
-                          parent_request_id=previous_response_id, params=params, tenant=tenant)
+                          parent_request_id=previous_response_id, params=params, tenant=tenant,
+                          save_blocks_early=save_blocks_early)
     try:
         stream = await session.generate(req)
     except NotFound as exc:

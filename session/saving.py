@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from cache.store import KVStore
@@ -40,6 +41,23 @@ def saver(store: KVStore, observer: SessionObserver, req: GenerateRequest, plan:
     return save
 
 
+def block_saver(store: KVStore, observer: SessionObserver, req: GenerateRequest, plan: Plan):
+    """The ``on_block`` of a request that stores its KV as it goes: each full block is written as
+    soon as it is computed (content-addressed, so the finish's save and any replica's restore find
+    it). Called on the model thread; the write runs on the event loop."""
+    loop = asyncio.get_running_loop()
+
+    async def save(start: int, token_ids: list[int], keys: list, values: list) -> None:
+        saved = await store.save(req.tenant, token_ids, plan.num_prompt_tokens, (keys, values), start,
+                                 known_blocks=plan.known_blocks[: start // store.block_tokens])
+        observer.on_store_write(saved.seconds, saved.nbytes, saved.ok)
+
+    def on_block(start: int, token_ids: list[int], keys: list, values: list) -> None:
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(save(start, token_ids, keys, values)))
+
+    return on_block
+
+
 def releaser(release: Callable[[], Awaitable[None]]) -> OnFinish:
     """The ``on_finish`` of a leased request that writes nothing: gives the lease back."""
 
@@ -49,4 +67,4 @@ def releaser(release: Callable[[], Awaitable[None]]) -> OnFinish:
     return on_finish
 
 
-__all__ = ["OnFinish", "releaser", "saver"]
+__all__ = ["OnFinish", "block_saver", "releaser", "saver"]

@@ -28,7 +28,7 @@ from session.leases import Lease
 from session.observer import SessionObserver
 from session.planning import Plan, Planner
 from session.request import GenerateRequest
-from session.saving import releaser, saver
+from session.saving import block_saver, releaser, saver
 
 
 class SessionStream:
@@ -161,11 +161,13 @@ class Session:
                 on_finish = saver(self.store, self.observer, r, plan, kv_from, release)
             else:
                 on_finish = releaser(release) if release is not None else None
+            on_block = block_saver(self.store, self.observer, r, plan) if available and r.save_blocks_early else None
             out.append(EngineRequest(
                 request_id=r.request_id, token_ids=plan.token_ids, params=r.params,
                 num_prompt_tokens=plan.num_prompt_tokens, num_cached=plan.num_cached, prefix=plan.chunks,
                 kv_from=kv_from, on_finish=on_finish, prefix_from=plan.prefix_from,
-                block_hashes=hashes, hasher=hasher,
+                block_hashes=hashes, hasher=hasher, on_block=on_block,
+                block_tokens=self.store.block_tokens if on_block else 0,
             ))
         return out
 
