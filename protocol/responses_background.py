@@ -120,6 +120,9 @@ def resumer(session: Any, responses: stored.ResponseStore):
         req = GenerateRequest(request_id=run.job_id, prompt_ids=run.job["prompt_ids"] + ids, params=params,
                               tenant=run.tenant, named=True, special_tokens=False, save_blocks_early=True)
         stream = await session.generate(req)
+        known = len(req.prompt_ids)
+        log.info("resumed background response %s: %d tokens known, %d restored from the store, %d recomputed",
+                 run.job_id, known, stream.usage.cached_tokens, known - stream.usage.cached_tokens)
         return await _run(run, session, responses, framer, stream)
 
     return resume
