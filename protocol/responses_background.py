@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from model.engine import RequestStream
@@ -119,10 +120,12 @@ def resumer(session: Any, responses: stored.ResponseStore):
         params = dataclasses.replace(p, max_new_tokens=left, min_new_tokens=max(0, p.min_new_tokens - len(ids)))
         req = GenerateRequest(request_id=run.job_id, prompt_ids=run.job["prompt_ids"] + ids, params=params,
                               tenant=run.tenant, named=True, special_tokens=False, save_blocks_early=True)
+        started = time.perf_counter()
         stream = await session.generate(req)
         known = len(req.prompt_ids)
-        log.info("resumed background response %s: %d tokens known, %d restored from the store, %d recomputed",
-                 run.job_id, known, stream.usage.cached_tokens, known - stream.usage.cached_tokens)
+        log.info("resumed background response %s: %d tokens known, %d restored from the store, %d recomputed "
+                 "(restore %.3f s)", run.job_id, known, stream.usage.cached_tokens,
+                 known - stream.usage.cached_tokens, time.perf_counter() - started)
         return await _run(run, session, responses, framer, stream)
 
     return resume

@@ -3,10 +3,12 @@
 A job (a Responses-API ``background: true`` response) is a registry record in the store, a lease
 and a list of events (``cache.jobs``). The replica holding the lease runs it; its events go to the
 store in batches every ``poll_seconds`` (the list's index is the event's sequence number), so any
-replica can replay them from any point and follow the live ones. The lease is renewed every third
+replica can replay them from any point and follow the live ones (a follower on the running
+replica reads after each write; elsewhere it reads every ``poll_seconds``). The lease is renewed every third
 of its life; every replica scans the registry as often, and takes a job whose lease lapsed (its
 runner died) and resumes it from the events and the KV stored so far (the job kind's ``resume``).
-Cancelling marks the job in the store; its runner sees the mark at its next write and stops.
+Cancelling marks the job in the store; its runner stops at once when the cancel reaches its own
+replica, else when it looks for the mark (every ten writes).
 
 Each list ends with an ``{"end": status}`` item, which followers stop at. The kinds' own code
 (what a job runs, how its events look) comes from above: this layer only moves events.
@@ -47,9 +49,12 @@ class JobRun:
     taken_over: bool = False
     is_cancelled: bool = False
     is_abandoned: bool = False  # lost the lease or the server is closing: write nothing more
+    is_over: bool = False  # its work returned: the periodic writer stops
     stop: Callable[[], None] | None = None  # set by the kind: end generation, keeping its tokens
     _pending: list[dict[str, Any]] = field(default_factory=list)
-    _written: int = 0
+    # Set after each write, so followers on this replica read the store when there is news
+    # rather than on a timer.
+    written: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def num_events(self) -> int:
@@ -115,8 +120,9 @@ class BackgroundRunner:
         except Exception:
             log.exception("background job %s failed", run.job_id)
         finally:
-            writer.cancel()
+            run.is_over = True
             keeper.cancel()
+            await writer  # never two writes at once: the last one below is fenced on its result
             if self._runs.get((run.tenant, run.job_id)) is run:
                 del self._runs[(run.tenant, run.job_id)]
             await self._close_run(run, status)
@@ -147,6 +153,8 @@ class BackgroundRunner:
             return
         run.history += items
         del run._pending[: len(items)]
+        run.written.set()
+        run.written = asyncio.Event()
 
     def _abandon(self, run: JobRun) -> None:
         run.is_abandoned = True
@@ -154,12 +162,14 @@ class BackgroundRunner:
             run.stop()
 
     async def _write_loop(self, run: JobRun) -> None:
-        """Write the pending events every ``poll_seconds`` and look for a cancel mark."""
-        while not run.is_abandoned:
+        """Write the pending events every ``poll_seconds``; look for a cancel mark every ten."""
+        step = 0
+        while not run.is_abandoned and not run.is_over:
             await asyncio.sleep(self.poll_seconds)
+            step += 1
             try:
                 await self._flush(run)
-                if not run.is_cancelled and await self.jobs.is_cancelled(run.tenant, run.job_id):
+                if step % 10 == 0 and not run.is_cancelled and await self.jobs.is_cancelled(run.tenant, run.job_id):
                     run.is_cancelled = True
                     if run.stop is not None:
                         run.stop()
@@ -245,6 +255,13 @@ class BackgroundRunner:
                 at += 1
             if items:
                 idle = 0.0
+                continue
+            run = self._runs.get((tenant, job_id))
+            if run is not None:  # it runs here: wait for its next write
+                try:
+                    await asyncio.wait_for(run.written.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
                 continue
             await asyncio.sleep(self.poll_seconds)
             idle += self.poll_seconds
