@@ -4,7 +4,8 @@ A job (a Responses-API ``background: true`` response) is a registry record in th
 and a list of events (``cache.jobs``). The replica holding the lease runs it; its events go to the
 store in batches every ``poll_seconds`` (the list's index is the event's sequence number), so any
 replica can replay them from any point and follow the live ones (a follower on the running
-replica reads after each write; elsewhere it reads every ``poll_seconds``). The lease is renewed every third
+replica is woken by each write and takes the written events from memory; elsewhere it reads the
+store every ``poll_seconds``). The lease is renewed every third
 of its life; every replica scans the registry as often, and takes a job whose lease lapsed (its
 runner died) and resumes it from the events and the KV stored so far (the job kind's ``resume``).
 Cancelling marks the job in the store; its runner stops at once when the cancel reaches its own
@@ -247,7 +248,13 @@ class BackgroundRunner:
         at = after + 1
         idle = 0.0
         while True:
-            items = await self.jobs.read_events(tenant, job_id, at)
+            run = self._runs.get((tenant, job_id))
+            written = run.written if run is not None else None  # before the read: no write missed
+            if run is not None and at <= len(run.history):
+                # It runs here: what it wrote to the store is also in its memory.
+                items = run.history[at:at + 1000]
+            else:
+                items = await self.jobs.read_events(tenant, job_id, at)
             for item in items:
                 if "end" in item:
                     return
@@ -256,10 +263,9 @@ class BackgroundRunner:
             if items:
                 idle = 0.0
                 continue
-            run = self._runs.get((tenant, job_id))
-            if run is not None:  # it runs here: wait for its next write
+            if written is not None:  # it runs here: wait for its next write
                 try:
-                    await asyncio.wait_for(run.written.wait(), 1.0)
+                    await asyncio.wait_for(written.wait(), 1.0)
                 except asyncio.TimeoutError:
                     pass
                 continue
