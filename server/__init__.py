@@ -27,17 +27,18 @@ def build_app() -> FastAPI:
     for extra in (records, openai, responses, playground, health):
         app.include_router(extra.router)
 
+    def background():
+        return getattr(getattr(app.state, "runtime", None), "background", None)
+
     @app.on_event("startup")
     async def _start_background() -> None:  # on the server's loop: take over dead replicas' jobs
-        rt = getattr(app.state, "runtime", None)
-        if rt is not None:
-            rt.background.start_watching()
+        if background() is not None:
+            background().start_watching()
 
     @app.on_event("shutdown")
-    async def _stop_background() -> None:
-        rt = getattr(app.state, "runtime", None)
-        if rt is not None:
-            await rt.close_background()
+    async def _stop_background() -> None:  # its jobs go on elsewhere, or after a restart
+        if background() is not None:
+            await background().close()
 
     @app.exception_handler(ServingError)
     async def _serving_error(_: Request, exc: ServingError):

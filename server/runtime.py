@@ -83,10 +83,6 @@ class Runtime:
             raise Unauthorized("invalid API key")
         return tenant_of(match)
 
-    async def close_background(self) -> None:
-        """Stop running and taking background jobs (another replica, or a restart, goes on)."""
-        await self.background.close()
-
     # Set when shutdown begins, so /health answers 503 before the engine stops.
     is_closing: bool = False
 

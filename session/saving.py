@@ -53,7 +53,8 @@ def block_saver(store: KVStore, observer: SessionObserver, req: GenerateRequest,
         observer.on_store_write(saved.seconds, saved.nbytes, saved.ok)
 
     def on_block(start: int, token_ids: list[int], keys: list, values: list) -> None:
-        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(save(start, token_ids, keys, values)))
+        if not loop.is_closed():  # a server shutting down: the finish's save (if any) has it all
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(save(start, token_ids, keys, values)))
 
     return on_block
 

@@ -6,7 +6,8 @@ import asyncio
 
 import torch
 
-from model.types import EngineRequest, GenerateRequest, SamplingParams
+from model.types import EngineRequest, SamplingParams
+from session.request import GenerateRequest
 
 
 def run(loop, coro):

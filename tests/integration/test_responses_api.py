@@ -41,7 +41,7 @@ def ask(client: openai.OpenAI, text, previous=None, **kw):
 @pytest.mark.parametrize("extra, param", [
     ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
-    ({"background": True}, "background"),
+    ({"background": True, "store": False}, "background"),  # a background response must be stored
     ({"conversation": "conv_1"}, "conversation"),
     ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
