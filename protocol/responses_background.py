@@ -157,27 +157,46 @@ async def _run(run: JobRun, session: Any, responses: stored.ResponseStore, frame
     return await _finish(run, responses, framer, stream, prior)
 
 
+def _status(run: JobRun, framer: rs.ResponseObject, stream: RequestStream | None,
+            items: list[dict[str, Any]], ids: list[int]) -> str:
+    if run.is_cancelled:
+        return "cancelled"
+    if stream is not None:
+        if stream.error or stream.finish_reason == "error":
+            return "failed"
+        return "incomplete" if stream.finish_reason == "length" else "completed"
+    # Resumed after the generation was over: as its events say, else by its length.
+    done = [it["e"]["response"]["status"] for it in items
+            if (it.get("e") or {}).get("response", {}).get("status") in TERMINAL]
+    if done:
+        return done[-1]
+    return "incomplete" if len(ids) >= framer.params.max_new_tokens else "completed"
+
+
+def _closing_events(run: JobRun, framer: rs.ResponseObject, status: str, text: str, seen: set[str]) -> None:
+    """The done events of the text, its part and its item (those not stored yet)."""
+    item_status = "completed" if status == "completed" else "incomplete"
+    tail = [("response.output_text.done", lambda: framer.item_event("response.output_text.done", text=text,
+                                                                      logprobs=[])),
+            ("response.content_part.done", lambda: framer.item_event("response.content_part.done",
+                                                                       part=framer.part(text))),
+            ("response.output_item.done", lambda: framer.event("response.output_item.done", output_index=0,
+                                                                 item=framer.message(item_status, text)))]
+    for kind, make in tail:
+        if kind not in seen:
+            run.emit(make())
+
+
 async def _finish(run: JobRun, responses: stored.ResponseStore, framer: rs.ResponseObject,
                   stream: RequestStream | None, prior: int = 0) -> str:
-    """The closing events not yet stored, and the final record."""
+    """The closing events not yet stored, and the final record (written before the last event, so
+    a client that continues the response as soon as it sees the end finds it stored)."""
     if run.is_abandoned:
         return "abandoned"
     items = run.history + run._pending
     text, ids = so_far(items)
     seen = {it["e"]["type"] for it in items if "e" in it}
-    if run.is_cancelled:
-        status = "cancelled"
-    elif stream is not None and (stream.error or stream.finish_reason == "error"):
-        status = "failed"
-    elif stream is not None:
-        status = "incomplete" if stream.finish_reason == "length" else "completed"
-    else:
-        p = framer.params
-        status = "incomplete" if len(ids) >= p.max_new_tokens else "completed"
-        done = [it["e"] for it in items if it.get("e", {}).get("type", "").startswith("response.") and
-                it["e"].get("response", {}).get("status") in TERMINAL]
-        if done:
-            status = done[-1]["response"]["status"]
+    status = _status(run, framer, stream, items, ids)
     prompt_ids = run.job["prompt_ids"]
     if stream is not None:  # every generated token, one without text (an EOS) too
         all_ids = list(stream.token_ids)
@@ -185,22 +204,13 @@ async def _finish(run: JobRun, responses: stored.ResponseStore, framer: rs.Respo
     else:
         all_ids, generated = prompt_ids + ids, len(ids)
     u = Usage(prompt_tokens=len(prompt_ids), completion_tokens=generated, cached_tokens=run.job["cached_tokens"])
-    error = (stream.error or "generation failed") if status == "failed" else None
+    error = ((stream.error if stream is not None else None) or "generation failed") if status == "failed" else None
     final = framer.response(status, text, u, error=error)
-    if status == "failed":
+    if status == "failed" and "response.failed" not in seen:
         run.emit(framer.event("error", code="server_error", message=error, param=None))
         run.emit(framer.event("response.failed", response=final))
-    elif status != "cancelled":
-        item_status = "completed" if status == "completed" else "incomplete"
-        tail = [("response.output_text.done", lambda: framer.item_event("response.output_text.done", text=text,
-                                                                          logprobs=[])),
-                ("response.content_part.done", lambda: framer.item_event("response.content_part.done",
-                                                                           part=framer.part(text))),
-                ("response.output_item.done", lambda: framer.event("response.output_item.done", output_index=0,
-                                                                     item=framer.message(item_status, text)))]
-        for kind, make in tail:
-            if kind not in seen:
-                run.emit(make())
+    elif status in ("completed", "incomplete"):
+        _closing_events(run, framer, status, text, seen)
     answer = {"role": "assistant", "content": text}
     rec = stored.StoredResponse(final, run.job["messages"] + [answer], run.job["input_items"], all_ids)
     try:

@@ -97,6 +97,7 @@ class PrometheusObserver(EngineObserver, SessionObserver, BackgroundObserver):
         self.rejected = Counter(PREFIX + "request_rejected",
                                 "Requests answered 429 because the waiting queue was full.")
         self._store_metrics(Counter, Histogram)
+        self._background_metrics(Counter, Gauge)
 
     def _store_metrics(self, Counter, Histogram) -> None:  # noqa: N803 (prometheus_client's classes)
         """The session's: lookups, reuse, prefix hits, store reads and writes."""
@@ -126,6 +127,9 @@ class PrometheusObserver(EngineObserver, SessionObserver, BackgroundObserver):
         self.write_bytes = Counter(PREFIX + "kv_store_write_bytes", "Bytes of KV records written.")
         self.write_failures = Counter(PREFIX + "kv_store_write_failures",
                                       "KV record writes lost because the store was unavailable.")
+
+    def _background_metrics(self, Counter, Gauge) -> None:  # noqa: N803 (prometheus_client's classes)
+        """The background runner's: responses by event, and those running here."""
         self.background = Counter(PREFIX + "background_responses", "Background responses by event: queued "
                                   "(created), taken_over (resumed from a dead replica's store), cancelled, done.",
                                   ["event"])
