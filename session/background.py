@@ -94,12 +94,12 @@ class BackgroundRunner:
         self._ensure_watching()
         token = uuid.uuid4().hex
         try:
+            # The lease first: a watcher that finds the registry record finds it held.
+            if not await self.jobs.claim(tenant, job_id, token):
+                raise StoreUnavailable("a fresh job's lease is held")  # ids are random: cannot happen
             await self.jobs.put_job(tenant, job_id, job)
-            claimed = await self.jobs.claim(tenant, job_id, token)
         except BackendUnavailable:
             raise StoreUnavailable() from None
-        if not claimed:
-            raise StoreUnavailable("a fresh job's lease is held")  # ids are random: cannot happen
         run = JobRun(tenant, job_id, job, [], token)
         self.observer.on_background("queued")
         self._start(run, work)
