@@ -69,9 +69,11 @@ async def retrieve(request: Request, response_id: str):
         items = await rt.background.events_so_far(tenant, response_id)
         if not is_stream:
             return JSONResponse(rb.progress(rec.response, items))
-        if items is None:
+        if not rec.response.get("background"):
             raise BodyError("stream: only a background response's events can be streamed again", param="stream")
-        num_events = len(items) - (1 if "end" in items[-1] else 0)
+        # A job whose runner has not written its first events yet has none so far: follow from the start.
+        items = items or []
+        num_events = len(items) - (1 if items and "end" in items[-1] else 0)
         if after >= num_events:
             raise BodyError(f"starting_after: {after} is beyond the last event ({num_events - 1})",
                             param="starting_after")
