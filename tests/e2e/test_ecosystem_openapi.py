@@ -17,7 +17,7 @@ def spec(server) -> dict:
     return r.json()
 
 
-BODYLESS = {"/api/stop/{request_id}"}  # POST routes that take no body
+BODYLESS = {"/api/stop/{request_id}", "/v1/responses/{response_id}/cancel"}  # POST routes that take no body
 
 
 def _posts(doc: dict) -> dict[str, dict]:
