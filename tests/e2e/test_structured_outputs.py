@@ -128,7 +128,9 @@ def test_refusals_name_the_field_and_a_slow_compile_is_a_400(client):
     assert "one output constraint" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="m", prompt="x", extra_body={"guided_json": SLOW_SCHEMA})
-    assert "did not compile within" in e.value.body["message"] and e.value.body["param"] == "guided_json"
+    # Past the timeout on a busy machine; on an idle one llguidance's own size limit refuses it first.
+    assert e.value.body["param"] == "guided_json"
+    assert any(why in e.value.body["message"] for why in ("did not compile within", "too big")), e.value.body
     assert client.completions.create(model="m", prompt="still up", max_tokens=3).choices[0].text is not None
 
 
