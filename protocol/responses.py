@@ -304,24 +304,50 @@ def response_status(finish_reason: str | None, error: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
+class TextOutput:
+    """The one message item of an answer without tools, streamed as its text comes."""
+
+    def __init__(self, framer: ResponseObject) -> None:
+        self.framer = framer
+        self.text = ""
+
+    def open(self) -> list[dict[str, Any]]:
+        f = self.framer
+        return [f.event("response.output_item.added", output_index=0, item=f.message("in_progress", None)),
+                f.item_event("response.content_part.added", part=f.part(""))]
+
+    def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
+        self.text += text
+        return [self.framer.item_event("response.output_text.delta", delta=text, logprobs=[])] if text else []
+
+    def close(self, item_status: str) -> list[dict[str, Any]]:
+        f, text = self.framer, self.text
+        return [f.item_event("response.output_text.done", text=text, logprobs=[]),
+                f.item_event("response.content_part.done", part=f.part(text)),
+                f.event("response.output_item.done", output_index=0, item=f.message(item_status, text))]
+
+
 async def events(stream: SessionStream, framer: ResponseObject,
-                 on_done: Callable[[dict[str, Any]], Awaitable[None]]) -> AsyncIterator[dict[str, Any]]:
+                 on_done: Callable[[dict[str, Any]], Awaitable[None]],
+                 out: "TextOutput | rtools.Output | None" = None) -> AsyncIterator[dict[str, Any]]:
     """The stream events of one response, in OpenAI's order, ending with ``response.completed``,
-    ``response.incomplete`` or (after an ``error`` event) ``response.failed``.
+    ``response.incomplete`` or (after an ``error`` event) ``response.failed``. ``out`` frames the
+    output items (default: one text message; ``rtools.Output`` for answers that may call tools).
 
     ``on_done(final_response)`` runs before the last event of a response that did not fail, so a
     client that continues it as soon as it sees the end finds it stored. A client that goes away
     aborts the sequence.
     """
+    out = out if out is not None else TextOutput(framer)
     yield framer.event("response.created", response=framer.response("in_progress"))
     yield framer.event("response.in_progress", response=framer.response("in_progress"))
-    yield framer.event("response.output_item.added", output_index=0, item=framer.message("in_progress", None))
-    yield framer.item_event("response.content_part.added", part=framer.part(""))
+    for ev in out.open():
+        yield ev
     error = None
     try:
         async for delta in stream:
-            if delta.text:
-                yield framer.item_event("response.output_text.delta", delta=delta.text, logprobs=[])
+            for ev in out.feed(delta.text, final=delta.finish_reason is not None):
+                yield ev
             if delta.error:
                 error = delta.error
     except (asyncio.CancelledError, GeneratorExit):
@@ -337,11 +363,9 @@ async def events(stream: SessionStream, framer: ResponseObject,
         yield framer.event("response.failed", response=framer.response("failed", stream.text, stream.usage,
                                                                          error=error))
         return
-    text, item_status = stream.text, "completed" if status == "completed" else "incomplete"
-    final = framer.response(status, text, stream.usage)
-    yield framer.item_event("response.output_text.done", text=text, logprobs=[])
-    yield framer.item_event("response.content_part.done", part=framer.part(text))
-    yield framer.event("response.output_item.done", output_index=0, item=framer.message(item_status, text))
+    for ev in out.close("completed" if status == "completed" else "incomplete"):
+        yield ev
+    final = framer.response(status, stream.text, stream.usage)
     await on_done(final)
     yield framer.event(f"response.{status}", response=final)
 
@@ -433,7 +457,7 @@ class Responses(Dialect):
                 log.warning("the KV store is unavailable: response %s is answered but not stored", st["response_id"])
 
         if body.calls_tools:
-            return rtools.events(started.stream, st["framer"], keep, response_status)
+            return events(started.stream, st["framer"], keep, rtools.Output(st["framer"]))
         return events(started.stream, st["framer"], keep)
 
     async def frames(self, call: Call, streams: list[SessionStream]) -> AsyncIterator[bytes]:

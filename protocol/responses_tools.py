@@ -6,15 +6,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
 
-from session.session import SessionStream
 from protocol.common import BodyError
 from model.constraint import ConstraintSpec
 from model.types import InvalidRequest
@@ -22,7 +18,6 @@ from protocol import tools
 from protocol.structured import from_response_format
 from protocol.tools import CallStream, FunctionDef, ToolCall, split_calls, supports_tools
 
-log = logging.getLogger("kvbento.protocol")
 
 
 def functions(tools: list[Any] | None) -> list[FunctionDef]:
@@ -129,41 +124,7 @@ def output(framer: Any, item_status: str, text: str) -> list[dict[str, Any]]:
     return items + [call_item(c, framer.call_item_id(i)) for i, c in enumerate(calls)]
 
 
-async def events(stream: SessionStream, framer: Any, on_done: Callable[[dict[str, Any]], Awaitable[None]],
-                 status_of: Callable[[str | None, str | None], str]) -> AsyncIterator[dict[str, Any]]:
-    """The stream events of a response that may call tools: the text (if any) as a message item,
-    then each call as a ``function_call`` item, all in OpenAI's order with rising sequence numbers."""
-    yield framer.event("response.created", response=framer.response("in_progress"))
-    yield framer.event("response.in_progress", response=framer.response("in_progress"))
-    out = _Output(framer)
-    error = None
-    try:
-        async for delta in stream:
-            for ev in out.feed(delta.text, final=delta.finish_reason is not None):
-                yield ev
-            if delta.error:
-                error = delta.error
-    except (asyncio.CancelledError, GeneratorExit):
-        stream.cancel()
-        raise
-    except Exception as exc:  # an exception must not end the stream silently
-        log.exception("stream failed")
-        error = f"{type(exc).__name__}: {exc}"
-    status = status_of(stream.finish_reason, error)
-    if status == "failed":
-        error = error or "generation failed"
-        yield framer.event("error", code="server_error", message=error, param=None)
-        yield framer.event("response.failed", response=framer.response("failed", stream.text, stream.usage,
-                                                                         error=error))
-        return
-    for ev in out.close("completed" if status == "completed" else "incomplete"):
-        yield ev
-    final = framer.response(status, stream.text, stream.usage)
-    await on_done(final)
-    yield framer.event(f"response.{status}", response=final)
-
-
-class _Output:
+class Output:
     """The output items of one streamed answer, opened and closed as its text comes."""
 
     def __init__(self, framer: Any) -> None:
@@ -171,6 +132,9 @@ class _Output:
         self.reader = CallStream()
         self.items: list[dict[str, Any]] = []
         self.text_open = False
+
+    def open(self) -> list[dict[str, Any]]:
+        return []  # items open as their text shows what they are
 
     def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
         f, out = self.framer, []
