@@ -169,7 +169,7 @@ def kernel_name() -> str:
 def _compile(out: Path) -> bool:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        log.info("no C compiler: decode attention uses torch bmm")
+        log.info("no C compiler: paged attention uses the torch path")
         return False
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
