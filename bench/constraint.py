@@ -22,7 +22,7 @@ from model.types import SamplingParams
 from session.request import GenerateRequest
 from protocol.tools import FunctionDef, constraint as tool_constraint
 from session import Session
-from tests.integration.test_constraint import SCHEMAS
+from bench.schemas import SCHEMAS
 
 # Long enough to keep every row decoding for the whole measurement.
 LONG = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 100, "maxItems": 100}

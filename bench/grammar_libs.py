@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from model.constraint import ConstraintSpec
-from tests.integration.test_constraint import SCHEMAS
+from bench.schemas import SCHEMAS
 
 STEPS = 60
 
