@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-vllm", action="store_true",
                    help="skip vLLM's CPU build (else installed on first use into var/, see bench/vllm.py)")
     a = p.parse_args(argv)
+    # A SIGTERM (a hang guard, a Ctrl-C'd make) unwinds through the finally blocks that stop the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from model import bundled
     from transformers import AutoConfig, AutoTokenizer
