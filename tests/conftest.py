@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,13 +40,21 @@ def server_factory(tiny_model_dir, tmp_path_factory):
         return server.start()
 
     yield make
-    for s in started:
-        s.stop()
+    stop_all(started)
 
 
-@pytest.fixture(scope="module")
+def stop_all(servers: list[ServeProcess]) -> None:
+    """Stop servers at once: each stop waits up to its grace for the process tree to exit."""
+    if servers:
+        with ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(lambda s: s.stop(), servers))
+
+
+@pytest.fixture(scope="session")
 def server(server_factory) -> ServeProcess:
-    """One default server per test module."""
+    """The default server (no API keys, a disk store), shared by every module that needs no other
+    settings: each `bentoml serve` costs a model load and seconds of start-up. Tests name their own
+    request_ids; its cache directory is ``server.env["KVBENTO_CACHE_URL"]``."""
     return server_factory()
 
 

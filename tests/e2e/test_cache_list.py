@@ -18,7 +18,9 @@ def redis_srv(redis_server_factory):
 
 @pytest.fixture(scope="module")
 def srv(server_factory, redis_srv):
-    return server_factory({"KVBENTO_API_KEYS": f"{KEY_A},{KEY_B}", "KVBENTO_CACHE_URL": redis_srv.url})
+    s = server_factory({"KVBENTO_API_KEYS": f"{KEY_A},{KEY_B}", "KVBENTO_CACHE_URL": redis_srv.url})
+    yield s
+    s.stop()  # its Redis is killed below: it serves nothing else
 
 
 def auth(key: str) -> dict[str, str]:

@@ -17,8 +17,8 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def srv(server_factory):
-    return server_factory({"KVBENTO_API_KEYS": KEY})
+def srv(keyed_server):
+    return keyed_server  # KEY is one of its SHARED_KEYS (tests/e2e/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ PROMPT = "List 3 things to do in London."  # its greedy output on the tiny model
 
 
 @pytest.fixture(scope="module")
-def srv(server_factory):
-    return server_factory({"KVBENTO_API_KEYS": KEY})
+def srv(keyed_server):
+    return keyed_server  # KEY is one of its SHARED_KEYS (tests/e2e/conftest.py)
 
 
 def run_client(code: str, env: dict[str, str] | None = None) -> str:

@@ -23,8 +23,8 @@ READER = Path(__file__).parent / "js" / "generic_v1_reader.mjs"
 
 
 @pytest.fixture(scope="module")
-def srv(server_factory):
-    return server_factory({"KVBENTO_API_KEYS": KEY})
+def srv(keyed_server):
+    return keyed_server  # KEY is one of its SHARED_KEYS (tests/e2e/conftest.py)
 
 
 def sse_events(resp: requests.Response) -> list[str]:

@@ -3,6 +3,8 @@ are served: cache misses then hits, prompt and generated tokens, latency histogr
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,6 +24,18 @@ def scrape(url: str) -> dict[str, float]:
                     continue  # buckets: the _count and _sum samples are enough here
                 out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
+
+
+def idle(url: str, timeout: float = 60) -> dict[str, float]:
+    """A scrape once nothing runs or waits: the server is shared, and a module before this one may
+    have left aborted streams finishing (the deltas below must be this test's own)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(url)
+        if m["kvbento_num_requests_running"] == m["kvbento_num_requests_waiting"] == 0:
+            return m
+        assert time.monotonic() < deadline, "the server did not become idle"
+        time.sleep(0.2)
 
 
 def generate(url: str, request_id: str, n: int) -> dict:
@@ -58,7 +72,7 @@ def test_engine_info_names_the_dtype_health_reports(server):
 
 
 def test_metrics_move_as_requests_are_served(server):
-    before = scrape(server.url)
+    before = idle(server.url)
     generate(server.url, "metrics-1", 6)  # a new request_id: miss, then a write
     mid = scrape(server.url)
     generate(server.url, "metrics-1", 5)  # the same request_id: hit, continued
@@ -92,7 +106,7 @@ def test_metrics_move_as_requests_are_served(server):
 
 
 def test_request_without_request_id_counts_tokens_and_one_store_lookup(server):
-    before = scrape(server.url)
+    before = idle(server.url)
     r = requests.post(server.url + "/v1/completions", timeout=60,
                       json={"prompt": "metrics move", "max_tokens": 3, "stream": False})
     assert r.status_code == 200, r.text[:300]

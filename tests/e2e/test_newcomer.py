@@ -14,8 +14,8 @@ NAME = "acme/tiny-chat"
 
 
 @pytest.fixture(scope="module")
-def srv(server_factory):
-    return server_factory({"KVBENTO_MODEL_NAME": NAME})
+def srv(tuned_server):
+    return tuned_server  # KVBENTO_MODEL_NAME is NAME there
 
 
 def post(srv, path: str, body: dict) -> dict:

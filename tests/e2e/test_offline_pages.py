@@ -28,8 +28,8 @@ CSS_URL = re.compile(r"""url\(\s*["']?([^"')]+)|@import\s+["']([^"']+)""", re.IG
 
 
 @pytest.fixture(scope="module")
-def srv(server_factory):
-    return server_factory()
+def srv(server):
+    return server
 
 
 def external(text: str) -> list[str]:

@@ -18,7 +18,9 @@ LONG = {"max_new_tokens": 300, "min_new_tokens": 300}
 
 @pytest.fixture(scope="module")
 def small_server(server_factory):
-    return server_factory({"KVBENTO_MAX_BATCH_SIZE": str(BATCH), "KVBENTO_MAX_QUEUE": str(QUEUE)})
+    s = server_factory({"KVBENTO_MAX_BATCH_SIZE": str(BATCH), "KVBENTO_MAX_QUEUE": str(QUEUE)})
+    yield s
+    s.stop()  # free the CPU and memory for the modules that follow
 
 
 def _assert_429(r: requests.Response) -> None:

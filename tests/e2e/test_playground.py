@@ -52,7 +52,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def srv(server_factory):
-    return server_factory()
+    # Its own: the cache panel lists the public tenant's records, which other modules fill elsewhere.
+    s = server_factory()
+    yield s
+    s.stop()
 
 
 def wait_for(driver, js: str, timeout: float = WAIT_S, what: str = ""):
@@ -247,8 +250,8 @@ KEY = "playground-key"
 
 
 @pytest.fixture(scope="module")
-def keyed_srv(server_factory):
-    return server_factory({"KVBENTO_API_KEYS": KEY})
+def keyed_srv(keyed_server):
+    return keyed_server  # KEY is one of its SHARED_KEYS (tests/e2e/conftest.py)
 
 
 def test_playground_asks_for_a_key_on_401_and_keeps_it_for_the_tab(browser, keyed_srv):

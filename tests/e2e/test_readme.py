@@ -66,8 +66,8 @@ def run(example: Example, url: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def srv(server_factory):
-    return server_factory()
+def srv(server):
+    return server
 
 
 def test_readme_has_examples():

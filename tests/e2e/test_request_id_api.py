@@ -18,13 +18,14 @@ GREEDY = {"do_sample": False}
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("kv-request-id")
+def srv(server):
+    return server
 
 
 @pytest.fixture(scope="module")
-def srv(server_factory, cache_dir):
-    return server_factory(cache_dir=cache_dir)
+def cache_dir(srv) -> str:
+    """The directory of the server's disk store (its records are damaged on purpose below)."""
+    return srv.env["KVBENTO_CACHE_URL"].removeprefix("disk://")
 
 
 def gen(srv, rid, n, *, stream=False, only_new=True, prompt=PROMPT, **cfg):
@@ -163,13 +164,10 @@ def test_duplicate_request_ids_in_batch_refused(srv):
     assert r.status_code == 400 and "more than once" in r.json()["error"]["message"]
 
 
-def test_record_survives_a_server_restart(server_factory, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("kv-restart")
-    first = server_factory(cache_dir=cache)
-    a = gen(first, "restart", 12).json()["response"]
-    first.stop()
-    second = server_factory(cache_dir=cache)
-    b = gen(second, "restart", 12)
+def test_record_survives_a_server_restart(srv):
+    a = gen(srv, "restart", 12).json()["response"]
+    srv.stop()  # a new process on the same store: nothing of the first one's memory survives
+    srv.start()
+    b = gen(srv, "restart", 12)
     assert b.headers["X-KV-Cache"] == "hit"
-    assert a + b.json()["response"] == gen(second, "restart-ref", 24).json()["response"]
-    second.stop()
+    assert a + b.json()["response"] == gen(srv, "restart-ref", 24).json()["response"]

@@ -17,8 +17,8 @@ REPLICA = "replica-a.1"
 
 
 @pytest.fixture(scope="module")
-def srv(server_factory):
-    return server_factory({"KVBENTO_REPLICA_ID": REPLICA})
+def srv(tuned_server):
+    return tuned_server  # KVBENTO_REPLICA_ID is REPLICA there
 
 
 def gen(srv, n: int, *, rid: str | None = None, header: str | None = None, stream: bool = False):

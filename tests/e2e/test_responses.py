@@ -21,13 +21,8 @@ TAIL = ["response.output_text.done", "response.content_part.done", "response.out
 
 
 @pytest.fixture(scope="module")
-def replicas(server_factory, redis_url):
-    env = {"KVBENTO_CACHE_URL": redis_url, "KVBENTO_API_KEYS": f"{KEY_A},{KEY_B}",
-           "KVBENTO_CACHE_BLOCK_TOKENS": "16"}
-    servers = [server_factory(env), server_factory(env)]
-    yield servers
-    for s in servers:  # free the CPU and memory for the modules that follow
-        s.stop()
+def replicas(redis_pair):
+    return redis_pair  # its keys are KEY_A and KEY_B (tests/e2e/conftest.py)
 
 
 def sdk(server, key: str = KEY_A) -> openai.OpenAI:
@@ -143,15 +138,11 @@ def test_bench_responses_turns_runs(replicas):
     assert table(rows).count("\n") == 4
 
 
-def test_continues_on_a_replica_started_after_the_answer(server_factory, redis_url):
-    env = {"KVBENTO_CACHE_URL": redis_url, "KVBENTO_API_KEYS": KEY_A, "KVBENTO_CACHE_BLOCK_TOKENS": "16"}
-    first = server_factory(env)
-    r1 = turn(sdk(first), 0, None, "create")
-    first.stop()  # the process that answered is gone: only Redis holds the conversation
-    second = server_factory(env)
-    try:
-        r2 = turn(sdk(second), 1, r1.id, "stream")
-        assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.total_tokens - 16
-        assert sdk(second).responses.retrieve(r1.id).output_text == r1.output_text
-    finally:
-        second.stop()
+def test_continues_on_a_replica_started_after_the_answer(replicas):
+    server = replicas[0]
+    r1 = turn(sdk(server), 0, None, "create")
+    server.stop()  # the process that answered is gone: only Redis holds the conversation
+    server.start()  # a new process, started after the answer
+    r2 = turn(sdk(server), 1, r1.id, "stream")
+    assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.total_tokens - 16
+    assert sdk(server).responses.retrieve(r1.id).output_text == r1.output_text

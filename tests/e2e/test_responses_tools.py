@@ -18,15 +18,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 WEATHER = {"type": "function", "name": "get_weather", "parameters": TOOL_SCHEMAS["get_weather"], "strict": True}
 CLOCK = {"type": "function", "name": "get_time", "parameters": TOOL_SCHEMAS["get_time"]}
+KEY = "resp-key-alpha"  # one of the shared replica pair's PAIR_KEYS (tests/e2e/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def replicas(server_factory, redis_url):
-    env = {"KVBENTO_CACHE_URL": redis_url, "KVBENTO_CACHE_BLOCK_TOKENS": "16"}
-    servers = [server_factory(env), server_factory(env)]
-    yield [openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120) for s in servers]
-    for s in servers:
-        s.stop()
+def replicas(redis_pair):
+    return [openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=120) for s in redis_pair]
 
 
 def test_text_format_json_schema_and_parse(replicas):

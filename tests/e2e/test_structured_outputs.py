@@ -35,8 +35,8 @@ SLOW_SCHEMA = {"enum": [f"v{i}-{i * 7919 % 100003}" for i in range(100_000)]}
 
 
 @pytest.fixture(scope="module")
-def server(server_factory):
-    return server_factory({"KVBENTO_GRAMMAR_COMPILE_TIMEOUT": "1"})
+def server(tuned_server):
+    return tuned_server  # KVBENTO_GRAMMAR_COMPILE_TIMEOUT is 1 there
 
 
 @pytest.fixture(scope="module")
