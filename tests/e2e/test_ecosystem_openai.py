@@ -143,18 +143,23 @@ def test_echo_stop_and_seed(client):
 
 
 @pytest.fixture(scope="module")
-def tiny_forward(tiny_model_dir):
-    """Token ids and log-softmax of the tiny model's own forward over a text."""
+def tiny_forward(tiny_model_dir, server):
+    """Token ids and log-softmax of the tiny model's own forward over a text, in the server's dtype
+    (its /health says which: bf16 where the CPU multiplies bf16 natively), and the tolerance two
+    implementations of one forward meet in that dtype (bf16 keeps 8 bits of mantissa)."""
+    import httpx
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = httpx.get(server.url + "/health", timeout=10).json()["dtype"]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype)).eval()
 
     def forward(text):
         ids = tok(text).input_ids
         with torch.inference_mode():
             return ids, model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    forward.tolerance = 1e-3 if dtype == "float32" else 0.15
     return forward
 
 
@@ -172,8 +177,9 @@ def test_echo_with_logprobs_reports_the_prompts_logprobs(client, tiny_forward):
     assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
     prompt_lps = got.token_logprobs[1:n]
     assert all(x < 0 for x in prompt_lps)
-    assert prompt_lps == pytest.approx([float(lp[i - 1, ids[i]]) for i in range(1, n)], abs=1e-3)
-    assert all(len(t) == 2 and max(t.values()) == pytest.approx(float(lp[i].max()), abs=1e-3)
+    tol = tiny_forward.tolerance
+    assert prompt_lps == pytest.approx([float(lp[i - 1, ids[i]]) for i in range(1, n)], abs=tol)
+    assert all(len(t) == 2 and max(t.values()) == pytest.approx(float(lp[i].max()), abs=tol)
                for i, t in enumerate(got.top_logprobs[1:n]))
     # Offsets index the echoed text (the BOS takes no room); the completion's tokens follow.
     assert all(prompt[o:].startswith(t) for t, o in zip(got.tokens[1:n], got.text_offset[1:n]))

@@ -99,13 +99,17 @@ def test_alone_equals_batched_and_continues_through_the_store(arch, loop):
 
 
 def test_the_engine_matches_the_hf_forward(arch, loop):
-    """Greedy through the engine (prompt prefilled in chunks across blocks) equals HF generate."""
+    """Greedy through the engine (prompt prefilled in chunks across blocks) picks, at every step, the
+    token the HF forward over the same sequence ranks first: exactly in fp32; in bf16, where two
+    implementations of one forward differ by rounding, within a bf16 rounding of the top logit."""
     name, session = arch
     m = session.engine.m
     prompt = PROMPTS[2] + PROMPTS[3]
     got = run(loop, generate(session, [req(prompt, 12)]))[0]
-    ids = m.tokenizer(prompt, return_tensors="pt").input_ids
+    ids = m.tokenizer(prompt).input_ids
     with torch.inference_mode():
-        out = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                               eos_token_id=None, pad_token_id=2)
-    assert got == out[0, ids.shape[1]:].tolist(), name
+        logits = m.model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1].float()
+    top = logits.max(-1).values
+    chosen = logits.gather(-1, torch.tensor(got)[:, None])[:, 0]
+    tol = 0.0 if m.dtype == torch.float32 else 4 * 2.0 ** -8 * top.abs()
+    assert bool((chosen >= top - tol).all()), (name, (top - chosen).tolist())
