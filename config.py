@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     background_ttl: float = Field(default=86400.0, gt=0)
     # How often a background response's events are written to the store and read by a follower.
     background_poll_seconds: float = Field(default=0.05, gt=0, le=5)
+    # Seconds a streamed /api/generate whose client went away goes on generating, resumable by its
+    # request_id (POST /api/generate/resume), and a finished one's text stays resumable; 0 = off
+    # (a disconnect aborts at once). Nobody resuming: the record keeps the delivered tokens.
+    resume_grace_seconds: float = Field(default=10.0, ge=0, le=600)
     # This process's id in the X-KV-Replica answer header; empty = a hash of host name and pid.
     replica_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
 

@@ -1,7 +1,9 @@
-"""The request-id cache API (seed: request-id-cache-api.txt): /api/generate and /api/generate-batch."""
+"""The request-id cache API (seed: request-id-cache-api.txt): /api/generate and /api/generate-batch,
+and kvbento's resume of a stream whose client went away (``ResumeBody``, session/resume.py)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
@@ -73,6 +75,15 @@ class GenerateBody(BaseModel):
     only_new_tokens: bool = True
     stream_response: bool = True
     generation_config: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class ResumeBody(BaseModel):
+    """``POST /api/generate/resume``: the text of request_id's stream from character ``offset`` on."""
+
+    model_config = STRICT
+
+    request_id: str = RequestId
+    offset: int = Field(default=0, ge=0, description="characters of the streamed text the client already has")
 
 
 class BatchItem(BaseModel):
@@ -152,8 +163,36 @@ class RequestIdApi(Dialect):
 
     async def requests(self, call: Call) -> list[GenerateRequest]:
         b = call.body
-        return [to_engine(b.request_id, b.prompt, b.generation_config, call.defaults, call.tenant,
-                          append=b.append, parent_request_id=b.parent_request_id)]
+        req = to_engine(b.request_id, b.prompt, b.generation_config, call.defaults, call.tenant,
+                        append=b.append, parent_request_id=b.parent_request_id)
+        if "resumable" in call.state:
+            req.finish_gate = call.state["resumable"].gate
+        return [req]
+
+    async def start(self, call: Call, session: Any) -> list[SessionStream]:
+        """A streamed call is resumable (when resuming is on): its text is kept for a client that
+        comes back, and a new call on the request_id ends the previous one's grace window."""
+        resume = call.resume
+        if resume is None or not resume.is_enabled or not self.is_stream(call.body):
+            return await super().start(call, session)
+        entry = call.state["resumable"] = await resume.open(call.tenant, call.body.request_id)
+        try:
+            return await super().start(call, session)
+        except BaseException:
+            resume.forget(entry)
+            raise
+
+    async def frames(self, call: Call, streams: list[SessionStream]) -> AsyncIterator[bytes]:
+        entry = call.state.get("resumable")
+        if entry is None:
+            async for frame in super().frames(call, streams):
+                yield frame
+            return
+        framing = self.framing(self, call, streams)
+        entry.begin(streams[0], b"".join(framing.head()).decode(), lambda d: d.text,
+                    lambda message: framing.error(message).decode())
+        async for text in entry.follow(0):
+            yield text.encode()
 
     async def collect(self, call: Call, streams: list[SessionStream]) -> Any:
         """An engine error is part of the answer here (``error`` beside what was generated)."""

@@ -51,6 +51,7 @@ class Call:
     tokenizer: Any
     store: Any = None  # the KV store, for dialects that keep objects of their own (Responses)
     background: Any = None  # session.background.BackgroundRunner, for background responses
+    resume: Any = None  # session.resume.ResumableStreams, for streams a client can pick up again
     state: dict[str, Any] = field(default_factory=dict)  # per-call scratch of the spec
 
     def decode(self, ids: list[int]) -> str:

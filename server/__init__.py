@@ -18,13 +18,13 @@ log = logging.getLogger("kvbento.http")
 
 
 def build_app() -> FastAPI:
-    from server import dialects, health, openai, playground, records, responses
+    from server import dialects, health, openai, playground, records, responses, resume
     from server.replica import ReplicaHeader
 
     app = FastAPI(title="kvbento", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.add_middleware(ReplicaHeader)  # X-KV-Replica on every answer
     app.include_router(dialects.router())  # every dialect's POST paths, from its spec
-    for extra in (records, openai, responses, playground, health):
+    for extra in (records, openai, responses, resume, playground, health):
         app.include_router(extra.router)
 
     def background():

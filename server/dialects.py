@@ -23,7 +23,7 @@ async def serve(spec: Dialect, route: Route, request: Request):
         tenant = rt.tenant(spec.authorization(request.headers.get("authorization")))
         body = await read_body(request, spec.body)
         call = Call(body, tenant, rt.settings.generation_defaults(), rt.settings.served_model_name, rt.model.tokenizer,
-                    rt.store, background=rt.background)
+                    rt.store, background=rt.background, resume=rt.resume)
         streams = await spec.start(call, rt.session)
     except BackendUnavailable:
         return error_response(StoreUnavailable(), spec.error_body)

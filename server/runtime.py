@@ -17,6 +17,7 @@ from model.engine import Engine, EngineConfig, EngineObserver
 from protocol.common import Unauthorized
 from session import Session, SessionObserver
 from session.background import BackgroundObserver, BackgroundRunner
+from session.resume import ResumableStreams
 
 log = logging.getLogger("kvbento")
 
@@ -29,6 +30,7 @@ class Runtime:
     engine: Engine
     session: Session
     background: BackgroundRunner
+    resume: ResumableStreams | None = None
 
     @classmethod
     def start(cls, settings: Settings, observer: EngineObserver | None = None,
@@ -60,7 +62,8 @@ class Runtime:
         log.info("kvbento ready: model %s, cache %s, batch %d, queue %d", settings.model,
                  backend.scheme, settings.max_batch_size, settings.max_queue)
         session = Session(engine, store, observer=session_observer)
-        return cls(settings, m, store, engine, session, background_runner(settings, store, session, observer))
+        return cls(settings, m, store, engine, session, background_runner(settings, store, session, observer),
+                   ResumableStreams(settings.resume_grace_seconds))
 
     def tenant(self, authorization: str | None) -> str:
         """The tenant of a request: checks the bearer key when keys are configured.

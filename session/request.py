@@ -3,9 +3,10 @@ engine knows nothing of."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from model.types import SamplingParams
+from model.types import Finished, SamplingParams
 
 
 @dataclass
@@ -37,3 +38,6 @@ class GenerateRequest:
     # Store each full block of KV as soon as it is computed, not only on finish (a background
     # response: another replica can then go on from it).
     save_blocks_early: bool = False
+    # Wraps the save on finish: ``gate(finished, save)`` may hold it back (a stream whose client
+    # went away, kept for a resume: session/resume.py).
+    finish_gate: Callable[[Finished, Callable[[Finished], Awaitable[None]]], Awaitable[None]] | None = None

@@ -46,6 +46,13 @@ class SessionStream:
         return self.stream.__aiter__()
 
 
+def _gated(gate, save):
+    async def on_finish(done):
+        await gate(done, save)
+
+    return on_finish
+
+
 class Session:
     """Serves ``GenerateRequest``s: lease, prefix restore, engine run, store write."""
 
@@ -161,6 +168,8 @@ class Session:
                 on_finish = saver(self.store, self.observer, r, plan, kv_from, release)
             else:
                 on_finish = releaser(release) if release is not None else None
+            if on_finish is not None and r.finish_gate is not None:
+                on_finish = _gated(r.finish_gate, on_finish)
             on_block = block_saver(self.store, self.observer, r, plan) if available and r.save_blocks_early else None
             out.append(EngineRequest(
                 request_id=r.request_id, token_ids=plan.token_ids, params=r.params,
