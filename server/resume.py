@@ -13,26 +13,28 @@ from server.http import authenticate, error_response, read_body, runtime, stream
 
 router = APIRouter()
 
-_DOC = post_doc(ResumeBody, {"request_id": "chat-42", "offset": 120},
+_DOC = post_doc(ResumeBody, {"request_id": "chat-42", "offset": 4},
                 stream_answer("text/plain", " ...the rest of the poem",
                               "The streamed text from offset on, then the live text to its end"),
                 error_example={"error": {"type": "not_found_error", "param": "request_id",
-                                         "message": "no resumable stream for request_id 'chat-42' on this replica"}})
+                                         "message": "no stream or record for request_id 'chat-42'"}})
 
 
-@router.post("/api/generate/resume", summary="Resume a streamed /api/generate from a character offset", **_DOC)
+@router.post("/api/generate/resume", summary="Resume a streamed /api/generate from a character offset",
+             **_DOC)
 async def resume(request: Request):
     """The text of request_id's stream from ``offset`` on (characters of what was streamed, the
     head included when the call streamed the whole sequence), then the live text to its end.
-    404: no stream of the caller's under request_id on this replica in its grace window; 400: an
-    offset past what was streamed so far."""
+    Past its grace window (or on another replica) the request_id's record answers: the text of
+    the tokens it kept of its last call's output. 404: neither (or another tenant's); 400: an
+    offset past the text so far."""
     rt = runtime(request)
     try:
         tenant = authenticate(request)
         body = await read_body(request, ResumeBody)
         if rt.resume is None:
             raise NotFound("no resumable streams on this server", param="request_id")
-        entry = rt.resume.find(tenant, body.request_id, body.offset)
+        entry = await rt.resume.find(tenant, body.request_id, body.offset)
     except ServingError as exc:
         return error_response(exc)
     text = (chunk.encode() async for chunk in entry.follow(body.offset))

@@ -63,7 +63,8 @@ class Runtime:
                  backend.scheme, settings.max_batch_size, settings.max_queue)
         session = Session(engine, store, observer=session_observer)
         return cls(settings, m, store, engine, session, background_runner(settings, store, session, observer),
-                   ResumableStreams(settings.resume_grace_seconds))
+                   ResumableStreams(settings.resume_grace_seconds, store, lambda ids: m.tokenizer.decode(
+                       ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)))
 
     def tenant(self, authorization: str | None) -> str:
         """The tenant of a request: checks the bearer key when keys are configured.

@@ -4,6 +4,8 @@ A streamed call whose client goes away keeps generating for ``grace_seconds``; a
 by request_id from a character offset of what was streamed, while it runs and for
 ``grace_seconds`` after its end (its text is kept here, on the replica that runs it: the
 request_id's lease and the load balancer's hash on it already pin the request_id to this replica).
+Later, or on another replica, the request_id's record answers with the text of the output tokens
+it kept (what the client got, or all of it once a resumed client read to the end).
 
 When nobody resumes, the record is what it was before resuming existed: the prompt and the tokens
 delivered before the disconnect. A generation still running when the window lapses is aborted
@@ -21,8 +23,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from cache.store import CacheStatus, KVStore
 from model.types import Delta, Finished, InvalidRequest
-from session.errors import NotFound
+from session.errors import NotFound, StoreUnavailable
 
 log = logging.getLogger("kvbento.resume")
 
@@ -71,7 +74,8 @@ class Resumable:
         else:
             self._held = (done, save)
 
-    def begin(self, stream: Any, head: str, render: Callable[[Delta], str], error: Callable[[str], str]) -> None:
+    def begin(self, stream: Any, head: str, render: Callable[[Delta], str],
+              error: Callable[[str], str]) -> None:
         """Read ``stream`` into this record from now on, whether a client reads or not."""
         self.stream = stream
         self._add(head, 0)
@@ -135,8 +139,8 @@ class Resumable:
     def check_offset(self, offset: int) -> None:
         """Raises InvalidRequest for an offset past the text streamed so far."""
         if offset > len(self.text):
-            raise InvalidRequest(f"offset: {offset} is beyond the {len(self.text)} characters streamed so far "
-                                 f"for request_id {self.request_id!r}", param="offset")
+            raise InvalidRequest(f"offset: {offset} is beyond the {len(self.text)} characters streamed so "
+                                 f"far for request_id {self.request_id!r}", param="offset")
 
     # -- the window ----------------------------------------------------------------------------
     def _arm(self) -> None:
@@ -173,8 +177,11 @@ class Resumable:
 class ResumableStreams:
     """This replica's resumable streams, by (tenant, request_id)."""
 
-    def __init__(self, grace_seconds: float) -> None:
+    def __init__(self, grace_seconds: float, store: KVStore | None = None,
+                 decode: Callable[[list[int]], str] = lambda ids: "") -> None:
         self.grace_seconds = grace_seconds
+        self.store = store
+        self.decode = decode  # token ids -> text, as the stream's deltas spell it
         self._entries: dict[tuple[str, str], Resumable] = {}
 
     @property
@@ -197,18 +204,33 @@ class ResumableStreams:
         if self._entries.get((entry.tenant, entry.request_id)) is entry:
             del self._entries[(entry.tenant, entry.request_id)]
 
-    def find(self, tenant: str, request_id: str, offset: int) -> Resumable:
-        """The request_id's resumable stream.
+    async def find(self, tenant: str, request_id: str, offset: int) -> Resumable:
+        """The request_id's resumable stream; after its window (or for a call that did not stream),
+        the text its record keeps of the last call's output.
 
         Raises:
-            NotFound: none (never streamed here, another tenant's, or its window is over).
+            NotFound: neither (never generated, another tenant's, or the record is gone).
             InvalidRequest: ``offset`` is past the text streamed so far.
+            StoreUnavailable: no stream here, and the store cannot answer.
         """
         if not self.is_enabled:
-            raise NotFound("resuming is off on this server (KVBENTO_RESUME_GRACE_SECONDS=0)", param="request_id")
+            raise NotFound("resuming is off on this server (KVBENTO_RESUME_GRACE_SECONDS=0)",
+                           param="request_id")
         entry = self._entries.get((tenant, request_id))
         if entry is None or entry.stream is None:
-            raise NotFound(f"no resumable stream for request_id {request_id!r} on this replica (none streamed, "
-                           "or its grace window is over)", param="request_id")
+            entry = await self._recorded(tenant, request_id)
         entry.check_offset(offset)
+        return entry
+
+    async def _recorded(self, tenant: str, request_id: str) -> Resumable:
+        found = await self.store.load_head(tenant, request_id) if self.store is not None else None
+        if found is not None and found.status is CacheStatus.UNAVAILABLE:
+            raise StoreUnavailable()
+        if found is None or found.head is None:
+            raise NotFound(f"no stream or record for request_id {request_id!r}", param="request_id")
+        head = found.head
+        entry = Resumable(self, tenant, request_id)
+        entry.is_settled = entry.is_done = True  # nothing runs: nothing to keep or to time out
+        generated = head.token_ids[head.num_prompt_tokens:]
+        entry._add(self.decode(generated), len(generated))
         return entry
