@@ -83,6 +83,12 @@ class Backend(ABC):
         from now. Returns the new length, or -1 - the current length when refused."""
         raise NotImplementedError
 
+    def log_append_many(self, appends: list[tuple[str, int, list[bytes]]], ttl: float | None) -> list[int]:
+        """``log_append(key, expected, values, ttl)`` of several lists, in one round trip where the
+        backend can (a background runner writes all of its jobs' events at once). Each list is
+        fenced on its own; the results come in the order of ``appends``."""
+        return [self.log_append(key, expected, values, ttl) for key, expected, values in appends]
+
     def log_read(self, key: str, start: int, count: int) -> list[bytes]:
         """Up to ``count`` items of the list ``key`` from index ``start`` on ([] past its end or
         when it is absent)."""

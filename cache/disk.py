@@ -149,14 +149,21 @@ class DiskBackend(Backend):
     # per item under ``key#<index>``, each expiring ``ttl`` after its own write (a reader stops at
     # the first missing one).
     def log_append(self, key: str, expected: int, values: list[bytes], ttl: float | None) -> int:
-        with self._cache.transact(retry=True):
-            n = self._cache.get(key, default=0, retry=True)
-            if n != expected:
-                return -1 - n
-            for i, value in enumerate(values):
-                self._cache.set(f"{key}#{n + i:09d}", bytes(value), expire=ttl or None, retry=True)
-            self._cache.set(key, n + len(values), expire=ttl or None, retry=True)
-        return n + len(values)
+        return self.log_append_many([(key, expected, values)], ttl)[0]
+
+    def log_append_many(self, appends: list[tuple[str, int, list[bytes]]], ttl: float | None) -> list[int]:
+        out = []
+        with self._cache.transact(retry=True):  # one SQLite transaction (one commit) for them all
+            for key, expected, values in appends:
+                n = self._cache.get(key, default=0, retry=True)
+                if n != expected:
+                    out.append(-1 - n)
+                    continue
+                for i, value in enumerate(values):
+                    self._cache.set(f"{key}#{n + i:09d}", bytes(value), expire=ttl or None, retry=True)
+                self._cache.set(key, n + len(values), expire=ttl or None, retry=True)
+                out.append(n + len(values))
+        return out
 
     def log_read(self, key: str, start: int, count: int) -> list[bytes]:
         n = self._cache.get(key, default=0, retry=True)

@@ -2,7 +2,8 @@
 
 Any replica can find a job (``list_jobs`` scans the registry), read its events from any index on
 and cancel it; the replica that holds its lease runs it and is the only writer of its events:
-``append_events`` is fenced by the list's length, so a writer that lost the lease (a takeover
+``append_events`` (``append_many`` for all of a replica's jobs in one store call) is fenced by
+each list's length, so a writer that lost the lease (a takeover
 while it was paused) can never add an event twice or out of place.
 
 Bounds: a job's events are at most one per generated token plus a fixed dozen, so a list is
@@ -84,6 +85,15 @@ class JobStore:
                              [_dumps(it) for it in items], self.ttl)
         return n >= 0
 
+    async def append_many(self, appends: list[tuple[str, str, int, list[dict[str, Any]]]]) -> list[bool]:
+        """``append_events(tenant, job_id, expected, items)`` of several jobs in one store call;
+        for each, False (nothing written to that list) when it was refused."""
+        if not appends:
+            return []
+        lists = [(keys.events_key(tenant, job_id), expected, [_dumps(it) for it in items])
+                 for tenant, job_id, expected, items in appends]
+        return [n >= 0 for n in await self._call(self.store.backend.log_append_many, lists, self.ttl)]
+
     async def read_events(self, tenant: str, job_id: str, start: int, count: int = 1000) -> list[dict[str, Any]]:
         """Up to ``count`` items from index ``start`` on (fewer at the list's end)."""
         datas = await self._call(self.store.backend.log_read, keys.events_key(tenant, job_id), start, count)
@@ -103,6 +113,12 @@ class JobStore:
 
     async def is_cancelled(self, tenant: str, job_id: str) -> bool:
         return (await self._call(self.store.backend.exists, [keys.cancel_key(tenant, job_id)]))[0]
+
+    async def cancelled_among(self, jobs: list[tuple[str, str]]) -> list[bool]:
+        """For each (tenant, job id), whether it is marked cancelled (one store call)."""
+        if not jobs:
+            return []
+        return await self._call(self.store.backend.exists, [keys.cancel_key(t, j) for t, j in jobs])
 
     async def delete(self, tenant: str, job_id: str) -> None:
         """Forget the job: registry record, events and cancel mark."""

@@ -400,6 +400,17 @@ class RedisBackend(Backend):
         ttl_ms = max(1, int(ttl * 1000)) if ttl else 0
         return int(self._run(lambda: self._log_append(keys=[key], args=[expected, ttl_ms, *values])))
 
+    def log_append_many(self, appends: list[tuple[str, int, list[bytes]]], ttl: float | None) -> list[int]:
+        ttl_ms = max(1, int(ttl * 1000)) if ttl else 0
+
+        def work() -> list[int]:
+            pipe = self._r.pipeline(transaction=False)  # one round trip; each script fences its list
+            for key, expected, values in appends:
+                self._log_append(keys=[key], args=[expected, ttl_ms, *values], client=pipe)
+            return [int(n) for n in pipe.execute()]
+
+        return self._run(work) if appends else []
+
     def log_read(self, key: str, start: int, count: int) -> list[bytes]:
         return self._run(lambda: self._r.lrange(key, start, start + count - 1))
 

@@ -222,6 +222,19 @@ class RedisClusterBackend(Backend):
         ttl_ms = max(1, int(ttl * 1000)) if ttl else 0
         return int(self._run(lambda r: self._log_append(keys=[key], args=[expected, ttl_ms, *values])))
 
+    def log_append_many(self, appends: list[tuple[str, int, list[bytes]]], ttl: float | None) -> list[int]:
+        ttl_ms = max(1, int(ttl * 1000)) if ttl else 0
+
+        def work(r: RedisCluster) -> list[int]:
+            # Grouped by node, one round trip each; a list is one key, so its script runs on its node
+            # (EVAL: a cluster pipeline cannot load a script on each node first).
+            pipe = r.pipeline(transaction=False)
+            for key, expected, values in appends:
+                pipe.execute_command("EVAL", LOG_APPEND, 1, key, expected, ttl_ms, *values)
+            return [int(n) for n in pipe.execute()]
+
+        return self._run(work) if appends else []
+
     def log_read(self, key: str, start: int, count: int) -> list[bytes]:
         return self._run(lambda r: r.lrange(key, start, start + count - 1))
 

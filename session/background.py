@@ -2,14 +2,14 @@
 
 A job (a Responses-API ``background: true`` response) is a registry record in the store, a lease
 and a list of events (``cache.jobs``). The replica holding the lease runs it; its events go to the
-store in batches every ``poll_seconds`` (the list's index is the event's sequence number), so any
-replica can replay them from any point and follow the live ones (a follower on the running
-replica is woken by each write and takes the written events from memory; elsewhere it reads the
-store every ``poll_seconds``). The lease is renewed every third
-of its life; every replica scans the registry as often, and takes a job whose lease lapsed (its
+store in batches every ``poll_seconds``, one store call per tick for all of the replica's jobs
+(the list's index is the event's sequence number), so any replica can replay them from any point
+and follow the live ones (a follower on the running replica is woken by each write and takes the
+written events from memory; elsewhere it reads the store every ``poll_seconds``). The lease is
+renewed every third of its life; every replica scans the registry as often, and takes a job whose lease lapsed (its
 runner died) and resumes it from the events and the KV stored so far (the job kind's ``resume``).
 Cancelling marks the job in the store; its runner stops at once when the cancel reaches its own
-replica, else when it looks for the mark (every ten writes).
+replica, else when it looks for the marks (one store call for all of its jobs every ten ticks).
 
 Each list ends with an ``{"end": status}`` item, which followers stop at. The kinds' own code
 (what a job runs, how its events look) comes from above: this layer only moves events.
@@ -50,12 +50,13 @@ class JobRun:
     taken_over: bool = False
     is_cancelled: bool = False
     is_abandoned: bool = False  # lost the lease or the server is closing: write nothing more
-    is_over: bool = False  # its work returned: the periodic writer stops
     stop: Callable[[], None] | None = None  # set by the kind: end generation, keeping its tokens
     _pending: list[dict[str, Any]] = field(default_factory=list)
     # Set after each write, so followers on this replica read the store when there is news
     # rather than on a timer.
     written: asyncio.Event = field(default_factory=asyncio.Event)
+    # Held while its events are written: never two writes at once (each is fenced on the last).
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def num_events(self) -> int:
@@ -82,6 +83,7 @@ class BackgroundRunner:
         self._runs: dict[tuple[str, str], JobRun] = {}
         self._tasks: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
+        self._writer: asyncio.Task | None = None
         self._closing = False
 
     # -- starting --------------------------------------------------------------------------
@@ -107,13 +109,14 @@ class BackgroundRunner:
 
     def _start(self, run: JobRun, work: Kind) -> None:
         self._runs[(run.tenant, run.job_id)] = run
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_loop())
         task = asyncio.ensure_future(self._drive(run, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _drive(self, run: JobRun, work: Kind) -> None:
         self.observer.on_background("running")
-        writer = asyncio.ensure_future(self._write_loop(run))
         keeper = asyncio.ensure_future(self._keep_lease(run))
         status = "failed"
         try:
@@ -121,9 +124,7 @@ class BackgroundRunner:
         except Exception:
             log.exception("background job %s failed", run.job_id)
         finally:
-            run.is_over = True
             keeper.cancel()
-            await writer  # never two writes at once: the last one below is fenced on its result
             if self._runs.get((run.tenant, run.job_id)) is run:
                 del self._runs[(run.tenant, run.job_id)]
             await self._close_run(run, status)
@@ -144,16 +145,21 @@ class BackgroundRunner:
 
     # -- while it runs ---------------------------------------------------------------------
     async def _flush(self, run: JobRun) -> None:
-        if not run._pending or run.is_abandoned:
-            return
-        items = list(run._pending)  # emit() goes on appending while the write is in flight
-        at = len(run.history)
-        if not await self.jobs.append_events(run.tenant, run.job_id, at, items):
+        """Write the run's pending events now (its last ones), after any write of them in flight."""
+        async with run.lock:
+            if run._pending and not run.is_abandoned:
+                items = list(run._pending)
+                self._written(run, items, await self.jobs.append_events(run.tenant, run.job_id,
+                                                                        len(run.history), items))
+
+    def _written(self, run: JobRun, items: list[dict[str, Any]], ok: bool) -> None:
+        """Move written ``items`` from pending to history, or give up a run another replica took."""
+        if not ok:
             log.warning("background job %s was taken over by another replica; stopping here", run.job_id)
             self._abandon(run)
             return
         run.history += items
-        del run._pending[: len(items)]
+        del run._pending[: len(items)]  # emit() went on appending while the write was in flight
         run.written.set()
         run.written = asyncio.Event()
 
@@ -162,20 +168,47 @@ class BackgroundRunner:
         if run.stop is not None:
             run.stop()
 
-    async def _write_loop(self, run: JobRun) -> None:
-        """Write the pending events every ``poll_seconds``; look for a cancel mark every ten."""
+    async def _write_loop(self) -> None:
+        """Every ``poll_seconds`` one store call writes the pending events of every job running
+        here, and every tenth tick one more looks for their cancel marks; ends with the last job."""
         step = 0
-        while not run.is_abandoned and not run.is_over:
-            await asyncio.sleep(self.poll_seconds)
-            step += 1
-            try:
-                await self._flush(run)
-                if step % 10 == 0 and not run.is_cancelled and await self.jobs.is_cancelled(run.tenant, run.job_id):
-                    run.is_cancelled = True
-                    if run.stop is not None:
-                        run.stop()
-            except BackendUnavailable:
-                pass  # kept pending: written when the store answers again
+        try:
+            while self._runs and not self._closing:
+                await asyncio.sleep(self.poll_seconds)
+                step += 1
+                try:
+                    await self._flush_all()
+                    if step % 10 == 0:
+                        await self._look_for_cancels()
+                except BackendUnavailable:
+                    pass  # kept pending: written when the store answers again
+                except Exception:
+                    log.exception("background writer step failed")
+        finally:
+            self._writer = None
+
+    async def _flush_all(self) -> None:
+        # A run in its last write holds its lock: it is left to that write.
+        runs = [r for r in self._runs.values() if r._pending and not r.is_abandoned and not r.lock.locked()]
+        for r in runs:
+            await r.lock.acquire()  # free, so taken at once
+        try:
+            batch = [(r, list(r._pending)) for r in runs]
+            oks = await self.jobs.append_many([(r.tenant, r.job_id, len(r.history), items) for r, items in batch])
+            for (r, items), ok in zip(batch, oks):
+                self._written(r, items, ok)
+        finally:
+            for r in runs:
+                r.lock.release()
+
+    async def _look_for_cancels(self) -> None:
+        runs = [r for r in self._runs.values() if not r.is_cancelled and not r.is_abandoned]
+        marks = await self.jobs.cancelled_among([(r.tenant, r.job_id) for r in runs])
+        for r, marked in zip(runs, marks):
+            if marked:
+                r.is_cancelled = True
+                if r.stop is not None:
+                    r.stop()
 
     async def _keep_lease(self, run: JobRun) -> None:
         loop = asyncio.get_running_loop()

@@ -379,6 +379,23 @@ def test_event_list_append_is_fenced_by_length_and_reads_from_any_index(make_bac
     assert b.log_read(key, 0, 10) == [] and b.log_append(key, 0, [b"again"], 60) == 1
 
 
+def test_event_lists_appended_in_one_call_are_each_fenced(make_backend):
+    """One call for many lists (a runner's tick): each list is fenced on its own length, results in order."""
+    b = make_backend()
+    k1, k2, k3 = (f"kvtest:{{{uuid.uuid4().hex}}}:events" for _ in range(3))  # three slots on a cluster
+    assert b.log_append_many([], 60) == []
+    assert b.log_append(k2, 0, [b"b0"], 60) == 1
+    assert b.log_append_many([(k1, 0, [b"a0", b"a1"]), (k2, 0, [b"late"]), (k3, 0, [b"c0"])], 60) == [2, -2, 1]
+    assert b.log_append_many([(k1, 2, [b"a2"]), (k2, 1, [b"b1"])], 60) == [3, 2]
+    assert [bytes(v) for v in b.log_read(k1, 0, 10)] == [b"a0", b"a1", b"a2"]
+    assert [bytes(v) for v in b.log_read(k2, 0, 10)] == [b"b0", b"b1"]
+    assert [bytes(v) for v in b.log_read(k3, 0, 10)] == [b"c0"]
+    assert b.log_append_many([(k3, 0, [b"x"])], 0.3) == [-2]  # refused: nothing written, no new expiry
+    assert b.log_append_many([(k3, 1, [b"c1"])], 0.3) == [2]
+    time.sleep(0.6)
+    assert b.log_read(k3, 0, 10) == [] and b.log_read(k1, 0, 1) == [b"a0"]
+
+
 def test_event_list_expires_after_its_last_append(make_backend, key):
     b = make_backend()
     assert b.log_append(key, 0, [b"e0"], 0.3) == 1
@@ -409,3 +426,21 @@ def test_jobs_registry_lease_events_and_cancel(store):
     run(jobs.delete(tenant, jid))
     assert run(jobs.get_job(tenant, jid)) is None and run(jobs.read_events(tenant, jid, 0)) == []
     assert (tenant, jid) not in run(jobs.list_jobs()) and not run(jobs.is_cancelled(tenant, jid))
+
+
+def test_jobs_append_and_look_for_cancels_of_many_jobs_at_once(store):
+    from cache.jobs import JobStore
+
+    jobs = JobStore(store, ttl=60, lease_seconds=5)
+    tenant = uuid.uuid4().hex[:12]
+    a, b = ("resp_" + uuid.uuid4().hex for _ in range(2))
+    assert run(jobs.append_many([])) == []
+    assert run(jobs.append_events(tenant, b, 0, [{"i": 0}]))
+    assert run(jobs.append_many([(tenant, a, 0, [{"i": 0}, {"i": 1}]), (tenant, b, 0, [{"i": 9}])])) == [True, False]
+    assert run(jobs.read_all_events(tenant, a)) == [{"i": 0}, {"i": 1}]
+    assert run(jobs.read_all_events(tenant, b)) == [{"i": 0}]
+    run(jobs.mark_cancelled(tenant, b))
+    assert run(jobs.cancelled_among([(tenant, a), (tenant, b), ("other-tenant", b)])) == [False, True, False]
+    assert run(jobs.cancelled_among([])) == []
+    for jid in (a, b):
+        run(jobs.delete(tenant, jid))
