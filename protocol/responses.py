@@ -164,10 +164,6 @@ class ResponsesBody(OpenAISampling):
         self._functions = rtools.functions(self.tools)
         self._constraint = rtools.output_constraint((self.text or {}).get("format"), self._functions,
                                                     self.tool_choice, self.parallel_tool_calls)
-        if self.background and (self._constraint is not None or self.calls_tools):
-            # A takeover would have to rebuild the constraint's state and the call items: not yet.
-            raise BodyError("background: not supported with tools or a text.format other than text",
-                            param="background")
         if (self.text or {}).get("verbosity") not in (None, "medium"):
             raise BodyError("text.verbosity: only the default (medium) is supported", param="text.verbosity")
         self._messages = _parse_input(self.input)
