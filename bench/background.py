@@ -5,6 +5,7 @@ Starts its own redis-server and two replicas (launcher/), the bundled tiny model
 ``--model``; prints a markdown table (BENCHMARKS.md, issue 23).
 
     python -m bench.background --lease 2 --concurrency 16 --tokens 256
+    python -m bench.background --store-only --concurrency 16   # the store's cost per poll tick alone
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from openai import OpenAI
@@ -79,6 +81,49 @@ def throughput(url: str, n: int, tokens: int, background: bool) -> float:
     return total / (time.perf_counter() - start)
 
 
+def store_ticks(url: str, jobs: int, ticks: int, events: int = 3) -> dict[str, float]:
+    """The store's share alone: CPU ms and wall ms per poll tick that writes ``events`` pending
+    events of each of ``jobs`` jobs, one fenced append per job (gathered, as the per-job writers
+    did) or one ``append_many`` for them all. CPU time is this process's, all threads: less
+    sensitive to the machine's other load than tok/s."""
+    import asyncio
+
+    from cache.factory import open_backend
+    from cache.jobs import JobStore
+    from cache.store import KVStore
+
+    store = KVStore(open_backend(url), "bench", timeout=5)
+    js = JobStore(store, ttl=60, lease_seconds=5)
+    event = {"type": "response.output_text.delta", "sequence_number": 0, "item_id": "msg_" + "0" * 32,
+             "output_index": 0, "content_index": 0, "delta": " word", "logprobs": []}
+    items = [{"e": event, "ids": [1234]} for _ in range(events)]
+
+    async def run(batched: bool) -> tuple[float, float]:
+        ids = [f"resp_{uuid.uuid4().hex}" for _ in range(jobs)]
+        cpu, wall = time.process_time(), time.perf_counter()
+        for t in range(ticks):
+            if batched:
+                await js.append_many([("bench", j, t * events, items) for j in ids])
+            else:
+                await asyncio.gather(*(js.append_events("bench", j, t * events, items) for j in ids))
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        for j in ids:
+            await js.delete("bench", j)
+        return 1000 * cpu / ticks, 1000 * wall / ticks
+
+    try:
+        out = {}
+        for _ in range(3):  # alternated; the best of three each
+            for batched in (False, True):
+                cpu, wall = asyncio.run(run(batched))
+                key = "batched" if batched else "per_job"
+                best = out.get(key, (float("inf"), float("inf")))
+                out[key] = (min(best[0], cpu), min(best[1], wall))
+        return out
+    finally:
+        store.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lease", type=float, default=2.0)
@@ -87,8 +132,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--poll", type=float, default=0.05, help="KVBENTO_BACKGROUND_POLL_SECONDS")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--store-only", action="store_true",
+                    help="only the store's cost per poll tick: per-job appends vs one batched call")
     args = ap.parse_args()
     redis = RedisServer().start()
+    if args.store_only:
+        try:
+            got = store_ticks(redis.url, args.concurrency, 200)
+        finally:
+            redis.kill()
+        print(f"| store cost per poll tick, {args.concurrency} jobs x 3 events | CPU ms | wall ms |\n|---|---|---|")
+        for name, (cpu, wall) in got.items():
+            print(f"| {name.replace('_', ' ')} | {cpu:.2f} | {wall:.2f} |")
+        return
     env = {"KVBENTO_CACHE_URL": redis.url, "KVBENTO_LEASE_SECONDS": str(args.lease), "KVBENTO_API_KEYS": "",
            "KVBENTO_BACKGROUND_POLL_SECONDS": str(args.poll)}
     if args.model:
