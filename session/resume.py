@@ -66,8 +66,9 @@ class Resumable:
 
     # -- the generation ----------------------------------------------------------------------
     async def gate(self, done: Finished, save: OnFinish) -> None:
-        """The finish gate: save at once while a client reads; hold the save while none does."""
-        if self.num_readers:
+        """The finish gate: save at once while a client reads (or before one ever started reading:
+        a stream whose response never began is saved as it always was); hold the save while none does."""
+        if self.num_readers or self.stream is None:
             await save(done)
         elif self.is_settled:
             await save(cut(done, self.num_delivered))
@@ -193,6 +194,7 @@ class ResumableStreams:
         await self.end_window(tenant, request_id)
         entry = Resumable(self, tenant, request_id)
         self._entries[(tenant, request_id)] = entry
+        entry._arm()  # forgotten in a window unless a client starts reading it
         return entry
 
     async def end_window(self, tenant: str, request_id: str) -> None:
