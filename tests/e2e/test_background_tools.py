@@ -49,13 +49,8 @@ def wait_done(c: OpenAI, rid: str, timeout: float = 300):
     raise AssertionError(f"{rid} still {r.status} after {timeout}s")
 
 
-@pytest.fixture(scope="module")
-def srv(server_factory):
-    return server_factory(LEASE)
-
-
-def test_background_tool_call_is_the_foreground_one(srv):
-    c = client(srv)
+def test_background_tool_call_is_the_foreground_one(server):
+    c = client(server)
     ask = dict(model="kvbento", input="What is the weather in Paris?", tools=[WEATHER], tool_choice="required",
                max_output_tokens=200, temperature=0)
     fg = list(c.responses.create(stream=True, **ask))
@@ -72,8 +67,8 @@ def test_background_tool_call_is_the_foreground_one(srv):
     assert nxt.status in ("completed", "incomplete")
 
 
-def test_background_json_answer_is_the_foreground_one(srv):
-    c = client(srv)
+def test_background_json_answer_is_the_foreground_one(server):
+    c = client(server)
     ask = dict(model="kvbento", input="Digits please", text=JSON_FORMAT, max_output_tokens=1500, temperature=0)
     fg = c.responses.create(**ask)
     r = wait_done(c, c.responses.create(background=True, **ask).id)
@@ -84,7 +79,7 @@ def test_background_json_answer_is_the_foreground_one(srv):
 
 
 def test_constrained_answer_cut_by_a_restart_is_finished_exactly(server_factory, tmp_path):
-    s = server_factory(LEASE, cache_dir=tmp_path / "kv")
+    s = server_factory(LEASE, cache_dir=tmp_path / "kv")  # private: it is killed and restarted
     c = client(s)
     ask = dict(model="kvbento", input="Many digits please", text=JSON_FORMAT, max_output_tokens=1500, temperature=0)
     reference = [norm(e) for e in c.responses.create(stream=True, background=True, **ask)]

@@ -22,7 +22,10 @@ GRACE = 5
 
 @pytest.fixture(scope="module")
 def srv(server_factory):
-    return server_factory({"KVBENTO_RESUME_GRACE_SECONDS": str(GRACE), "KVBENTO_API_KEYS": f"{KEY_A},{KEY_B}"})
+    """A private server: a short grace window and two tenants of its own."""
+    s = server_factory({"KVBENTO_RESUME_GRACE_SECONDS": str(GRACE), "KVBENTO_API_KEYS": f"{KEY_A},{KEY_B}"})
+    yield s
+    s.stop()
 
 
 def body(rid: str, n: int, only_new: bool = True) -> dict:
