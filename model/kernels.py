@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,10 +49,13 @@ class PackedLinear(torch.nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
+        # Rows per GEMM call (0: any): oneDNN may switch kernels, and the order of a row's sum,
+        # above some row count (bf16 on AMX: a 512-wide input at 59 rows); set by ``fit_row_chunks``.
+        self.rows = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_contiguous():
-            x = x.contiguous()
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        op, w, b = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias
+        return by_rows(lambda a: op(a, w, b, "none", [], ""), self.rows, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn=True"
@@ -100,8 +104,66 @@ def pack_linears(model: torch.nn.Module) -> int:
     return len(targets)
 
 
-# Row counts the batch-invariance probe tries: 1 row alone against these many rows together.
-PROBE_ROWS = (2, 5, 16, 33)
+def by_rows(fn: Callable[..., torch.Tensor], rows: int, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+    """``fn(x, *more)`` over chunks of at most ``rows`` rows (all at once when ``rows`` is 0 or
+    enough): every row then goes through a GEMM of a row count the library computes invariantly."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not rows or x.shape[0] <= rows:
+        return fn(x, *more)
+    return torch.cat([fn(x[i:i + rows], *(t[i:i + rows] for t in more)) for i in range(0, x.shape[0], rows)])
+
+
+# Row counts the batch-invariance probe tries: 1 row alone against these many rows together
+# (past a prefill chunk's 64 and a step's budget, where a GEMM library switches blockings).
+PROBE_ROWS = (2, 5, 16, 33, 64, 100, 256)
+# Row-chunk sizes ``fit_row_chunks`` tries, largest first.
+CHUNK_ROWS = (256, 128, 64, 48, 32, 16, 8)
+
+
+def _fused_calls(mod: "PackedLinear") -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The GEMM calls the engine makes on ``mod``: plain, fused SiLU, fused residual add."""
+    op, w, b = torch.ops.mkldnn._linear_pointwise, mod.packed, mod.bias
+    return [lambda a, _r: op(a, w, b, "none", [], ""), lambda a, _r: op(a, w, b, "swish", [], ""),
+            lambda a, r: op.binary(a, r, w, b, "add")]
+
+
+@torch.inference_mode()
+def fit_row_chunks(model: torch.nn.Module) -> dict[tuple[int, int], int]:
+    """Give each packed linear the largest chunk of ``CHUNK_ROWS`` whose every tried row count
+    (``PROBE_ROWS`` up to it, and the chunk itself) gives each row the bits it gets alone.
+
+    Returns:
+        The chunk per (in, out) shape, 0 where no chunk is needed.
+    """
+    mods: dict[tuple[int, int], list[PackedLinear]] = {}
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            mods.setdefault((mod.in_features, mod.out_features), []).append(mod)
+    g = torch.Generator().manual_seed(1)
+    top = max(PROBE_ROWS)
+    chosen: dict[tuple[int, int], int] = {}
+    for shape, group in mods.items():
+        mod = group[0]
+        x = torch.randn(top, shape[0], generator=g).to(mod.dtype)
+        r = torch.randn(top, shape[1], generator=g).to(mod.dtype)
+        calls = _fused_calls(mod)
+        alone = [torch.cat([f(x[j:j + 1], r[j:j + 1]) for j in range(top)]) for f in calls]
+
+        def fine(m: int) -> bool:
+            return all(torch.equal(f(x[:m], r[:m]), a[:m]) for f, a in zip(calls, alone))
+
+        counts = sorted({*PROBE_ROWS, *CHUNK_ROWS})
+        bad = [m for m in counts if not fine(m)]
+        rows = 0 if not bad else next(
+            (c for c in CHUNK_ROWS if c < bad[0] and all(fine(m) for m in range(2, c + 1))), 1)
+        chosen[shape] = rows
+        for m in group:
+            m.rows = rows
+    if any(chosen.values()):
+        log.info("linears: GEMM row chunks %s (larger row counts sum in another order)",
+                 {f"{i}x{o}": c for (i, o), c in chosen.items() if c})
+    return chosen
 
 
 @torch.inference_mode()
@@ -125,12 +187,10 @@ def batch_variance(model: torch.nn.Module, rows: tuple[int, ...] = PROBE_ROWS) -
         dev, dtype = (mod.weight.device, mod.weight.dtype) if hasattr(mod, "weight") else ("cpu", mod.dtype)
         x = torch.randn(top, mod.in_features, generator=g).to(dev, dtype)
         r = torch.randn(top, mod.out_features, generator=g).to(dev, dtype)
-        calls = [mod]
-        if isinstance(mod, PackedLinear):
-            op, w, b = torch.ops.mkldnn._linear_pointwise, mod.packed, mod.bias
-            calls += [lambda a, _r: op(a, w, b, "swish", [], ""), lambda a, r_: op.binary(a, r_, w, b, "add")]
-        for i, call in enumerate(calls):
-            f = call if i else (lambda a, _r: mod(a))
+        calls = [lambda a, _r: mod(a)]
+        if isinstance(mod, PackedLinear):  # as the engine calls them: in the module's row chunks
+            calls += [lambda a, r_, f=f: by_rows(f, mod.rows, a, r_) for f in _fused_calls(mod)[1:]]
+        for f in calls:
             alone = torch.cat([f(x[j:j + 1], r[j:j + 1]) for j in range(top)])
             bad.update(m for m in rows if not torch.equal(f(x[:m], r[:m]), alone[:m]))
     return sorted(bad)

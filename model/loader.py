@@ -84,6 +84,8 @@ def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int
     ident = "paged"
     if cpu_kernels == "onednn":
         packed = kernels.pack_linears(model)
+        if packed:
+            kernels.fit_row_chunks(model)
         native = kernels.load_native() is not None
         step = fastpath.build(model, dtype, max_context, native)
         used = {"linears": "onednn" if packed else "torch", "attention": "native" if native else "torch",

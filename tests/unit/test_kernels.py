@@ -159,8 +159,35 @@ class _Jumps(_RowByRow):
 def test_batch_variance_finds_a_linear_that_depends_on_the_row_count():
     torch.manual_seed(0)
     assert kernels.batch_variance(torch.nn.Sequential(_RowByRow(24, 40), _RowByRow(40, 24))) == []
-    assert kernels.batch_variance(torch.nn.Sequential(_RowByRow(24, 40), _Jumps(40, 24))) == [5, 16, 33]
+    assert kernels.batch_variance(torch.nn.Sequential(_RowByRow(24, 40), _Jumps(40, 24))) == [5, 16, 33, 64, 100, 256]
     if kernels.onednn_packs(torch.float32) is None:  # the packed linears, fused SiLU and add included
         packed = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 24))
         kernels.pack_linears(packed)
         assert kernels.batch_variance(packed) == []
+
+
+def test_by_rows_calls_the_gemm_on_chunks_of_at_most_rows_rows():
+    seen = []
+
+    def rowwise(x, r):
+        seen.append(x.shape[0])
+        return x * 2 + r
+
+    x, r = torch.randn(70, 3), torch.randn(70, 3)
+    assert torch.equal(kernels.by_rows(rowwise, 32, x, r), x * 2 + r) and seen == [32, 32, 6]
+    seen.clear()
+    assert torch.equal(kernels.by_rows(rowwise, 0, x, r), x * 2 + r) and seen == [70]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_are_batch_invariant_once_their_row_chunks_are_fitted(dtype):
+    """oneDNN's bf16 GEMM on AMX sums a row in another order from 59 rows on (a 512-wide input):
+    the fitted row chunk keeps every row's bits those it gets alone, fused calls included."""
+    if kernels.onednn_packs(dtype) is not None:
+        pytest.skip(f"oneDNN does not pack {dtype} here")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(192, 512), torch.nn.Linear(512, 192)).to(dtype)
+    kernels.pack_linears(model)
+    chunks = kernels.fit_row_chunks(model)
+    assert set(chunks) == {(192, 512), (512, 192)}
+    assert kernels.batch_variance(model) == []
