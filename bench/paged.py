@@ -276,7 +276,8 @@ def rss(m, loop, total: int = 1000, concurrent: int = 16, seconds: float = 900.0
     eng.close()
     first, last = max(done[:100]), max(done[-100:])
     return {"requests": len(done), "seconds": dt, "rss_mib_first_100": first, "rss_mib_last_100": last,
-            "growth": last / first - 1, "peak_rss_mib": peak[0], "kv_pool_mib": eng.kv_pool_bytes / 2**20}
+            "growth": last / first - 1, "peak_rss_mib": peak[0],
+            "rss_mib_per_100": [round(max(done[i : i + 100])) for i in range(0, len(done), 100)], "kv_pool_mib": eng.kv_pool_bytes / 2**20}
 
 
 def shrunk(model_dir: str, layers: int) -> str:
