@@ -224,13 +224,17 @@ def interference(m, loop, budget: int, long_tokens: int = 2048) -> dict:
                               "n": len(during)}}
 
 
-def rss(m, loop, total: int = 1000, concurrent: int = 16, seconds: float = 900.0) -> dict:
+def rss(m, loop, total: int = 1000, concurrent: int = 16, seconds: float = 900.0, prefault: bool = False) -> dict:
     """``total`` mixed requests, ``concurrent`` in flight: prompts of 8-600 tokens (a third behind a
     shared 256-token system prompt, with block hashes so the pool shares it), 1-48 new tokens, one
-    in eight with n = 3 choices. Peak RSS (MiB) while the first and the last 100 finish."""
+    in eight with n = 3 choices. Peak RSS (MiB) while the first and the last 100 finish.
+    ``prefault`` touches the whole KV pool first, so growth is what is outside the pool."""
     from cache.store import chain_hashes
 
     eng = Engine(m, config(max_batch_size=16, block_tokens=64))
+    if prefault:
+        for t in (*eng.runner.pool.keys, *eng.runner.pool.values):
+            t.zero_()
     system = prompt_ids(m, 256, 5)
     g = torch.Generator().manual_seed(11)
     done: list[float] = []  # RSS when each request finished
@@ -305,9 +309,10 @@ def main() -> None:
     ap.add_argument("what", nargs="*", default=["memory", "shared", "prefill", "decode"])
     ap.add_argument("--model", default=str(bundled.MODELS_DIR / "kvbento-bench-100m"))
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--budget", type=int, default=EngineConfig.max_batch_tokens)
     ap.add_argument("--repeat", type=int, default=1, help="prefill: rounds of fresh prompts (best reported)")
     ap.add_argument("--requests", type=int, default=1000, help="rss: requests in all")
+    ap.add_argument("--prefault", action="store_true", help="rss: touch the whole KV pool first")
     ap.add_argument("--layers", type=int, default=0, help="cut the model to this many layers (0: all)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -318,7 +323,7 @@ def main() -> None:
         if what == "interference":
             res = interference(m, loop, args.budget)
         elif what == "rss":
-            res = rss(m, loop, args.requests)
+            res = rss(m, loop, args.requests, prefault=args.prefault)
         else:
             res = fn(m, loop) if fn else prefill(m, loop, args.budget, args.repeat)
         print(json.dumps({what: res, "dtype": args.dtype, "threads": torch.get_num_threads()}), flush=True)
