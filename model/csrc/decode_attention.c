@@ -50,24 +50,31 @@ static inline float kvb_bf16(uint16_t x) {
 
 static inline int64_t kvb_round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
-/* One tile's work, instantiated for the common head sizes so the compiler unrolls the d-loops
- * completely (a runtime d costs ~2x), and per K/V element type (LOAD widens one element to fp32).
- * q0/out0 point at the tile's first token's first head of this kv head; rows are (token, head),
- * token-major. work: scratch of kvb_scratch(...) floats, 64-byte aligned. */
-#define KVB_TILE(NAME, DIM, KV_T, LOAD)                                                                  \
-    KVB_CLONES static void NAME(const float *restrict q0, const KV_T *restrict k, const KV_T *restrict v,  \
-                                float *restrict out0, float *restrict work, const int64_t *table,          \
-                                const int64_t *pos, int64_t nq, int64_t h, int64_t g, int64_t dd,          \
-                                int64_t bs, int64_t s_pos, int64_t s_blk, int64_t window, float scale,     \
-                                float softcap) {                                                           \
-        const int64_t d = (DIM) ? (DIM) : dd, rows = nq * g;                                               \
-        const int64_t hi = pos[nq - 1];                                                                    \
-        const int64_t lo = (window > 0 && pos[0] - window + 1 > 0) ? pos[0] - window + 1 : 0;              \
-        const int64_t stride = kvb_round16(hi - lo + 1);                                                   \
-        float *sc = work;                          /* [rows][stride]: row r's scores from its lo */       \
-        float *acc = sc + rows * stride;           /* [rows][d] */                                        \
-        float *kt = acc + rows * kvb_round16(d);   /* [d][8] */                                           \
-        float *vb = kt + d * KVB_LANES;            /* [KVB_VCHUNK][d] */                                  \
+/* One tile: rows are (token, head), token-major; q0/out0 point at the tile's first token's first
+ * head of this kv head. Scratch (64-byte aligned floats): sc [rows][stride] (row r's scores from
+ * its own first position), acc [rows][dpad], kt [d][8] (8 keys transposed), vb [KVB_VCHUNK][d]. */
+typedef struct {
+    const float *q0;
+    float *out0, *sc, *acc, *kt, *vb;
+    const int64_t *table, *pos;
+    int64_t nq, h, g, d, bs, s_pos, s_blk, window, lo, hi, stride, dpad;
+    float scale, softcap;
+} kvb_tile;
+
+static inline int64_t kvb_first(int64_t p, int64_t window) {
+    return (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
+}
+
+/* Scores of every row, 8 keys (an aligned group) at a time. Instantiated for the common head
+ * sizes so the compiler unrolls the d-loops completely (a runtime d costs ~2x), and per K/V
+ * element type (LOAD widens one element to fp32). */
+#define KVB_SCORE(NAME, DIM, KV_T, LOAD)                                                                 \
+    KVB_CLONES static void NAME(const kvb_tile *T, const KV_T *restrict k) {                              \
+        const int64_t d = (DIM) ? (DIM) : T->d, g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi;       \
+        const int64_t bs = T->bs, s_pos = T->s_pos, s_blk = T->s_blk, window = T->window;                \
+        const int64_t stride = T->stride, hd = T->h * d;                                                  \
+        const float *restrict q0 = T->q0;                                                                 \
+        float *restrict kt = T->kt, *restrict sc = T->sc;                                                 \
         for (int64_t j0 = lo & ~(int64_t)(KVB_LANES - 1); j0 <= hi; j0 += KVB_LANES) {                     \
             for (int64_t l = 0; l < KVB_LANES; l++) {                                                     \
                 const int64_t p = j0 + l;                                                                 \
@@ -75,14 +82,13 @@ static inline int64_t kvb_round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
                     for (int64_t t = 0; t < d; t++) kt[t * KVB_LANES + l] = 0.f;                          \
                     continue;                                                                             \
                 }                                                                                         \
-                const KV_T *kp = k + table[p / bs] * s_blk + (p % bs) * s_pos;                            \
+                const KV_T *kp = k + T->table[p / bs] * s_blk + (p % bs) * s_pos;                         \
                 for (int64_t t = 0; t < d; t++) kt[t * KVB_LANES + l] = LOAD(kp[t]);                      \
             }                                                                                             \
             for (int64_t r = 0; r < rows; r++) {                                                          \
-                const int64_t qi = r / g, pr = pos[qi];                                                   \
-                const int64_t lr = (window > 0 && pr - window + 1 > 0) ? pr - window + 1 : 0;             \
+                const int64_t pr = T->pos[r / g], lr = kvb_first(pr, window);                             \
                 if (pr < j0 || lr > j0 + KVB_LANES - 1) continue;                                         \
-                const float *qr = q0 + qi * h * d + (r % g) * d;                                          \
+                const float *qr = q0 + (r / g) * hd + (r % g) * d;                                        \
                 float a[4][KVB_LANES] = {{0.f}};                                                          \
                 for (int64_t t = 0; t < d; t += 4)                                                        \
                     for (int c = 0; c < 4; c++)                                                           \
@@ -90,56 +96,74 @@ static inline int64_t kvb_round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
                 for (int l = 0; l < KVB_LANES; l++) {                                                     \
                     const int64_t p = j0 + l;                                                             \
                     if (p < lr || p > pr) continue;                                                       \
-                    float s = ((a[0][l] + a[1][l]) + (a[2][l] + a[3][l])) * scale;                        \
-                    if (softcap > 0.f) s = softcap * tanhf(s / softcap);                                  \
-                    sc[r * stride + (p - lr)] = s;                                                        \
+                    float x = ((a[0][l] + a[1][l]) + (a[2][l] + a[3][l])) * T->scale;                     \
+                    if (T->softcap > 0.f) x = T->softcap * tanhf(x / T->softcap);                         \
+                    sc[r * stride + (p - lr)] = x;                                                        \
                 }                                                                                         \
             }                                                                                             \
         }                                                                                                 \
-        for (int64_t r = 0; r < rows; r++) {                                                              \
-            const int64_t pr = pos[r / g];                                                                \
-            const int64_t n = pr - ((window > 0 && pr - window + 1 > 0) ? pr - window + 1 : 0) + 1;        \
-            float *s = sc + r * stride;                                                                   \
-            float m = -FLT_MAX;                                                                           \
-            for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;                                      \
-            float sum = 0.f;                                                                              \
-            for (int64_t j = 0; j < n; j++) {                                                             \
-                float e = expf(s[j] - m);                                                                 \
-                s[j] = e;                                                                                 \
-                sum += e;                                                                                 \
-            }                                                                                             \
-            float inv = 1.f / sum;                                                                        \
-            for (int64_t j = 0; j < n; j++) s[j] *= inv;                                                  \
-            for (int64_t t = 0; t < d; t++) acc[r * kvb_round16(d) + t] = 0.f;                            \
-        }                                                                                                 \
+    }
+
+/* Softmax of each row over its own positions, in place; zeroes the rows' accumulators. */
+KVB_CLONES static void kvb_softmax(const kvb_tile *T) {
+    for (int64_t r = 0; r < T->nq * T->g; r++) {
+        const int64_t pr = T->pos[r / T->g], n = pr - kvb_first(pr, T->window) + 1;
+        float *s = T->sc + r * T->stride;
+        float m = -FLT_MAX;
+        for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+            float e = expf(s[j] - m);
+            s[j] = e;
+            sum += e;
+        }
+        float inv = 1.f / sum;
+        for (int64_t j = 0; j < n; j++) s[j] *= inv;
+        for (int64_t t = 0; t < T->d; t++) T->acc[r * T->dpad + t] = 0.f;
+    }
+}
+
+/* Each row's weighted sum of values, position by position in increasing order, over aligned
+ * chunks of KVB_VCHUNK positions widened once for all rows; then the rows to out. */
+#define KVB_SUM(NAME, DIM, KV_T, LOAD)                                                                   \
+    KVB_CLONES static void NAME(const kvb_tile *T, const KV_T *restrict v) {                              \
+        const int64_t d = (DIM) ? (DIM) : T->d, g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi;       \
+        const int64_t bs = T->bs, s_pos = T->s_pos, s_blk = T->s_blk, dpad = T->dpad, hd = T->h * d;      \
+        float *restrict vb = T->vb, *restrict acc = T->acc;                                               \
         for (int64_t c0 = lo & ~(int64_t)(KVB_VCHUNK - 1); c0 <= hi; c0 += KVB_VCHUNK) {                   \
             const int64_t a0 = c0 > lo ? c0 : lo, b0 = c0 + KVB_VCHUNK - 1 < hi ? c0 + KVB_VCHUNK - 1 : hi; \
             for (int64_t p = a0; p <= b0; p++) {                                                          \
-                const KV_T *vp = v + table[p / bs] * s_blk + (p % bs) * s_pos;                            \
+                const KV_T *vp = v + T->table[p / bs] * s_blk + (p % bs) * s_pos;                         \
                 for (int64_t t = 0; t < d; t++) vb[(p - c0) * d + t] = LOAD(vp[t]);                       \
             }                                                                                             \
             for (int64_t r = 0; r < rows; r++) {                                                          \
-                const int64_t pr = pos[r / g];                                                            \
-                const int64_t lr = (window > 0 && pr - window + 1 > 0) ? pr - window + 1 : 0;             \
+                const int64_t pr = T->pos[r / g], lr = kvb_first(pr, T->window);                          \
                 const int64_t a = c0 > lr ? c0 : lr, b = c0 + KVB_VCHUNK - 1 < pr ? c0 + KVB_VCHUNK - 1 : pr; \
                 if (a > b) continue;                                                                      \
                 float o[KVB_MAX_DIM];                                                                     \
-                float *ar = acc + r * kvb_round16(d);                                                     \
+                float *ar = acc + r * dpad;                                                               \
                 for (int64_t t = 0; t < d; t++) o[t] = ar[t];                                             \
-                const float *pj = sc + r * stride + (a - lr);                                             \
+                const float *pj = T->sc + r * T->stride + (a - lr);                                       \
                 for (int64_t p = a; p <= b; p++) {                                                        \
-                    const float pr_ = pj[p - a];                                                          \
+                    const float w = pj[p - a];                                                            \
                     const float *vj = vb + (p - c0) * d;                                                  \
-                    for (int64_t t = 0; t < d; t++) o[t] += pr_ * vj[t];                                  \
+                    for (int64_t t = 0; t < d; t++) o[t] += w * vj[t];                                    \
                 }                                                                                         \
                 for (int64_t t = 0; t < d; t++) ar[t] = o[t];                                             \
             }                                                                                             \
         }                                                                                                 \
-        for (int64_t r = 0; r < rows; r++) {                                                              \
-            float *o = out0 + (r / g) * h * d + (r % g) * d;                                              \
-            const float *ar = acc + r * kvb_round16(d);                                                   \
-            for (int64_t t = 0; t < d; t++) o[t] = ar[t];                                                 \
-        }                                                                                                 \
+        for (int64_t r = 0; r < rows; r++)                                                                \
+            memcpy(T->out0 + (r / g) * hd + (r % g) * d, acc + r * dpad, sizeof(float) * (size_t)d);      \
+    }
+
+/* A tile: scores, softmax, sums. */
+#define KVB_TILE(NAME, DIM, KV_T, LOAD)                                                                  \
+    KVB_SCORE(NAME##_score, DIM, KV_T, LOAD)                                                              \
+    KVB_SUM(NAME##_sum, DIM, KV_T, LOAD)                                                                  \
+    static void NAME(const kvb_tile *T, const KV_T *k, const KV_T *v) {                                   \
+        NAME##_score(T, k);                                                                               \
+        kvb_softmax(T);                                                                                   \
+        NAME##_sum(T, v);                                                                                 \
     }
 
 KVB_TILE(tile_64, 64, float, KVB_F32)
@@ -193,16 +217,18 @@ static int64_t kvb_tiles(const int64_t *seq, const int64_t *pos, int64_t t, int6
                 failed |= 1;                                                                             \
                 continue;                                                                                \
             }                                                                                            \
-            const int64_t *table = tables + seq[r0] * max_blocks;                                        \
-            const float *qr = q + (r0 * h + kh * g) * d;                                                 \
-            float *o = out + (r0 * h + kh * g) * d;                                                      \
-            const KV_T *kk = k + kh * d, *vv = v + kh * d;                                               \
+            const int64_t dpad = kvb_round16(d);                                                         \
+            const kvb_tile T = {q + (r0 * h + kh * g) * d, out + (r0 * h + kh * g) * d, work,            \
+                                work + rows * span, work + rows * span + rows * dpad,                    \
+                                work + rows * span + rows * dpad + d * KVB_LANES,                        \
+                                tables + seq[r0] * max_blocks, pos + r0, nq, h, g, d, bs, s_pos, s_blk,  \
+                                window, lo, pos[r0 + nq - 1], span, dpad, scale, softcap};              \
             if (d == 64)                                                                                 \
-                A64(qr, kk, vv, o, work, table, pos + r0, nq, h, g, d, bs, s_pos, s_blk, window, scale, softcap); \
+                A64(&T, k + kh * d, v + kh * d);                                                         \
             else if (d == 128)                                                                           \
-                A128(qr, kk, vv, o, work, table, pos + r0, nq, h, g, d, bs, s_pos, s_blk, window, scale, softcap); \
+                A128(&T, k + kh * d, v + kh * d);                                                        \
             else                                                                                         \
-                AANY(qr, kk, vv, o, work, table, pos + r0, nq, h, g, d, bs, s_pos, s_blk, window, scale, softcap); \
+                AANY(&T, k + kh * d, v + kh * d);                                                        \
             free(work);                                                                                  \
         }                                                                                                \
         free(starts);                                                                                    \
