@@ -188,18 +188,28 @@ def pct(xs: list[float], p: float) -> float:
 def interference(m, loop, budget: int, long_tokens: int = 2048) -> dict:
     """16 rows decoding (~70-token prompts, 96 new tokens each); once each has 8 tokens, a
     ``long_tokens`` prompt arrives. Inter-token gaps of the decoding rows while it prefills (ms),
-    against their gaps before it came; and the long prompt's time to first token."""
-    eng = Engine(m, config(max_batch_size=17, max_batch_tokens=budget, prefill_chunk=budget, block_tokens=64))
+    against their gaps before it came; and the long prompt's time to first token. A token's time
+    is when the engine appended it (polled every 20 ms): a stream's text deltas come later where
+    random byte tokens hold back incomplete UTF-8."""
+    eng = Engine(m, config(max_batch_size=17, max_batch_tokens=budget, prefill_chunk=budget, block_tokens=64,
+                            kv_cache_bytes=1 << 30))  # room for all: no preemption, whatever is free
     loop.run_until_complete(run_all(eng, [prompt_ids(m, 70, 900)], 4))  # warm
     stamps: list[list[float]] = [[] for _ in range(16)]
     window: list[float] = []
+    streams = []
 
-    async def row(i: int) -> None:
-        eng.reserve()
-        stream = eng.submit(EngineRequest(f"d{i}", prompt_ids(m, 70, 1000 + i),
-                                          SamplingParams(max_new_tokens=96, ignore_eos=True), 70))
-        async for delta in stream:
-            stamps[i].extend(time.perf_counter() for _ in delta.token_ids)
+    async def start() -> None:
+        for i in range(16):
+            eng.reserve()
+            streams.append(eng.submit(EngineRequest(f"d{i}", prompt_ids(m, 70, 1000 + i),
+                                                    SamplingParams(max_new_tokens=96, ignore_eos=True), 70)))
+
+    loop.run_until_complete(start())
+
+    def poll() -> None:
+        now = time.perf_counter()
+        for xs, st in zip(stamps, streams):
+            xs.extend(now for _ in range(len(st.token_ids) - 70 - len(xs)))
 
     async def long_prompt() -> None:
         while min(len(x) for x in stamps) < 8:
@@ -209,9 +219,10 @@ def interference(m, loop, budget: int, long_tokens: int = 2048) -> dict:
         window.append(time.perf_counter())
 
     async def go():
-        await asyncio.gather(*(row(i) for i in range(16)), long_prompt())
+        await asyncio.gather(*(st.collect() for st in streams), long_prompt())
 
-    loop.run_until_complete(go())
+    with Sampler(poll):
+        loop.run_until_complete(go())
     eng.close()
     t0, t1 = window
     during, before = [], []
