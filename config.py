@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(default=512, ge=16)
     # Tokens of one engine step, all sequences together: every running sequence's decode token
     # first, then prefill chunks of as many sequences as fit (several short prompts at once).
-    max_batch_tokens: int = Field(default=512, ge=16)
+    # 256: measured on CPU (BENCHMARKS.md, issue 26) — prefill throughput no higher above it, a
+    # decoding row's gap while a long prompt prefills grows with it. GPUs want thousands.
+    max_batch_tokens: int = Field(default=256, ge=16)
     # Bytes of the paged KV pool (blocks of cache_block_tokens positions, shared between requests
     # with a common prefix); 0 = kv_cache_share of the memory available at start, at most a full
     # batch of max-context sequences. A request that finds no free block waits (or is preempted).

@@ -53,7 +53,7 @@ class EngineConfig:
     prefill_chunk: int = 512  # prompt positions of one sequence per step
     max_new_tokens_limit: int = 4096
     grammar_compile_timeout: float = 10.0  # seconds an output constraint may take to compile
-    max_batch_tokens: int = 512  # positions of all sequences per step (decode tokens first)
+    max_batch_tokens: int = 256  # positions of all sequences per step (decode tokens first)
     block_tokens: int = 64  # positions per KV block: the store's block
     kv_cache_bytes: int = 0  # the pool's size; 0 = kv_cache_share of available memory
     kv_cache_share: float = 0.25

@@ -90,7 +90,9 @@ def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int
         step = fastpath.build(model, dtype, max_context, native)
         used = {"linears": "onednn" if packed else "torch", "attention": "native" if native else "torch",
                 "decode_step": "lean" if step is not None else "hf forward"}
-        ident = f"paged:onednn={packed}:native={native}:step={step is not None}"
+        # the kernel's build name hashes its source: another summation order is another fingerprint
+        kernel = kernels.kernel_name() if native else "none"
+        ident = f"paged:onednn={packed}:native={kernel}:step={step is not None}"
     bad = kernels.batch_variance(model)
     used["batch_invariant"] = "yes" if not bad else "no"
     if bad:  # the exactness tests would fail here: say so at start, not in a diverging answer

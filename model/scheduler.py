@@ -63,7 +63,7 @@ class Schedule:
 
 class Scheduler:
     def __init__(self, max_batch_size: int, max_queue: int, blocks: BlockManager,
-                 max_batch_tokens: int = 512, prefill_chunk: int = 512) -> None:
+                 max_batch_tokens: int = 256, prefill_chunk: int = 512) -> None:
         if max_batch_size < 1 or max_queue < 0 or max_batch_tokens < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size, max_batch_tokens, prefill_chunk >= 1 and max_queue >= 0")
         self.max_batch_size = max_batch_size

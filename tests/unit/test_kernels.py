@@ -106,6 +106,47 @@ def test_native_and_torch_paths_agree_and_a_token_does_not_depend_on_its_batch()
     assert torch.equal(paged_attention(q[:1], 0, alone, 0.1), native[:1])  # bit for bit
 
 
+TILING_CASES = [  # (heads, kv_heads, head_dim): no grouping, GQA 4 and 3 (a head size off the
+    # unrolled ones), 16 heads on one KV head (tiles of two tokens)
+    (12, 12, 64), (8, 2, 64), (6, 2, 48), (16, 1, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", TILING_CASES)
+@pytest.mark.parametrize("window,softcap", [(None, None), (23, 5.0)])
+def test_native_query_tiles_give_each_token_the_bits_it_gets_alone(dtype, heads, kv_heads, head_dim,
+                                                                    window, softcap):
+    """A prefill chunk is scored in tiles of queries; each token's result must not depend on the
+    tiling: a 37-token chunk on a 113-token prefix (blocks of 16: the chunk crosses three block
+    boundaries) equals each token run alone as a decode token, the chunk cut at other points, and
+    the chunk in a batch behind other sequences, bit for bit."""
+    if kernels.load_native() is None:
+        pytest.skip("no C compiler here")
+    ctx, n = 150, 37
+    batch, dense = make_step(dtype, kv_heads, head_dim, [3, n, 1], [70, ctx, 9], block=16, seed=5, native=True)
+    pool, table = batch.pool, batch.tables[1]
+    g = torch.Generator().manual_seed(6)
+    q = (torch.randn(n, heads, head_dim, generator=g) * 3).to(dtype)
+
+    def run(tables, q_lens, ctx_lens, qq):
+        return paged_attention(qq, 0, StepBatch(pool, tables, q_lens, ctx_lens, True), head_dim ** -0.5,
+                               window=window, softcap=softcap)
+
+    whole = run([table], [n], [ctx], q)
+    alone = torch.cat([run([table], [1], [ctx - n + i + 1], q[i : i + 1]) for i in range(n)])
+    assert torch.equal(whole, alone)
+    for cut in (1, 5, 17, 36):  # the same chunk in two pieces, as two steps' budgets would cut it
+        parts = run([table, table], [cut, n - cut], [ctx - n + cut, ctx], q)
+        assert torch.equal(parts, whole), cut
+    q_other = torch.randn(4, heads, head_dim, generator=g).to(dtype)
+    mixed = run(batch.tables, [3, n, 1], [70, ctx, 9], torch.cat([q_other[:3], q, q_other[3:]]))
+    assert torch.equal(mixed[3 : 3 + n], whole)
+    want = reference(q, dense[1:2], [n], [ctx], head_dim ** -0.5, window, softcap)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(whole.double(), want, atol=tol, rtol=tol)
+
+
 def test_pool_load_extract_and_copy_block_round_trip():
     pool = KVPool(2, 2, 3, torch.float32, torch.device("cpu"), 6, 4)
     table = [4, 1, 3]
