@@ -117,8 +117,10 @@ def by_rows(fn: Callable[..., torch.Tensor], rows: int, x: torch.Tensor, *more: 
 # Row counts the batch-invariance probe tries: 1 row alone against these many rows together
 # (past a prefill chunk's 64 and a step's budget, where a GEMM library switches blockings).
 PROBE_ROWS = (2, 5, 16, 33, 64, 100, 256)
-# Row-chunk sizes ``fit_row_chunks`` tries, largest first.
-CHUNK_ROWS = (256, 128, 64, 48, 32, 16, 8)
+# Row-chunk sizes ``fit_row_chunks`` tries, largest first. The largest is also the cap where no
+# chunk is needed: oneDNN compiles and caches primitives per row count, so a bounded set of row
+# counts bounds its memory (a GEMM's rate per row is flat from 64 rows up on CPU).
+CHUNK_ROWS = (64, 48, 32, 16, 8)
 
 
 def _fused_calls(mod: "PackedLinear") -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
@@ -130,11 +132,11 @@ def _fused_calls(mod: "PackedLinear") -> list[Callable[[torch.Tensor, torch.Tens
 
 @torch.inference_mode()
 def fit_row_chunks(model: torch.nn.Module) -> dict[tuple[int, int], int]:
-    """Give each packed linear the largest chunk of ``CHUNK_ROWS`` whose every tried row count
-    (``PROBE_ROWS`` up to it, and the chunk itself) gives each row the bits it gets alone.
+    """Give each packed linear the largest chunk of ``CHUNK_ROWS`` whose every row count up to it
+    gives each row the bits it gets alone (the largest, when every ``PROBE_ROWS`` count does).
 
     Returns:
-        The chunk per (in, out) shape, 0 where no chunk is needed.
+        The chunk per (in, out) shape.
     """
     mods: dict[tuple[int, int], list[PackedLinear]] = {}
     for mod in model.modules():
@@ -155,14 +157,12 @@ def fit_row_chunks(model: torch.nn.Module) -> dict[tuple[int, int], int]:
 
         counts = sorted({*PROBE_ROWS, *CHUNK_ROWS})
         bad = [m for m in counts if not fine(m)]
-        rows = 0 if not bad else next(
-            (c for c in CHUNK_ROWS if c < bad[0] and all(fine(m) for m in range(2, c + 1))), 1)
+        rows = next((c for c in CHUNK_ROWS if all(m > c for m in bad)
+                     and all(fine(m) for m in range(2, c + 1))), 1) if bad else CHUNK_ROWS[0]
         chosen[shape] = rows
         for m in group:
             m.rows = rows
-    if any(chosen.values()):
-        log.info("linears: GEMM row chunks %s (larger row counts sum in another order)",
-                 {f"{i}x{o}": c for (i, o), c in chosen.items() if c})
+    log.info("linears: GEMM row chunks %s", {f"{i}x{o}": c for (i, o), c in chosen.items()})
     return chosen
 
 
