@@ -36,19 +36,31 @@ class Aligner:
                 return self.tokenize(text, special_tokens=True), 0
             ids, matched = self.align(text, stored[len(lead):])
             return lead + ids, matched + len(lead) if matched else 0
-        matched = self._longest_matching_run(text, stored)
+        # A special token the text never shows (a <pad> a random model emitted: the client's copy
+        # of the answer skipped it) stays in the stored run but is left out of its text.
+        unseen = {i for i in set(stored) & set(self.tokenizer.all_special_ids)
+                  if self.tokenizer.convert_ids_to_tokens(i) not in text}
+        shown = (lambda ids: self.text_of([i for i in ids if i not in unseen])) if unseen else self.text_of
+        matched = self._longest_matching_run(text, stored, shown)
         if matched == 0:
             return self.tokenize(text, special_tokens=False), 0
-        rest = text[len(self.text_of(stored[:matched])):]
+        rest = text[len(shown(stored[:matched])):]
         return stored[:matched] + (self.tokenize(rest, special_tokens=False) if rest else []), matched
 
-    def _longest_matching_run(self, text: str, stored: list[int]) -> int:
-        """The longest k with the text of ``stored[:k]`` a prefix of ``text`` (binary search)."""
+    @staticmethod
+    def _longest_matching_run(text: str, stored: list[int], text_of) -> int:
+        """The longest k with the text of ``stored[:k]`` a prefix of ``text`` (binary search).
+
+        A cut inside a character's bytes decodes to a trailing U+FFFD that the full text does not
+        have; the search ignores it (a longer run may complete the character), then steps back to
+        a cut whose text is an exact prefix."""
         lo, hi = 0, len(stored)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if text.startswith(self.text_of(stored[:mid])):
+            if text.startswith(text_of(stored[:mid]).rstrip("\ufffd")):
                 lo = mid
             else:
                 hi = mid - 1
+        while lo and not text.startswith(text_of(stored[:lo])):
+            lo -= 1
         return lo
