@@ -37,6 +37,15 @@ def test_top_k_one_is_greedy_even_when_sampling():
     assert {sample(logits.clone(), [row])[0] for _ in range(20)} == {1}
 
 
+def test_top_k_one_breaks_ties_as_greedy_does():
+    """bf16 logits tie often: the top-1 of a sampling row is the token greedy picks (lowest id)."""
+    logits = torch.zeros(1, 4096)
+    logits[0, [77, 901, 3000]] = 2.5
+    row = RowSpec(True, 1.5, 1, 1.0, generator=torch.Generator().manual_seed(9))
+    assert sample(logits.clone(), [greedy()]) == [77]
+    assert {sample(logits.clone(), [row])[0] for _ in range(10)} == {77}
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     row = RowSpec(True, 1.0, 0, 0.6, generator=torch.Generator().manual_seed(2))
