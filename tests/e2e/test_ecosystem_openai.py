@@ -109,17 +109,21 @@ def test_n_choices_are_indexed_and_counted(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
-def test_top_k_one_is_greedy_and_penalties_change_greedy_output(client):
+def test_top_k_one_is_greedy_and_penalties_change_the_greedy_distribution(client):
     greedy = client.completions.create(model="m", prompt=PROMPT, max_tokens=24, temperature=0,
                                        extra_body={"ignore_eos": True})
     top1 = client.completions.create(model="m", prompt=PROMPT, max_tokens=24, temperature=1.5, seed=9,
                                      extra_body={"ignore_eos": True, "top_k": 1})
     assert top1.choices[0].text == greedy.choices[0].text
+    # Each penalty changes the greedy distribution (the scores of the seen / generated tokens), so
+    # the reported logprobs move whether or not the random model's argmax happens to change.
+    plain = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3,
+                                      extra_body={"ignore_eos": True})
     for extra, kw in (({"repetition_penalty": 5.0}, {}), ({}, {"frequency_penalty": 2.0}),
                       ({}, {"presence_penalty": 2.0})):
-        other = client.completions.create(model="m", prompt=PROMPT, max_tokens=24, temperature=0,
+        other = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3,
                                           extra_body={"ignore_eos": True, **extra}, **kw)
-        assert other.choices[0].text != greedy.choices[0].text, (extra, kw)
+        assert other.choices[0].logprobs.top_logprobs != plain.choices[0].logprobs.top_logprobs, (extra, kw)
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="m", prompt=PROMPT, presence_penalty=2.5)
     assert e.value.body["param"] == "presence_penalty"
