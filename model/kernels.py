@@ -52,10 +52,13 @@ class PackedLinear(torch.nn.Module):
         # Rows per GEMM call (0: any): oneDNN may switch kernels, and the order of a row's sum,
         # above some row count (bf16 on AMX: a 512-wide input at 59 rows); set by ``fit_row_chunks``.
         self.rows = 0
+        # A lone row goes through oneDNN's GEMV path, which sums in another order than any GEMM
+        # (fp32 on AVX-512: a 2048-wide input); padded to two rows it gets the GEMM's bits.
+        self.pad_single = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op, w, b = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias
-        return by_rows(lambda a: op(a, w, b, "none", [], ""), self.rows, x)
+        return by_rows(lambda a: op(a, w, b, "none", [], ""), self.rows, x, pad=self.pad_single)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn=True"
@@ -104,14 +107,19 @@ def pack_linears(model: torch.nn.Module) -> int:
     return len(targets)
 
 
-def by_rows(fn: Callable[..., torch.Tensor], rows: int, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+def by_rows(fn: Callable[..., torch.Tensor], rows: int, x: torch.Tensor, *more: torch.Tensor,
+            pad: bool = False) -> torch.Tensor:
     """``fn(x, *more)`` over chunks of at most ``rows`` rows (all at once when ``rows`` is 0 or
-    enough): every row then goes through a GEMM of a row count the library computes invariantly."""
+    enough), a lone row padded to two with ``pad``: every row then goes through a GEMM of a row
+    count the library computes invariantly."""
     if not x.is_contiguous():
         x = x.contiguous()
+    if pad and x.shape[0] == 1:
+        return fn(*(torch.cat([t, torch.zeros_like(t)]) for t in (x, *more)))[:1]
     if not rows or x.shape[0] <= rows:
         return fn(x, *more)
-    return torch.cat([fn(x[i:i + rows], *(t[i:i + rows] for t in more)) for i in range(0, x.shape[0], rows)])
+    return torch.cat([by_rows(fn, 0, x[i:i + rows], *(t[i:i + rows] for t in more), pad=pad)
+                      for i in range(0, x.shape[0], rows)])
 
 
 # Row counts the batch-invariance probe tries: 1 row alone against these many rows together
@@ -130,13 +138,24 @@ def _fused_calls(mod: "PackedLinear") -> list[Callable[[torch.Tensor, torch.Tens
             lambda a, r: op.binary(a, r, w, b, "add")]
 
 
+def _chunk(calls, x: torch.Tensor, r: torch.Tensor, alone: list[torch.Tensor]) -> int:
+    """The largest of ``CHUNK_ROWS`` under which every row count gives each row its ``alone`` bits."""
+    def fine(m: int) -> bool:
+        return all(torch.equal(f(x[:m], r[:m]), a[:m]) for f, a in zip(calls, alone))
+
+    bad = [m for m in sorted({*PROBE_ROWS, *CHUNK_ROWS}) if not fine(m)]
+    if not bad:
+        return CHUNK_ROWS[0]
+    return next((c for c in CHUNK_ROWS if all(m > c for m in bad) and all(fine(m) for m in range(2, c + 1))), 1)
+
+
 @torch.inference_mode()
-def fit_row_chunks(model: torch.nn.Module) -> dict[tuple[int, int], int]:
+def fit_row_chunks(model: torch.nn.Module) -> dict[tuple[int, int], tuple[int, bool]]:
     """Give each packed linear the largest chunk of ``CHUNK_ROWS`` whose every row count up to it
     gives each row the bits it gets alone (the largest, when every ``PROBE_ROWS`` count does).
 
     Returns:
-        The chunk per (in, out) shape.
+        The chunk per (in, out) shape, and whether a lone row is padded to two.
     """
     mods: dict[tuple[int, int], list[PackedLinear]] = {}
     for mod in model.modules():
@@ -144,25 +163,23 @@ def fit_row_chunks(model: torch.nn.Module) -> dict[tuple[int, int], int]:
             mods.setdefault((mod.in_features, mod.out_features), []).append(mod)
     g = torch.Generator().manual_seed(1)
     top = max(PROBE_ROWS)
-    chosen: dict[tuple[int, int], int] = {}
+    chosen: dict[tuple[int, int], tuple[int, bool]] = {}
     for shape, group in mods.items():
         mod = group[0]
         x = torch.randn(top, shape[0], generator=g).to(mod.dtype)
         r = torch.randn(top, shape[1], generator=g).to(mod.dtype)
         calls = _fused_calls(mod)
-        alone = [torch.cat([f(x[j:j + 1], r[j:j + 1]) for j in range(top)]) for f in calls]
-
-        def fine(m: int) -> bool:
-            return all(torch.equal(f(x[:m], r[:m]), a[:m]) for f, a in zip(calls, alone))
-
-        counts = sorted({*PROBE_ROWS, *CHUNK_ROWS})
-        bad = [m for m in counts if not fine(m)]
-        rows = next((c for c in CHUNK_ROWS if all(m > c for m in bad)
-                     and all(fine(m) for m in range(2, c + 1))), 1) if bad else CHUNK_ROWS[0]
-        chosen[shape] = rows
+        single = [torch.cat([f(x[j:j + 1], r[j:j + 1]) for j in range(top)]) for f in calls]
+        paired = [torch.cat([by_rows(f, 0, x[j:j + 1], r[j:j + 1], pad=True) for j in range(top)])
+                  for f in calls]
+        rows, pad = _chunk(calls, x, r, single), False
+        if rows < CHUNK_ROWS[0] and (rows_paired := _chunk(calls, x, r, paired)) > rows:
+            rows, pad = rows_paired, True
+        chosen[shape] = (rows, pad)
         for m in group:
-            m.rows = rows
-    log.info("linears: GEMM row chunks %s", {f"{i}x{o}": c for (i, o), c in chosen.items()})
+            m.rows, m.pad_single = rows, pad
+    log.info("linears: GEMM row chunks %s", {f"{i}x{o}": f"{c}{' (lone rows padded)' if p else ''}"
+                                             for (i, o), (c, p) in chosen.items()})
     return chosen
 
 
@@ -189,7 +206,8 @@ def batch_variance(model: torch.nn.Module, rows: tuple[int, ...] = PROBE_ROWS) -
         r = torch.randn(top, mod.out_features, generator=g).to(dev, dtype)
         calls = [lambda a, _r: mod(a)]
         if isinstance(mod, PackedLinear):  # as the engine calls them: in the module's row chunks
-            calls += [lambda a, r_, f=f: by_rows(f, mod.rows, a, r_) for f in _fused_calls(mod)[1:]]
+            calls += [lambda a, r_, f=f: by_rows(f, mod.rows, a, r_, pad=mod.pad_single)
+                      for f in _fused_calls(mod)[1:]]
         for f in calls:
             alone = torch.cat([f(x[j:j + 1], r[j:j + 1]) for j in range(top)])
             bad.update(m for m in rows if not torch.equal(f(x[:m], r[:m]), alone[:m]))

@@ -84,8 +84,8 @@ def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int
     ident = "paged"
     if cpu_kernels == "onednn":
         packed = kernels.pack_linears(model)
-        if packed:
-            kernels.fit_row_chunks(model)
+        # Another row chunk sums in another order: part of the fingerprint, as the kernels are.
+        chunks = kernels.fit_row_chunks(model) if packed else {}
         native = kernels.load_native() is not None
         step = fastpath.build(model, dtype, max_context, native)
         used = {"linears": "onednn" if packed else "torch", "attention": "native" if native else "torch",
@@ -93,6 +93,8 @@ def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int
         # the kernel's build name hashes its source: another summation order is another fingerprint
         kernel = kernels.kernel_name() if native else "none"
         ident = f"paged:onednn={packed}:native={kernel}:step={step is not None}"
+        if chunks:
+            ident += ":rows=" + ",".join(f"{i}x{o}:{c}{'p' if p else ''}" for (i, o), (c, p) in sorted(chunks.items()))
     bad = kernels.batch_variance(model)
     used["batch_invariant"] = "yes" if not bad else "no"
     if bad:  # the exactness tests would fail here: say so at start, not in a diverging answer

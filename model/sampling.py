@@ -110,8 +110,7 @@ def sample(logits: torch.Tensor, rows: list[RowSpec],
         sub = logits.index_select(0, idx)
         temps = torch.tensor([rows[i].temperature for i in sampled], dtype=sub.dtype).unsqueeze(1)
         sub = sub / temps
-        # Stable: equal logits (common in bf16) rank by token id, as argmax breaks them, so top_k=1
-        # is greedy and the truncation does not depend on the sort's tie order.
+        # Stable: equal logits (common in bf16) rank by token id as in argmax (top_k=1 is greedy).
         sorted_logits, sorted_ids = sub.sort(dim=-1, descending=True, stable=True)
         vocab = sub.shape[-1]
         ranks = torch.arange(vocab).unsqueeze(0)

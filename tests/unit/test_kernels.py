@@ -222,13 +222,17 @@ def test_by_rows_calls_the_gemm_on_chunks_of_at_most_rows_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linears_are_batch_invariant_once_their_row_chunks_are_fitted(dtype):
-    """oneDNN's bf16 GEMM on AMX sums a row in another order from 59 rows on (a 512-wide input):
-    the fitted row chunk keeps every row's bits those it gets alone, fused calls included."""
+    """oneDNN's bf16 GEMM on AMX sums a row in another order from 59 rows on (a 512-wide input),
+    and its fp32 GEMV (one row, a 2048-wide input on AVX-512) in another order than its GEMM: the
+    fitted row chunk and lone-row padding keep every row's bits those it gets alone, fused calls
+    included. (The modules are probed one by one, never chained.)"""
     if kernels.onednn_packs(dtype) is not None:
         pytest.skip(f"oneDNN does not pack {dtype} here")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(192, 512), torch.nn.Linear(512, 192)).to(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(192, 512), torch.nn.Linear(512, 192),
+                                torch.nn.Linear(2048, 768)).to(dtype)
     kernels.pack_linears(model)
     chunks = kernels.fit_row_chunks(model)
-    assert set(chunks) == {(192, 512), (512, 192)}
+    assert set(chunks) == {(192, 512), (512, 192), (2048, 768)}
+    assert all(rows > 1 for rows, _ in chunks.values())  # never one GEMV per row
     assert kernels.batch_variance(model) == []
