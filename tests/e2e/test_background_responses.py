@@ -9,13 +9,14 @@ Leases are 2 s here so takeovers happen within seconds. Greedy, ``ignore_eos`` a
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import openai
 import pytest
 import requests
 from openai import OpenAI
+
+from tests.e2e.polling import wait_done
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -30,16 +31,6 @@ def client(server, key: str = KEY_A) -> OpenAI:
 
 def ask(text: str, n: int) -> dict:
     return dict(model="kvbento", input=text, max_output_tokens=n, temperature=0, extra_body={"ignore_eos": True})
-
-
-def wait_done(c: OpenAI, rid: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = c.responses.retrieve(rid)
-        if r.status not in ("queued", "in_progress"):
-            return r
-        time.sleep(0.2)
-    raise AssertionError(f"{rid} still {r.status} after {timeout}s")
 
 
 def _auth(c: OpenAI) -> dict:

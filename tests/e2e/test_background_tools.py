@@ -7,11 +7,12 @@ exactly the events of an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import time
 
 import jsonschema
 import pytest
 from openai import OpenAI
+
+from tests.e2e.polling import wait_done
 
 from tests.e2e.test_structured_outputs import TOOL_SCHEMAS
 
@@ -37,16 +38,6 @@ def norm(event) -> tuple:
     item = e.get("item") or {}
     return (e["type"], e["sequence_number"], e.get("delta"), e.get("text"), e.get("arguments"), item.get("type"),
             item.get("name"), (e.get("response") or {}).get("status"))
-
-
-def wait_done(c: OpenAI, rid: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = c.responses.retrieve(rid)
-        if r.status not in ("queued", "in_progress"):
-            return r
-        time.sleep(0.2)
-    raise AssertionError(f"{rid} still {r.status} after {timeout}s")
 
 
 def test_background_tool_call_is_the_foreground_one(server):
