@@ -146,13 +146,13 @@ class InProcessEngine:
         return [b - a for a, b in zip(t, t[1:])]
 
     def summary(self, itls: list[float]) -> dict:
-        from model import kernels
+        from model import kernels, native
 
         mean = statistics.fmean(itls)
         return {"itl_ms_mean": 1000 * mean, "itl_ms_median": 1000 * statistics.median(itls),
                 "decode_tok_s": 1 / mean, "model_bytes": self.m.weight_bytes,
-                "kernels": {"onednn_linears": any(isinstance(x, kernels.PackedLinear) for x in self.m.model.modules()),
-                            "native_attention": kernels.load_native() is not None,
+                "kernels": {"packed_linears": any(isinstance(x, kernels.PackedLinear) for x in self.m.model.modules()),
+                            "native_attention": native.ATTENTION.load() is not None,
                             "lean_decode_step": self.m.decode_step is not None}}
 
     def close(self) -> None:

@@ -35,8 +35,7 @@ _MLP_ATTRS = {"gate_proj", "up_proj", "down_proj"}
 
 def _linear(mod: torch.nn.Module, act: str = "none") -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(mod, kernels.PackedLinear):
-        op, w, b, rows, pad = torch.ops.mkldnn._linear_pointwise, mod.packed, mod.bias, mod.rows, mod.pad_single
-        return lambda x: kernels.by_rows(lambda a: op(a, w, b, act, [], ""), rows, x, pad=pad)
+        return lambda x: mod.call(x, act)
     w, b = mod.weight, mod.bias
     if act == "swish":
         return lambda x: F.silu(F.linear(x, w, b))
@@ -46,9 +45,7 @@ def _linear(mod: torch.nn.Module, act: str = "none") -> Callable[[torch.Tensor],
 def _linear_add(mod: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``(x, residual) -> residual + x W^T + b``, the add fused into the GEMM where packed."""
     if isinstance(mod, kernels.PackedLinear):
-        op, w, b, rows, pad = (torch.ops.mkldnn._linear_pointwise.binary, mod.packed, mod.bias, mod.rows,
-                               mod.pad_single)
-        return lambda x, r: kernels.by_rows(lambda a, r_: op(a, r_, w, b, "add"), rows, x, r, pad=pad)
+        return lambda x, r: mod.call(x, res=r)
     w, b = mod.weight, mod.bias
     return lambda x, r: r + F.linear(x, w, b)
 

@@ -15,18 +15,13 @@ weight is dropped (a tied LM head keeps the embedding's), so memory does not gro
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import threading
-from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+
+from model import native
 
 log = logging.getLogger("kvbento.model")
 
@@ -38,7 +33,8 @@ def onednn_available() -> bool:
 
 
 class PackedLinear(torch.nn.Module):
-    """``y = x W^T + b`` with ``W`` pre-packed for oneDNN. Inference only (no autograd)."""
+    """``y = x W^T + b`` with ``W`` pre-packed once: for our AMX kernel (bf16 where the CPU has
+    AMX; batch-invariant by construction) or else for oneDNN. Inference only (no autograd)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -46,22 +42,66 @@ class PackedLinear(torch.nn.Module):
         self.out_features = linear.out_features
         weight = linear.weight.detach()
         self.dtype = weight.dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.bias = None if linear.bias is None else linear.bias.detach()
-
-        # Rows per GEMM call (0: any): oneDNN may switch kernels, and the order of a row's sum,
-        # above some row count (bf16 on AMX: a 512-wide input at 59 rows); set by ``fit_row_chunks``.
+        # Rows per oneDNN call (0: any): it may switch kernels, and the order of a row's sum,
+        # above some row count (bf16 on AMX: a 512-wide input at 37 rows); set by ``fit_row_chunks``.
         self.rows = 0
         # A lone row goes through oneDNN's GEMV path, which sums in another order than any GEMM
         # (fp32 on AVX-512: a 2048-wide input); padded to two rows it gets the GEMM's bits.
         self.pad_single = False
+        lib = native.AMX_GEMM.load() if self.dtype == torch.bfloat16 else None
+        self.amx = lib is not None
+        if self.amx:
+            self.k_pad = -self.in_features % 32  # the kernel steps K by 32
+            blocks = (self.out_features + 15) // 16 * (self.in_features + self.k_pad) // 32
+            self.packed = torch.empty(blocks * 512, dtype=torch.bfloat16)
+            w = weight.contiguous()
+            lib.kvb_amx_pack(w.data_ptr(), self.out_features, self.in_features, self.in_features + self.k_pad,
+                             self.packed.data_ptr())
+            self.bias32 = None if self.bias is None else self.bias.float().contiguous()
+            # x rows kept in L2 while every column block passes over them (speed only, not bits)
+            self.block_rows = max(128, min(512, (3 << 19) // (2 * (self.in_features + self.k_pad)) // 32 * 32))
+            self._lib = lib
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+    def gemm(self, x: torch.Tensor, act: str = "none", res: torch.Tensor | None = None) -> torch.Tensor:
+        """One library call on 2-D ``x``: ``act(x W^T + b) + res`` (act "none" or "swish")."""
+        if not self.amx:
+            op, w, b = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias
+            return op(x, w, b, act, [], "") if res is None else op.binary(x, res, w, b, "add")
+        if self.k_pad:
+            x = F.pad(x, (0, self.k_pad))
+        if x.stride(-1) != 1 or x.dtype != torch.bfloat16:
+            x = x.contiguous().to(torch.bfloat16)
+        m, n = x.shape[0], self.out_features
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        if res is not None:
+            res = res.contiguous()
+        b = self.bias32
+        rc = self._lib.kvb_amx_linear(x.data_ptr(), m, self.in_features + self.k_pad, x.stride(0),
+                                      self.packed.data_ptr(), n, None if b is None else b.data_ptr(),
+                                      None if res is None else res.data_ptr(), 1 if act == "swish" else 0,
+                                      out.data_ptr(), self.block_rows, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"AMX linear failed ({rc})")
+        return out
+
+    def call(self, x: torch.Tensor, act: str = "none", res: torch.Tensor | None = None) -> torch.Tensor:
+        """``gemm`` on 2-D ``x`` in the row chunks that keep every row's bits (one call with AMX)."""
+        if self.amx:
+            return self.gemm(x, act, res)
+        if res is None:
+            return by_rows(lambda a: self.gemm(a, act), self.rows, x, pad=self.pad_single)
+        return by_rows(lambda a, r: self.gemm(a, act, r), self.rows, x, res, pad=self.pad_single)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op, w, b = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias
-        return by_rows(lambda a: op(a, w, b, "none", [], ""), self.rows, x, pad=self.pad_single)
+        lead = x.shape[:-1]
+        return self.call(x.reshape(-1, self.in_features)).view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn=True"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kernel={'amx' if self.amx else 'onednn'}")
 
 
 def onednn_packs(dtype: torch.dtype) -> str | None:
@@ -103,7 +143,8 @@ def pack_linears(model: torch.nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, PackedLinear(module))
     if targets:
-        log.info("linears: oneDNN packed %s (%d layers)", str(dtype).removeprefix("torch."), len(targets))
+        log.info("linears: %s packed %s (%d layers)", "AMX" if model.get_submodule(targets[0][0]).amx else "oneDNN",
+                 str(dtype).removeprefix("torch."), len(targets))
     return len(targets)
 
 
@@ -132,10 +173,8 @@ CHUNK_ROWS = (64, 48, 32, 16, 8)
 
 
 def _fused_calls(mod: "PackedLinear") -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """The GEMM calls the engine makes on ``mod``: plain, fused SiLU, fused residual add."""
-    op, w, b = torch.ops.mkldnn._linear_pointwise, mod.packed, mod.bias
-    return [lambda a, _r: op(a, w, b, "none", [], ""), lambda a, _r: op(a, w, b, "swish", [], ""),
-            lambda a, r: op.binary(a, r, w, b, "add")]
+    """The library calls the engine makes on ``mod``: plain, fused SiLU, fused residual add."""
+    return [lambda a, _r: mod.gemm(a), lambda a, _r: mod.gemm(a, "swish"), lambda a, r: mod.gemm(a, res=r)]
 
 
 def _chunk(calls, x: torch.Tensor, r: torch.Tensor, alone: list[torch.Tensor]) -> int:
@@ -159,7 +198,7 @@ def fit_row_chunks(model: torch.nn.Module) -> dict[tuple[int, int], tuple[int, b
     """
     mods: dict[tuple[int, int], list[PackedLinear]] = {}
     for mod in model.modules():
-        if isinstance(mod, PackedLinear):
+        if isinstance(mod, PackedLinear) and not mod.amx:  # AMX: one fixed sum order, no chunks
             mods.setdefault((mod.in_features, mod.out_features), []).append(mod)
     g = torch.Generator().manual_seed(1)
     top = max(PROBE_ROWS)
@@ -178,8 +217,9 @@ def fit_row_chunks(model: torch.nn.Module) -> dict[tuple[int, int], tuple[int, b
         chosen[shape] = (rows, pad)
         for m in group:
             m.rows, m.pad_single = rows, pad
-    log.info("linears: GEMM row chunks %s", {f"{i}x{o}": f"{c}{' (lone rows padded)' if p else ''}"
-                                             for (i, o), (c, p) in chosen.items()})
+    if chosen:
+        log.info("linears: GEMM row chunks %s", {f"{i}x{o}": f"{c}{' (lone rows padded)' if p else ''}"
+                                                 for (i, o), (c, p) in chosen.items()})
     return chosen
 
 
@@ -205,112 +245,19 @@ def batch_variance(model: torch.nn.Module, rows: tuple[int, ...] = PROBE_ROWS) -
         x = torch.randn(top, mod.in_features, generator=g).to(dev, dtype)
         r = torch.randn(top, mod.out_features, generator=g).to(dev, dtype)
         calls = [lambda a, _r: mod(a)]
-        if isinstance(mod, PackedLinear):  # as the engine calls them: in the module's row chunks
-            calls += [lambda a, r_, f=f: by_rows(f, mod.rows, a, r_, pad=mod.pad_single)
-                      for f in _fused_calls(mod)[1:]]
+        if isinstance(mod, PackedLinear):  # as the engine calls them (in the module's row chunks)
+            calls += [lambda a, _r: mod.call(a, "swish"), lambda a, r_: mod.call(a, res=r_)]
         for f in calls:
             alone = torch.cat([f(x[j:j + 1], r[j:j + 1]) for j in range(top)])
             bad.update(m for m in rows if not torch.equal(f(x[:m], r[:m]), alone[:m]))
     return sorted(bad)
 
 
-# ------------------------------------------------------------------------- native paged-attention kernel
-_SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
-_native: ctypes.CDLL | None = None
-_native_tried = False
-_native_lock = threading.Lock()
-# (compile flags, link flags), best first. -ffast-math buys vectorised expf (glibc's libmvec) and
-# reductions, the kernel's largest gain; it is safe there because the kernel itself uses no inf/NaN.
-# OpenMP resolves to the libgomp torch already loaded.
-_VARIANTS = (
-    (("-O3", "-fPIC", "-ffast-math", "-fopenmp"), ("-lmvec", "-lm")),
-    (("-O3", "-fPIC", "-fno-math-errno", "-fopenmp"), ("-lm",)),
-    (("-O3", "-fPIC", "-fno-math-errno"), ("-lm",)),
-)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "kvbento" / "kernels"
-
-
-# Prebuilt kernels shipped with the bundle (`make image` builds one here: the image has no compiler).
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "var" / "kernels"
-
-
-def kernel_name() -> str:
-    """File name of the built kernel: one per source, flags, CPU architecture and libc."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + repr(_VARIANTS).encode() + platform.machine().encode()
-                         + "-".join(platform.libc_ver()).encode()).hexdigest()[:16]
-    return f"decode_attention-{key}.so"
-
-
-def _compile(out: Path) -> bool:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        log.info("no C compiler: paged attention uses the torch path")
-        return False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    obj = out.with_suffix(f".{os.getpid()}.o")
-    for flags in _VARIANTS:
-        # Compile and link apart: linked with -ffast-math, gcc < 13 adds crtfastmath.o even to a
-        # shared object, whose constructor would switch the loading process to flush-to-zero.
-        try:
-            r = subprocess.run([cc, "-c", *flags[0], str(_SOURCE), "-o", str(obj)],
-                               capture_output=True, text=True, timeout=120)
-            if r.returncode == 0:
-                link = [cc, "-shared", str(obj), "-o", str(tmp), *flags[1]]
-                link[2:2] = ["-fopenmp"] if "-fopenmp" in flags[0] else []
-                r = subprocess.run(link, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("compiling the decode kernel failed: %s", exc)
-            return False
-        finally:
-            obj.unlink(missing_ok=True)
-        if r.returncode == 0:
-            try:
-                ctypes.CDLL(str(tmp))  # links and resolves here, or try the next variant
-            except OSError as exc:
-                log.info("decode kernel built with %s does not load: %s", flags, exc)
-                continue
-            os.replace(tmp, out)  # atomic: concurrent servers may build the same kernel
-            return True
-        log.info("compiling the decode kernel with %s failed: %s", flags, r.stderr.strip()[-500:])
-    tmp.unlink(missing_ok=True)
-    return False
-
-
-def load_native() -> ctypes.CDLL | None:
-    """Load the decode kernel: prebuilt (bundle or cache) or built now (once, cached on disk)."""
-    global _native, _native_tried
-    with _native_lock:
-        if _native_tried:
-            return _native
-        _native_tried = True
-        try:
-            name = kernel_name()
-            path = next((d / name for d in (BUNDLED_DIR, _cache_dir()) if (d / name).exists()), None)
-            if path is None:
-                path = _cache_dir() / name
-                if not _compile(path):
-                    return None
-            lib = ctypes.CDLL(str(path))
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            for fn in (lib.kvb_paged_attention, lib.kvb_paged_attention_bf16):
-                fn.argtypes = [ptr] * 7 + [i64] * 7 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
-                fn.restype = ctypes.c_int
-            _native = lib
-            log.info("paged attention: native kernel %s", path)
-        except OSError as exc:
-            log.warning("attention kernel unavailable, using the torch path: %s", exc)
-        return _native
-
-
 def paged_attention_native(q: torch.Tensor, layer: int, batch, scaling: float, window: int | None,
                            softcap: float | None) -> torch.Tensor | None:
     """``model.attention.paged_attention`` through the native kernel; None where it cannot
     (no compiler, fp16, too many query heads per KV head): the torch path runs instead."""
-    lib = _native if _native_tried else load_native()
+    lib = native.ATTENTION.load()
     pool = batch.pool
     fn = None if lib is None else {torch.float32: lib.kvb_paged_attention,
                                    torch.bfloat16: lib.kvb_paged_attention_bf16}.get(pool.dtype)
@@ -327,14 +274,3 @@ def paged_attention_native(q: torch.Tensor, layer: int, batch, scaling: float, w
     if rc != 0:
         return None
     return out.to(q.dtype)
-
-
-if __name__ == "__main__":  # `python -m model.kernels --build DIR`: prebuild for a bundle/image
-    import argparse
-
-    ap = argparse.ArgumentParser(description="build the native paged-attention kernel into a directory")
-    ap.add_argument("--build", type=Path, default=BUNDLED_DIR)
-    target = ap.parse_args().build / kernel_name()
-    if not target.exists() and not _compile(target):
-        raise SystemExit("building the attention kernel failed (see the log above)")
-    print(target)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import attention, fastpath, kernels, precision
+from model import attention, fastpath, kernels, native, precision
 
 log = logging.getLogger("kvbento.model")
 
@@ -86,13 +86,16 @@ def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int
         packed = kernels.pack_linears(model)
         # Another row chunk sums in another order: part of the fingerprint, as the kernels are.
         chunks = kernels.fit_row_chunks(model) if packed else {}
-        native = kernels.load_native() is not None
-        step = fastpath.build(model, dtype, max_context, native)
-        used = {"linears": "onednn" if packed else "torch", "attention": "native" if native else "torch",
-                "decode_step": "lean" if step is not None else "hf forward"}
-        # the kernel's build name hashes its source: another summation order is another fingerprint
-        kernel = kernels.kernel_name() if native else "none"
+        attn = native.ATTENTION.load() is not None
+        step = fastpath.build(model, dtype, max_context, attn)
+        amx = any(getattr(m, "amx", False) for m in model.modules())
+        used = {"linears": ("amx" if amx else "onednn") if packed else "torch",
+                "attention": "native" if attn else "torch", "decode_step": "lean" if step is not None else "hf forward"}
+        # a kernel's build name hashes its source: another summation order is another fingerprint
+        kernel = native.ATTENTION.name() if attn else "none"
         ident = f"paged:onednn={packed}:native={kernel}:step={step is not None}"
+        if amx:
+            ident += f":amx={native.AMX_GEMM.name()}"
         if chunks:
             ident += ":rows=" + ",".join(f"{i}x{o}:{c}{'p' if p else ''}" for (i, o), (c, p) in sorted(chunks.items()))
     bad = kernels.batch_variance(model)

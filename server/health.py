@@ -18,7 +18,7 @@ router = APIRouter()
                                                        "num_requests_waiting": 0,
                                                        "device": "cpu", "dtype": "bfloat16",
                                                        "dtype_reason": "amx_bf16",
-                                                       "kernels": {"linears": "onednn",
+                                                       "kernels": {"linears": "amx",
                                                                    "attention": "native",
                                                                    "decode_step": "lean",
                                                                    "batch_invariant": "yes"}}}}},

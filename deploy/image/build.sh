@@ -20,8 +20,8 @@ if [ ! -f "$TORCH_WHEEL" ]; then
             --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
 fi
 # The native decode-attention kernel, prebuilt: the image has no C compiler (bentofile includes
-# var/kernels/*.so; model/kernels.py looks there before building one).
-"$BIN/python" -m model.kernels --build var/kernels >/dev/null
+# var/kernels/*.so; model/native.py looks there before building one).
+"$BIN/python" -m model.native --build var/kernels >/dev/null
 chmod -R a+rX var/kernels
 # save_pretrained writes 0600 files; the image's user (and any uid Kubernetes picks) must read them.
 chmod -R a+rX var/models/kvbento-tiny

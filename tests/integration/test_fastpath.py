@@ -16,7 +16,8 @@ def test_tiny_model_runs_the_lean_step(loaded):
     # AVX-NE-CONVERT), and the kernels the model runs say which.
     packs = kernels.onednn_packs(loaded.dtype) is None
     assert any(isinstance(mod, kernels.PackedLinear) for mod in loaded.model.modules()) == packs
-    assert loaded.kernels["linears"] == ("onednn" if packs else "torch")
+    amx = any(getattr(mod, "amx", False) for mod in loaded.model.modules())
+    assert loaded.kernels["linears"] == (("amx" if amx else "onednn") if packs else "torch")
     assert loaded.kernels["decode_step"] == "lean"
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from model import kernels
+from model.native import AMX_GEMM, ATTENTION
+from model.precision import cpu_flags
 from model.attention import paged_attention
 from model.kv import KVPool, StepBatch
 
@@ -66,7 +68,7 @@ CASES = [  # (heads, kv_heads, head_dim, q_lens, ctx_lens)
 @pytest.mark.parametrize("native", [False, True])
 def test_paged_attention_matches_reference(heads, kv_heads, head_dim, q_lens, ctx_lens, native):
     if native and native_expected():
-        assert kernels.load_native() is not None, "a C compiler is here, the native kernel must load"
+        assert ATTENTION.load() is not None, "a C compiler is here, the native kernel must load"
     batch, dense = make_step(torch.float32, kv_heads, head_dim, q_lens, ctx_lens, native=native)
     q = torch.randn(sum(q_lens), heads, head_dim)
     got = paged_attention(q, 0, batch, head_dim ** -0.5)
@@ -85,7 +87,7 @@ def test_sliding_window_and_soft_cap(native):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_pool_matches_reference(native):
-    if native and kernels.load_native() is None:
+    if native and ATTENTION.load() is None:
         pytest.skip("no C compiler here")
     batch, dense = make_step(torch.bfloat16, 2, 64, [1, 3], [13, 9], native=native, seed=3)
     q = torch.randn(4, 8, 64).to(torch.bfloat16)
@@ -95,7 +97,7 @@ def test_bf16_pool_matches_reference(native):
 
 
 def test_native_and_torch_paths_agree_and_a_token_does_not_depend_on_its_batch():
-    if kernels.load_native() is None:
+    if ATTENTION.load() is None:
         pytest.skip("no C compiler here")
     batch, _ = make_step(torch.float32, 2, 48, [1, 6, 1], [40, 6, 9], native=True, seed=4)
     q = torch.randn(8, 4, 48)
@@ -121,7 +123,7 @@ def test_native_query_tiles_give_each_token_the_bits_it_gets_alone(dtype, heads,
     tiling: a 37-token chunk on a 113-token prefix (blocks of 16: the chunk crosses three block
     boundaries) equals each token run alone as a decode token, the chunk cut at other points, and
     the chunk in a batch behind other sequences, bit for bit."""
-    if kernels.load_native() is None:
+    if ATTENTION.load() is None:
         pytest.skip("no C compiler here")
     ctx, n = 150, 37
     batch, dense = make_step(dtype, kv_heads, head_dim, [3, n, 1], [70, ctx, 9], block=16, seed=5, native=True)
@@ -233,6 +235,45 @@ def test_packed_linears_are_batch_invariant_once_their_row_chunks_are_fitted(dty
                                 torch.nn.Linear(2048, 768)).to(dtype)
     kernels.pack_linears(model)
     chunks = kernels.fit_row_chunks(model)
-    assert set(chunks) == {(192, 512), (512, 192), (2048, 768)}
+    amx = all(m.amx for m in model)  # our AMX GEMM needs no chunks (tested below)
+    assert set(chunks) == (set() if amx else {(192, 512), (512, 192), (2048, 768)})
     assert all(rows > 1 for rows, _ in chunks.values())  # never one GEMV per row
     assert kernels.batch_variance(model) == []
+
+
+def amx_expected() -> bool:
+    return "amx_bf16" in cpu_flags() and native_expected()
+
+
+@pytest.mark.parametrize("k,n,bias", [(192, 512, False), (512, 192, True), (100, 70, True), (3072, 40, False)])
+def test_amx_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(k, n, bias):
+    """Our AMX GEMM: close to the fp32 product (plain, fused SiLU, fused residual add; a K that is
+    not a multiple of 32 and an N not of 16 included), and each row the same bits at every row
+    count 1..300 and any thread count, where oneDNN changes a row's bits from 37 rows on."""
+    if not amx_expected():
+        pytest.skip("this CPU has no AMX-BF16 (or no C compiler)")
+    assert AMX_GEMM.load() is not None, "AMX and a compiler are here: the AMX kernel must load"
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+    mod = kernels.PackedLinear(lin)
+    assert mod.amx
+    x, r = torch.randn(300, k).to(torch.bfloat16), torch.randn(300, n).to(torch.bfloat16)
+    w, b = lin.weight.float(), (lin.bias.float() if bias else torch.zeros(n))
+    exact = x.float() @ w.T + b
+    with torch.inference_mode():
+        for got, want in ((mod.call(x), exact), (mod.call(x, "swish"), torch.nn.functional.silu(exact)),
+                          (mod.call(x, res=r), exact + r.float())):
+            assert torch.allclose(got.float(), want, atol=0.02 * float(want.abs().max()), rtol=0.02)
+        strided = torch.randn(k, 7).to(torch.bfloat16).T  # rows with a stride, not contiguous
+        assert torch.equal(mod.call(strided), mod.call(strided.contiguous()))
+        for act, res in (("none", None), ("swish", None), ("none", r)):
+            alone = torch.cat([mod.call(x[i:i + 1], act, None if res is None else res[i:i + 1]) for i in range(300)])
+            for m in range(2, 301):
+                assert torch.equal(mod.call(x[:m], act, None if res is None else res[:m]), alone[:m]), m
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = mod.call(x)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, mod.call(x))

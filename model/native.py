@@ -1,0 +1,169 @@
+"""This repo's C kernels (``csrc/``): built with the machine's C compiler at first use, cached on
+disk per source, flags, architecture and libc, and loaded with ctypes (which releases the GIL
+during a call). ``make image`` prebuilds them into ``var/kernels`` (the image has no compiler).
+
+``python -m model.native --build DIR`` builds every kernel this CPU can run into DIR.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("kvbento.model")
+
+CSRC = Path(__file__).with_name("csrc")
+# Prebuilt kernels shipped with the bundle, looked up before the per-user cache.
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "var" / "kernels"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "kvbento" / "kernels"
+
+
+class Native:
+    """One C source built into a shared object: ``load()`` is the library (set up by ``setup``)
+    or None where it cannot build or load here (the caller then runs its torch path)."""
+
+    def __init__(self, source: str, variants: tuple, setup: Callable[[ctypes.CDLL], bool],
+                 runs_here: Callable[[], bool] = lambda: True) -> None:
+        # variants: (compile flags, link flags), best first; the first that builds and loads wins
+        self.source, self.variants, self.setup, self.runs_here = CSRC / source, variants, setup, runs_here
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def name(self) -> str:
+        """File name of the built kernel: one per source, flags, CPU architecture and libc (it is
+        part of the model fingerprint: another build may sum in another order)."""
+        key = hashlib.sha256(self.source.read_bytes() + repr(self.variants).encode() + platform.machine().encode()
+                             + "-".join(platform.libc_ver()).encode()).hexdigest()[:16]
+        return f"{self.source.stem}-{key}.so"
+
+    def load(self) -> ctypes.CDLL | None:
+        if self._tried:
+            return self._lib
+        with self._lock:
+            if self._tried:
+                return self._lib
+            try:
+                self._lib = self._load()
+            finally:
+                self._tried = True
+            return self._lib
+
+    def _load(self) -> ctypes.CDLL | None:
+        if not self.runs_here():
+            return None
+        name = self.name()
+        path = next((d / name for d in (BUNDLED_DIR, _cache_dir()) if (d / name).exists()), None)
+        if path is None:
+            path = _cache_dir() / name
+            if not self.build(path):
+                return None
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            log.warning("%s unavailable, using the torch path: %s", self.source.name, exc)
+            return None
+        if not self.setup(lib):
+            log.info("%s loaded but does not run here: using the torch path", self.source.name)
+            return None
+        log.info("native kernel %s", path)
+        return lib
+
+    def build(self, out: Path) -> bool:
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if not cc:
+            log.info("no C compiler: %s not built, the torch path runs", self.source.name)
+            return False
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        obj = out.with_suffix(f".{os.getpid()}.o")
+        for flags in self.variants:
+            # Compile and link apart: linked with -ffast-math, gcc < 13 adds crtfastmath.o even to a
+            # shared object, whose constructor would switch the loading process to flush-to-zero.
+            try:
+                r = subprocess.run([cc, "-c", *flags[0], str(self.source), "-o", str(obj)],
+                                   capture_output=True, text=True, timeout=120)
+                if r.returncode == 0:
+                    link = [cc, "-shared", str(obj), "-o", str(tmp), *flags[1]]
+                    link[2:2] = ["-fopenmp"] if "-fopenmp" in flags[0] else []
+                    r = subprocess.run(link, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log.warning("compiling %s failed: %s", self.source.name, exc)
+                return False
+            finally:
+                obj.unlink(missing_ok=True)
+            if r.returncode == 0:
+                try:
+                    ctypes.CDLL(str(tmp))  # links and resolves here, or try the next variant
+                except OSError as exc:
+                    log.info("%s built with %s does not load: %s", self.source.name, flags, exc)
+                    continue
+                os.replace(tmp, out)  # atomic: concurrent servers may build the same kernel
+                return True
+            log.info("compiling %s with %s failed: %s", self.source.name, flags, r.stderr.strip()[-500:])
+        tmp.unlink(missing_ok=True)
+        return False
+
+
+def _setup_attention(lib: ctypes.CDLL) -> bool:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for fn in (lib.kvb_paged_attention, lib.kvb_paged_attention_bf16):
+        fn.argtypes = [ptr] * 7 + [i64] * 7 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return True
+
+
+def _setup_amx(lib: ctypes.CDLL) -> bool:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.kvb_amx_pack.argtypes = [ptr, i64, i64, i64, ptr]
+    lib.kvb_amx_pack.restype = None
+    lib.kvb_amx_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
+    lib.kvb_amx_linear.restype = ctypes.c_int
+    return lib.kvb_amx_init() == 0  # the kernel grants the process AMX state, or not
+
+
+def _has_amx() -> bool:
+    from model.precision import cpu_flags
+
+    return platform.machine() in ("x86_64", "AMD64") and "amx_bf16" in cpu_flags()
+
+
+# -ffast-math buys vectorised expf (glibc's libmvec) and reductions, the attention kernel's largest
+# gain; safe there because it uses no inf/NaN. OpenMP resolves to the libgomp torch already loaded.
+ATTENTION = Native("decode_attention.c", (
+    (("-O3", "-fPIC", "-ffast-math", "-fopenmp"), ("-lmvec", "-lm")),
+    (("-O3", "-fPIC", "-fno-math-errno", "-fopenmp"), ("-lm",)),
+    (("-O3", "-fPIC", "-fno-math-errno"), ("-lm",)),
+), _setup_attention)
+# No fast-math: the GEMM's epilogue must be the same instructions for every element.
+AMX_GEMM = Native("amx_gemm.c", (
+    (("-O3", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
+      "-mavx512bf16"), ()),
+), _setup_amx, _has_amx)
+KERNELS = (ATTENTION, AMX_GEMM)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build this repo's native kernels into a directory")
+    ap.add_argument("--build", type=Path, default=BUNDLED_DIR)
+    args = ap.parse_args()
+    for k in KERNELS:  # the AMX GEMM too where this CPU lacks AMX: the image may run on one that has it
+        target = args.build / k.name()
+        if not target.exists() and not k.build(target):
+            if k is ATTENTION:
+                raise SystemExit(f"building {k.source.name} failed (see the log above)")
+            continue
+        print(target)
