@@ -49,7 +49,7 @@ class PackedLinear(torch.nn.Module):
         # A lone row goes through oneDNN's GEMV path, which sums in another order than any GEMM
         # (fp32 on AVX-512: a 2048-wide input); padded to two rows it gets the GEMM's bits.
         self.pad_single = False
-        lib = native.AMX_GEMM.load() if self.dtype == torch.bfloat16 else None
+        lib = native.AMX.load() if self.dtype == torch.bfloat16 else None
         self.amx = lib is not None
         if self.amx:
             self.k_pad = -self.in_features % 32  # the kernel steps K by 32
@@ -255,22 +255,35 @@ def batch_variance(model: torch.nn.Module, rows: tuple[int, ...] = PROBE_ROWS) -
 
 def paged_attention_native(q: torch.Tensor, layer: int, batch, scaling: float, window: int | None,
                            softcap: float | None) -> torch.Tensor | None:
-    """``model.attention.paged_attention`` through the native kernel; None where it cannot
-    (no compiler, fp16, too many query heads per KV head): the torch path runs instead."""
-    lib = native.ATTENTION.load()
+    """``model.attention.paged_attention`` through a native kernel (AMX tiles for bf16 where the CPU
+    has them and the shapes fit, else ``csrc/decode_attention.c``); None where neither can (no
+    compiler, fp16, too many query heads per KV head): the torch path runs instead. Which kernel
+    runs depends only on the model, the pool and the CPU, never on the batch."""
     pool = batch.pool
-    fn = None if lib is None else {torch.float32: lib.kvb_paged_attention,
-                                   torch.bfloat16: lib.kvb_paged_attention_bf16}.get(pool.dtype)
+    t, h, d = q.shape
+    amx = native.AMX.load() if pool.dtype == torch.bfloat16 and q.dtype == torch.bfloat16 else None
+    if amx is not None and amx_attention_fits(h, pool.kv_heads, d, pool.block_size):
+        fn, qc = amx.kvb_amx_attention, q.contiguous()
+    else:
+        lib = native.ATTENTION.load()
+        fn = None if lib is None else {torch.float32: lib.kvb_paged_attention,
+                                       torch.bfloat16: lib.kvb_paged_attention_bf16}.get(pool.dtype)
+        qc = q.to(torch.float32).contiguous()  # scores and sums in fp32 either way
     if fn is None:
         return None
-    t, h, d = q.shape
     seq, pos, tables = batch.native_meta()
     keys, values = pool.keys[layer], pool.values[layer]
-    qf = q.to(torch.float32).contiguous()  # scores and sums in fp32 either way
     out = torch.empty(t, h, d, dtype=torch.float32)
-    rc = fn(qf.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), seq.data_ptr(), pos.data_ptr(),
+    rc = fn(qc.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), seq.data_ptr(), pos.data_ptr(),
             tables.data_ptr(), tables.shape[1], t, h, pool.kv_heads, d, pool.block_size, window or 0,
             float(softcap or 0.0), scaling, torch.get_num_threads())
     if rc != 0:
         return None
     return out.to(q.dtype)
+
+
+def amx_attention_fits(heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
+    """The shapes ``kvb_amx_attention`` takes (one tile row per query head of a KV head, head
+    dimension and blocks in steps of 32)."""
+    return heads % kv_heads == 0 and heads // kv_heads <= 16 and head_dim % 32 == 0 and head_dim <= 256 \
+        and block_size % 32 == 0

@@ -95,7 +95,7 @@ def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int
         kernel = native.ATTENTION.name() if attn else "none"
         ident = f"paged:onednn={packed}:native={kernel}:step={step is not None}"
         if amx:
-            ident += f":amx={native.AMX_GEMM.name()}"
+            ident += f":amx={native.AMX.name()}"
         if chunks:
             ident += ":rows=" + ",".join(f"{i}x{o}:{c}{'p' if p else ''}" for (i, o), (c, p) in sorted(chunks.items()))
     bad = kernels.batch_variance(model)

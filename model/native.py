@@ -130,6 +130,8 @@ def _setup_amx(lib: ctypes.CDLL) -> bool:
     lib.kvb_amx_pack.restype = None
     lib.kvb_amx_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
     lib.kvb_amx_linear.restype = ctypes.c_int
+    lib.kvb_amx_attention.argtypes = [ptr] * 7 + [i64] * 7 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    lib.kvb_amx_attention.restype = ctypes.c_int
     return lib.kvb_amx_init() == 0  # the kernel grants the process AMX state, or not
 
 
@@ -147,11 +149,11 @@ ATTENTION = Native("decode_attention.c", (
     (("-O3", "-fPIC", "-fno-math-errno"), ("-lm",)),
 ), _setup_attention)
 # No fast-math: the GEMM's epilogue must be the same instructions for every element.
-AMX_GEMM = Native("amx_gemm.c", (
+AMX = Native("amx.c", (
     (("-O3", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
       "-mavx512bf16"), ()),
 ), _setup_amx, _has_amx)
-KERNELS = (ATTENTION, AMX_GEMM)
+KERNELS = (ATTENTION, AMX)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import kernels
-from model.native import AMX_GEMM, ATTENTION
+from model.native import AMX, ATTENTION
 from model.precision import cpu_flags
 from model.attention import paged_attention
 from model.kv import KVPool, StepBatch
@@ -117,16 +117,21 @@ TILING_CASES = [  # (heads, kv_heads, head_dim): no grouping, GQA 4 and 3 (a hea
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", TILING_CASES)
 @pytest.mark.parametrize("window,softcap", [(None, None), (23, 5.0)])
+@pytest.mark.parametrize("block", [16, 64])
 def test_native_query_tiles_give_each_token_the_bits_it_gets_alone(dtype, heads, kv_heads, head_dim,
-                                                                    window, softcap):
+                                                                    window, softcap, block):
     """A prefill chunk is scored in tiles of queries; each token's result must not depend on the
-    tiling: a 37-token chunk on a 113-token prefix (blocks of 16: the chunk crosses three block
-    boundaries) equals each token run alone as a decode token, the chunk cut at other points, and
-    the chunk in a batch behind other sequences, bit for bit."""
+    tiling: a 37-token chunk on a 113-token prefix (crossing block boundaries) equals each token
+    run alone as a decode token, the chunk cut at other points, and the chunk in a batch behind
+    other sequences, bit for bit. bf16 in blocks of 64 with a head size of 32k runs the AMX
+    kernel where the CPU has AMX (blocks of 16: decode_attention.c)."""
     if ATTENTION.load() is None:
         pytest.skip("no C compiler here")
+    if dtype == torch.bfloat16 and block == 64 and amx_expected() \
+            and kernels.amx_attention_fits(heads, kv_heads, head_dim, block):
+        assert AMX.load() is not None, "AMX and a compiler are here: the AMX kernel must load"
     ctx, n = 150, 37
-    batch, dense = make_step(dtype, kv_heads, head_dim, [3, n, 1], [70, ctx, 9], block=16, seed=5, native=True)
+    batch, dense = make_step(dtype, kv_heads, head_dim, [3, n, 1], [70, ctx, 9], block=block, seed=5, native=True)
     pool, table = batch.pool, batch.tables[1]
     g = torch.Generator().manual_seed(6)
     q = (torch.randn(n, heads, head_dim, generator=g) * 3).to(dtype)
@@ -252,7 +257,7 @@ def test_amx_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(
     count 1..300 and any thread count, where oneDNN changes a row's bits from 37 rows on."""
     if not amx_expected():
         pytest.skip("this CPU has no AMX-BF16 (or no C compiler)")
-    assert AMX_GEMM.load() is not None, "AMX and a compiler are here: the AMX kernel must load"
+    assert AMX.load() is not None, "AMX and a compiler are here: the AMX kernel must load"
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
     mod = kernels.PackedLinear(lin)
