@@ -73,9 +73,10 @@ class _Sink:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
 
-    def put(self, delta: Delta) -> None:
-        """Hand ``delta`` to the event loop (thread-safe)."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+def _run_all(calls: list[tuple]) -> None:
+    for fn, *args in calls:
+        fn(*args)
 
 
 class RequestStream:
@@ -164,6 +165,9 @@ class Engine:
         self.postprocessor = Postprocessor(self.runner, self.scheduler, self._emit, self._retire, self.grammars)
         self.pad_id = self.runner.pad_id
         self._sinks: dict[Sequence, _Sink] = {}  # the model thread's only
+        # A step's hand-offs per event loop, sent in one call_soon_threadsafe (one wake-up of the
+        # loop per step, not one per token of every row).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple]] = {}
         self._cond = threading.Condition()
         self._inbox: list[tuple] = []
         self._num_in_flight = 0
@@ -336,10 +340,21 @@ class Engine:
             except Exception as exc:  # a failed step fails its sequences, never the server
                 log.exception("engine step failed")
                 self.postprocessor.fail_all(f"{type(exc).__name__}: {exc}")
+            self._flush()
         for msg in msgs:
             if msg[0] == "add":
                 self._add(msg[1])
         self.postprocessor.fail_all("the engine is shutting down")
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send the step's deltas and retirements, in order, to their event loops."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, calls in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, calls)
+            except RuntimeError:  # that loop is closed: nobody is left to read its streams
+                pass
 
     def _add(self, added: list[tuple[Sequence, _Sink]]) -> None:
         """Queue the first sequence; its siblings wait on it (``Sequence.siblings``)."""
@@ -413,9 +428,10 @@ class Engine:
         self.postprocessor.finish(seq, reason, last=last, kv=kv)
 
     def _emit(self, seq: Sequence, delta: Delta) -> None:
-        self._sinks[seq].put(delta)
+        sink = self._sinks[seq]
+        self._outbox.setdefault(sink.loop, []).append((sink.queue.put_nowait, delta))
 
     def _retire(self, seq: Sequence, finished: Finished, final: Delta) -> None:
         sink = self._sinks.pop(seq)
-        sink.loop.call_soon_threadsafe(
-            lambda: asyncio.ensure_future(self._finalize(seq, sink, finished, final)))
+        self._outbox.setdefault(sink.loop, []).append(
+            (lambda: asyncio.ensure_future(self._finalize(seq, sink, finished, final)),))

@@ -136,9 +136,14 @@ class StepBatch:
         self.tables, self.q_lens, self.ctx_lens = tables, q_lens, ctx_lens
         self.native = native
         self.num_tokens = sum(q_lens)
-        starts = [c - q for c, q in zip(ctx_lens, q_lens)]
-        self.positions = torch.cat([torch.arange(s, c, dtype=torch.long) for s, c in zip(starts, ctx_lens)])
-        self.slot_mapping = torch.cat([pool.slots(t, s, c) for t, s, c in zip(tables, starts, ctx_lens)])
+        # Built as Python lists and turned into tensors once: a decode step has one position per
+        # sequence, and a few small tensor ops per sequence cost more than the arithmetic.
+        b, positions, slots = pool.block_size, [], []
+        for table, q, c in zip(tables, q_lens, ctx_lens):
+            positions.extend(range(c - q, c))
+            slots.extend(table[p // b] * b + p % b for p in range(c - q, c))
+        self.positions = torch.tensor(positions, dtype=torch.long)
+        self.slot_mapping = torch.tensor(slots, dtype=torch.long, device=pool.device)
         self._gather: list[torch.Tensor] | None = None
         self._native_meta: tuple[torch.Tensor, ...] | None = None
         self.layer = 0  # the layer whose K/V was written last (PagedCache.update sets it)
@@ -153,12 +158,10 @@ class StepBatch:
         """(sequence of each token [T], position of each token [T], block tables [S, max_blocks]),
         int64 on the CPU, for the native kernel."""
         if self._native_meta is None:
-            seq = torch.repeat_interleave(torch.arange(len(self.q_lens)), torch.tensor(self.q_lens))
+            seq = torch.tensor([i for i, q in enumerate(self.q_lens) for _ in range(q)], dtype=torch.long)
             width = max(len(t) for t in self.tables)
-            tables = torch.zeros(len(self.tables), width, dtype=torch.long)
-            for i, t in enumerate(self.tables):
-                tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            self._native_meta = (seq.contiguous(), self.positions.contiguous(), tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in self.tables], dtype=torch.long)
+            self._native_meta = (seq, self.positions.contiguous(), tables)
         return self._native_meta
 
 
