@@ -1,4 +1,5 @@
-"""Waiting for a background response to end, by polling it (bounded in time)."""
+"""Following a background response: waiting for it to end (polling, bounded in time), reading
+part of its event stream while it is still running."""
 
 import time
 
@@ -13,3 +14,15 @@ def wait_done(c: OpenAI, rid: str, timeout: float = 300):
             return r
         time.sleep(0.2)
     raise AssertionError(f"{rid} still {r.status} after {timeout}s")
+
+
+def read_running(c: OpenAI, rid: str, count: int = 120) -> list:
+    """The first ``count`` events of ``rid``'s stream, checked to be still in progress after them."""
+    seen = []
+    with c.responses.retrieve(rid, stream=True) as events:
+        for e in events:
+            seen.append(e)
+            if len(seen) == count:
+                break
+    assert c.responses.retrieve(rid).status == "in_progress"
+    return seen

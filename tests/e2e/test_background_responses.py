@@ -16,7 +16,7 @@ import pytest
 import requests
 from openai import OpenAI
 
-from tests.e2e.polling import wait_done
+from tests.e2e.polling import read_running, wait_done
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -142,13 +142,7 @@ def _cut_and_resume(c_run: OpenAI, kill, c_read: OpenAI, reference) -> None:
     """Start the long answer on ``c_run``'s server, read part of it, ``kill()`` that server
     mid-generation, then read on from ``c_read``'s from the last event seen."""
     r = c_run.responses.create(background=True, **ask("Tell me a long story", LONG))
-    seen = []
-    with c_run.responses.retrieve(r.id, stream=True) as events:
-        for e in events:
-            seen.append(e)
-            if len(seen) == 120:
-                break
-    assert c_run.responses.retrieve(r.id).status == "in_progress"
+    seen = read_running(c_run, r.id)
     kill()
     rest = list(c_read.responses.retrieve(r.id, stream=True, starting_after=seen[-1].sequence_number))
     got = [norm(e) for e in seen + rest]

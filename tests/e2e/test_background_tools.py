@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from tests.e2e.polling import wait_done
+from tests.e2e.polling import read_running, wait_done
 
 from tests.e2e.test_structured_outputs import TOOL_SCHEMAS
 
@@ -75,13 +75,7 @@ def test_constrained_answer_cut_by_a_restart_is_finished_exactly(server_factory,
     ask = dict(model="kvbento", input="Many digits please", text=JSON_FORMAT, max_output_tokens=1500, temperature=0)
     reference = [norm(e) for e in c.responses.create(stream=True, background=True, **ask)]
     r = c.responses.create(background=True, **ask)
-    seen = []
-    with c.responses.retrieve(r.id, stream=True) as events:
-        for e in events:
-            seen.append(e)
-            if len(seen) == 120:
-                break
-    assert c.responses.retrieve(r.id).status == "in_progress"
+    seen = read_running(c, r.id)
     s.kill()
     s.start()
     rest = list(c.responses.retrieve(r.id, stream=True, starting_after=seen[-1].sequence_number))
