@@ -26,6 +26,9 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define TILE_ELEMS 512 /* one packed B tile: 16 pairs x 16 columns x 2 */
+#ifndef PREFETCH_TILES
+#define PREFETCH_TILES 4
+#endif
 
 /* Linux hands out AMX state per process on request; 0 when granted. */
 int kvb_amx_init(void) {
@@ -137,6 +140,11 @@ int kvb_amx_linear(const uint16_t *x, int64_t m, int64_t k, int64_t lda, const u
                         _tile_zero(3);
                     }
                     for (int64_t j = 0; j < kb; j++) {
+                        if (m0 == mb) /* weights stream from memory once per row block: ask ahead */
+                            for (int l = 0; l < 16; l++) {
+                                _mm_prefetch((const char *)(w0 + (j + PREFETCH_TILES) * TILE_ELEMS) + 64 * l, _MM_HINT_T0);
+                                _mm_prefetch((const char *)(w1 + (j + PREFETCH_TILES) * TILE_ELEMS) + 64 * l, _MM_HINT_T0);
+                            }
                         _tile_loadd(4, a0 + j * 32, lda * 2);
                         _tile_loadd(6, w0 + j * TILE_ELEMS, 64);
                         _tile_loadd(7, w1 + j * TILE_ELEMS, 64);
@@ -237,6 +245,13 @@ static void attention_tile(const att_task *A, char *work) {
     /* scores, 16 keys at a time (one pool block holds all 16: bs % 32 == 0) */
     for (int64_t j0 = lo & ~(int64_t)15; j0 <= hi; j0 += 16) {
         const uint16_t *kb = A->k + A->table[j0 / A->bs] * A->s_blk + (j0 % A->bs) * A->s_pos + A->kh * d;
+        if (j0 + 32 <= hi) { /* one core reads ~10 GB/s waiting on misses: ask for the next keys now */
+            const int64_t jn = j0 + 32;
+            const char *kn = (const char *)(A->k + A->table[jn / A->bs] * A->s_blk + (jn % A->bs) * A->s_pos + A->kh * d);
+            for (int i = 0; i < 16; i++)
+                for (int64_t b = 0; b < d * 2; b += 64)
+                    _mm_prefetch(kn + i * A->s_pos * 2 + b, _MM_HINT_T0);
+        }
         _tile_zero(0);
         for (int64_t c = 0; c < nd; c++) {
             _tile_loadd(1, kb + c * 32, A->s_pos * 2);
@@ -290,6 +305,13 @@ static void attention_tile(const att_task *A, char *work) {
         if (nt > 3) _tile_zero(7);
         for (int64_t c0 = base; c0 <= hi; c0 += 32) {
             const uint16_t *vb = A->v + A->table[c0 / A->bs] * A->s_blk + (c0 % A->bs) * A->s_pos + A->kh * d + off;
+            if (c0 + 64 <= hi) {
+                const int64_t cn = c0 + 64;
+                const char *vn = (const char *)(A->v + A->table[cn / A->bs] * A->s_blk + (cn % A->bs) * A->s_pos + A->kh * d + off);
+                for (int i = 0; i < 32; i++)
+                    for (int64_t b = 0; b < nt * 32; b += 64)
+                        _mm_prefetch(vn + i * A->s_pos * 2 + b, _MM_HINT_T0);
+            }
             for (int64_t kp = 0; kp < 16; kp++) {
                 const int64_t pa = c0 + 2 * kp, pbp = pa + 1;
                 const int va = pa >= lo && pa <= hi, vbv = pbp >= lo && pbp <= hi;
