@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from model import kernels
+from model import kernels, native
 from model.attention import NO_MASK, paged_attention
 from model.kv import KVPool, PagedCache, StepBatch
 
@@ -56,7 +56,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer:
-    __slots__ = ("ln1", "ln2", "eps1", "eps2", "q", "k", "v", "o", "gate", "up", "down")
+    __slots__ = ("ln1", "ln2", "eps1", "eps2", "q", "k", "v", "o", "gate", "up", "down", "mlp")
 
 
 class LlamaStep:
@@ -83,7 +83,35 @@ class LlamaStep:
             x.q, x.k, x.v = _linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj)
             x.o = _linear_add(a.o_proj)
             x.gate, x.up, x.down = _linear(m.gate_proj, "swish"), _linear(m.up_proj), _linear_add(m.down_proj)
+            x.mlp = self._mlp(x, m.up_proj)
             self.layers.append(x)
+        # bf16 on AMX: RMSNorm, RoPE and the MLP's product in csrc/amx.c, one pass each
+        packed = [mod for mod in model.modules() if isinstance(mod, kernels.PackedLinear)]
+        self.fused = native.AMX.load() if packed and all(mod.amx for mod in packed) else None
+
+    def _mlp(self, L: _Layer, up: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``silu(gate(y)) * up(y)``, the product in the up projection's epilogue where AMX runs it."""
+        if isinstance(up, kernels.PackedLinear) and up.amx:
+            return lambda y: up.call(y, "times", L.gate(y))
+        return lambda y: L.gate(y) * L.up(y)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.fused is None:
+            return F.rms_norm(x, (self.hidden,), w, eps)
+        out = torch.empty_like(x)
+        self.fused.kvb_rms_norm(x.data_ptr(), x.shape[0], self.hidden, w.data_ptr(), eps, out.data_ptr(),
+                                torch.get_num_threads())
+        return out
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q ``[t, heads, d]``, k ``[t, kv_heads, d]``; cos/sin ``[t, 1, d]``."""
+        if self.fused is None:
+            return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k, cos, sin = q.contiguous(), k.contiguous(), cos.contiguous(), sin.contiguous()
+        t, d = q.shape[0], self.head_dim
+        self.fused.kvb_rope(q.data_ptr(), t, self.heads, d, cos.data_ptr(), sin.data_ptr())
+        self.fused.kvb_rope(k.data_ptr(), t, self.kv_heads, d, cos.data_ptr(), sin.data_ptr())
+        return q, k
 
     @classmethod
     def supports(cls, model: torch.nn.Module, max_context: int) -> str | None:
@@ -125,19 +153,15 @@ class LlamaStep:
         cos, sin = self.rotary(x, positions.view(1, t))  # [1, t, d]
         cos, sin = cos.view(t, 1, d), sin.view(t, 1, d)
         for i, L in enumerate(self.layers):
-            y = F.rms_norm(x, (self.hidden,), L.ln1, L.eps1)
-            q = L.q(y).view(t, h, d)
-            k = L.k(y).view(t, hkv, d)
+            y = self._norm(x, L.ln1, L.eps1)
+            q, k = self._rope(L.q(y).view(t, h, d), L.k(y).view(t, hkv, d), cos, sin)
             v = L.v(y).view(t, hkv, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             batch.pool.write(i, batch.slot_mapping, k, v)
             attn = paged_attention(q, i, batch, self.scaling)
             x = L.o(attn.reshape(t, h * d), x)
-            y = F.rms_norm(x, (self.hidden,), L.ln2, L.eps2)
-            x = L.down(L.gate(y) * L.up(y), x)
+            x = L.down(L.mlp(self._norm(x, L.ln2, L.eps2)), x)
         x = x.index_select(0, keep)
-        return self.lm_head(F.rms_norm(x, (self.hidden,), self.norm, self.norm_eps))
+        return self.lm_head(self._norm(x, self.norm, self.norm_eps))
 
 
 def build(model: torch.nn.Module, dtype: torch.dtype, max_context: int, native: bool) -> LlamaStep | None:

@@ -32,6 +32,10 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+# The AMX GEMM's epilogues (csrc/amx.c).
+_ACTS = {"none": 0, "swish": 1, "times": 2}
+
+
 class PackedLinear(torch.nn.Module):
     """``y = x W^T + b`` with ``W`` pre-packed once: for our AMX kernel (bf16 where the CPU has
     AMX; batch-invariant by construction) or else for oneDNN. Inference only (no autograd)."""
@@ -66,7 +70,8 @@ class PackedLinear(torch.nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
     def gemm(self, x: torch.Tensor, act: str = "none", res: torch.Tensor | None = None) -> torch.Tensor:
-        """One library call on 2-D ``x``: ``act(x W^T + b) + res`` (act "none" or "swish")."""
+        """One library call on 2-D ``x``: ``act(x W^T + b) + res`` (act "none" or "swish"), or with
+        act "times" (AMX only) ``(x W^T + b) * res``."""
         if not self.amx:
             op, w, b = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias
             return op(x, w, b, act, [], "") if res is None else op.binary(x, res, w, b, "add")
@@ -81,7 +86,7 @@ class PackedLinear(torch.nn.Module):
         b = self.bias32
         rc = self._lib.kvb_amx_linear(x.data_ptr(), m, self.in_features + self.k_pad, x.stride(0),
                                       self.packed.data_ptr(), n, None if b is None else b.data_ptr(),
-                                      None if res is None else res.data_ptr(), 1 if act == "swish" else 0,
+                                      None if res is None else res.data_ptr(), _ACTS[act],
                                       out.data_ptr(), self.block_rows, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"AMX linear failed ({rc})")

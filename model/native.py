@@ -132,6 +132,10 @@ def _setup_amx(lib: ctypes.CDLL) -> bool:
     lib.kvb_amx_linear.restype = ctypes.c_int
     lib.kvb_amx_attention.argtypes = [ptr] * 7 + [i64] * 7 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
     lib.kvb_amx_attention.restype = ctypes.c_int
+    lib.kvb_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
+    lib.kvb_rms_norm.restype = None
+    lib.kvb_rope.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.kvb_rope.restype = None
     return lib.kvb_amx_init() == 0  # the kernel grants the process AMX state, or not
 
 
@@ -151,7 +155,7 @@ ATTENTION = Native("decode_attention.c", (
 # No fast-math: the GEMM's epilogue must be the same instructions for every element.
 AMX = Native("amx.c", (
     (("-O3", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
-      "-mavx512bf16"), ()),
+      "-mavx512bf16"), ("-lm",)),
 ), _setup_amx, _has_amx)
 KERNELS = (ATTENTION, AMX)
 

@@ -267,11 +267,11 @@ def test_amx_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(
     exact = x.float() @ w.T + b
     with torch.inference_mode():
         for got, want in ((mod.call(x), exact), (mod.call(x, "swish"), torch.nn.functional.silu(exact)),
-                          (mod.call(x, res=r), exact + r.float())):
+                          (mod.call(x, res=r), exact + r.float()), (mod.call(x, "times", r), exact * r.float())):
             assert torch.allclose(got.float(), want, atol=0.02 * float(want.abs().max()), rtol=0.02)
         strided = torch.randn(k, 7).to(torch.bfloat16).T  # rows with a stride, not contiguous
         assert torch.equal(mod.call(strided), mod.call(strided.contiguous()))
-        for act, res in (("none", None), ("swish", None), ("none", r)):
+        for act, res in (("none", None), ("swish", None), ("none", r), ("times", r)):
             alone = torch.cat([mod.call(x[i:i + 1], act, None if res is None else res[i:i + 1]) for i in range(300)])
             for m in range(2, 301):
                 assert torch.equal(mod.call(x[:m], act, None if res is None else res[:m]), alone[:m]), m
@@ -282,3 +282,43 @@ def test_amx_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(one, mod.call(x))
+
+
+def test_amx_rms_norm_and_rope_match_torch_and_each_row_is_its_own():
+    """The lean step's fused RMSNorm and RoPE (bf16, csrc/amx.c): close to the torch ops they
+    replace, and a row's (a token's) bits do not depend on how many come together."""
+    if not amx_expected():
+        pytest.skip("this CPU has no AMX-BF16 (or no C compiler)")
+    lib = AMX.load()
+    assert lib is not None
+    torch.manual_seed(0)
+    n, eps = 200, 1e-6  # a width that is not a multiple of 16
+    x = (torch.randn(70, n) * 3).to(torch.bfloat16)
+    w = torch.randn(n).to(torch.bfloat16)
+
+    def norm(rows):
+        out = torch.empty_like(rows)
+        lib.kvb_rms_norm(rows.data_ptr(), rows.shape[0], n, w.data_ptr(), eps, out.data_ptr(), 2)
+        return out
+
+    got = norm(x)
+    h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    want = w.float() * h.to(torch.bfloat16).float()
+    assert torch.allclose(got.float(), want, atol=0.02 * float(want.abs().max()), rtol=0.01)
+    assert torch.equal(torch.cat([norm(x[i:i + 1].clone()) for i in range(70)]), got)
+
+    t, heads, d = 9, 3, 96
+    q = torch.randn(t, heads, d).to(torch.bfloat16)
+    ang = torch.randn(t, d // 2)
+    cos, sin = (torch.cat([ang.cos()] * 2, -1).to(torch.bfloat16), torch.cat([ang.sin()] * 2, -1).to(torch.bfloat16))
+
+    def rope(xx, c, s_):
+        xx = xx.clone()
+        lib.kvb_rope(xx.data_ptr(), xx.shape[0], heads, d, c.data_ptr(), s_.data_ptr())
+        return xx
+
+    got = rope(q, cos, sin)
+    qf, cf, sf = q.float(), cos.float()[:, None], sin.float()[:, None]
+    want = qf * cf + torch.cat([-qf[..., d // 2:], qf[..., : d // 2]], -1) * sf
+    assert torch.allclose(got.float(), want, atol=0.03, rtol=0.01)
+    assert torch.equal(torch.cat([rope(q[i:i + 1], cos[i:i + 1], sin[i:i + 1]) for i in range(t)]), got)
