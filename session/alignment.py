@@ -36,15 +36,21 @@ class Aligner:
                 return self.tokenize(text, special_tokens=True), 0
             ids, matched = self.align(text, stored[len(lead):])
             return lead + ids, matched + len(lead) if matched else 0
-        # A special token the text never shows (a <pad> a random model emitted: the client's copy
-        # of the answer skipped it) stays in the stored run but is left out of its text.
-        unseen = {i for i in set(stored) & set(self.tokenizer.all_special_ids)
-                  if self.tokenizer.convert_ids_to_tokens(i) not in text}
+        # A special token the client's copy of an answer skipped (a <pad> or <|im_start|> a random
+        # model emitted: answers are decoded without special tokens) stays in the stored run but is
+        # left out of its text: never shown anywhere in the text, or skipped where the match stops.
+        specials = set(self.tokenizer.all_special_ids)
+        unseen = {i for i in set(stored) & specials if self.tokenizer.convert_ids_to_tokens(i) not in text}
         shown = (lambda ids: self.text_of([i for i in ids if i not in unseen])) if unseen else self.text_of
         matched = self._longest_matching_run(text, stored, shown)
+        used = len(shown(stored[:matched]))
+        while matched < len(stored) and stored[matched] in specials and not text.startswith(shown(stored[matched:matched + 1]), used):
+            more = self._longest_matching_run(text[used:], stored[matched + 1:], shown)
+            used += len(shown(stored[matched + 1:matched + 1 + more]))
+            matched += 1 + more
         if matched == 0:
             return self.tokenize(text, special_tokens=False), 0
-        rest = text[len(shown(stored[:matched])):]
+        rest = text[used:]
         return stored[:matched] + (self.tokenize(rest, special_tokens=False) if rest else []), matched
 
     @staticmethod

@@ -25,3 +25,18 @@ def test_a_character_split_across_tokens_does_not_stop_the_search(tiny_tokenizer
     ids, matched = a.align(text, stored)
     assert matched == len(stored)
     assert tiny_tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
+
+
+def test_a_special_token_the_answer_skipped_is_skipped_even_where_the_template_shows_it(tiny_tokenizer):
+    """The conversation's text shows <|im_start|> at every turn, but the answer's copy of one the
+    model emitted is gone (answers are decoded without special tokens): the match goes past it."""
+    a = Aligner(tiny_tokenizer)
+    start = tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    prompt = a.tokenize("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False)
+    answer = a.tokenize("fine thanks, and you", False)
+    stored = prompt + answer[:2] + [start] + answer[2:]
+    shown = a.text_of(prompt) + tiny_tokenizer.decode(answer, skip_special_tokens=True,
+                                                      clean_up_tokenization_spaces=False)
+    ids, matched = a.align(shown + "<|im_end|>\n<|im_start|>user\nmore", stored)
+    assert matched == len(stored) and ids[:matched] == stored
+    assert a.text_of(ids[matched:]) == "<|im_end|>\n<|im_start|>user\nmore"
