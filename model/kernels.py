@@ -82,7 +82,7 @@ class PackedLinear(torch.nn.Module):
         m, n = x.shape[0], self.out_features
         out = torch.empty(m, n, dtype=torch.bfloat16)
         if res is not None:
-            res = res.contiguous()
+            res = res.contiguous().to(torch.bfloat16)
         b = self.bias32
         rc = self._lib.kvb_amx_linear(x.data_ptr(), m, self.in_features + self.k_pad, x.stride(0),
                                       self.packed.data_ptr(), n, None if b is None else b.data_ptr(),
