@@ -28,6 +28,15 @@ from model.loader import load
 from model.types import EngineRequest, SamplingParams
 
 
+def engine(m, cfg: EngineConfig) -> Engine:
+    """An engine whose KV pool is faulted in (as a server's is, long before its first request)."""
+    eng = Engine(m, cfg)
+    populating = getattr(eng.runner.pool, "populating", None)
+    if populating is not None:
+        populating.join()
+    return eng
+
+
 def rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -81,7 +90,7 @@ def live_tokens(eng: Engine) -> tuple[int, int]:
 
 def memory(m, loop) -> dict:
     """15 chats of ~270 tokens streaming, then one ~3.7k-token prompt joins."""
-    eng = Engine(m, EngineConfig(max_batch_size=16, block_tokens=64))
+    eng = engine(m, EngineConfig(max_batch_size=16, block_tokens=64))
     per_token = m.kv_bytes_per_token
     block_bytes = eng.runner.pool.block_bytes
     rss0 = rss_mib()
@@ -108,7 +117,7 @@ def shared(m, loop) -> dict:
     """16 requests sharing a 1k-token system prompt, arriving together."""
     from cache.store import chain_hashes
 
-    eng = Engine(m, EngineConfig(max_batch_size=16, block_tokens=64))
+    eng = engine(m, EngineConfig(max_batch_size=16, block_tokens=64))
     system = prompt_ids(m, 1024, 7)
     prompts = [system + prompt_ids(m, 40, 100 + i) for i in range(16)]
 
@@ -152,7 +161,7 @@ def gemm_flops(dtype: torch.dtype, n: int = 1024, tries: int = 20) -> float:
 def prefill(m, loop, budget: int, repeat: int = 1) -> dict:
     """8 prompts of 256 tokens arriving together, one token each; ``repeat`` rounds of fresh
     prompts (none in the pool's prefix cache), best and median round reported."""
-    eng = Engine(m, config(max_batch_size=16, max_batch_tokens=budget, block_tokens=64))
+    eng = engine(m, config(max_batch_size=16, max_batch_tokens=budget, block_tokens=64))
     loop.run_until_complete(run_all(eng, [prompt_ids(m, 256, 500)], 1))  # warm
     rates = []
     for r in range(repeat):
@@ -170,7 +179,7 @@ def prefill(m, loop, budget: int, repeat: int = 1) -> dict:
 
 def decode(m, loop) -> dict:
     """16 prompts of ~70 tokens, 64 new tokens each; out tokens/s once all are decoding."""
-    eng = Engine(m, EngineConfig(max_batch_size=16))
+    eng = engine(m, EngineConfig(max_batch_size=16))
     loop.run_until_complete(run_all(eng, [prompt_ids(m, 70, 900)], 4))  # warm
     prompts = [prompt_ids(m, 70, 1000 + i) for i in range(16)]
     t = time.perf_counter()
@@ -191,7 +200,7 @@ def interference(m, loop, budget: int, long_tokens: int = 2048) -> dict:
     against their gaps before it came; and the long prompt's time to first token. A token's time
     is when the engine appended it (polled every 20 ms): a stream's text deltas come later where
     random byte tokens hold back incomplete UTF-8."""
-    eng = Engine(m, config(max_batch_size=17, max_batch_tokens=budget, prefill_chunk=budget, block_tokens=64,
+    eng = engine(m, config(max_batch_size=17, max_batch_tokens=budget, prefill_chunk=budget, block_tokens=64,
                             kv_cache_bytes=1 << 30))  # room for all: no preemption, whatever is free
     loop.run_until_complete(run_all(eng, [prompt_ids(m, 70, 900)], 4))  # warm
     stamps: list[list[float]] = [[] for _ in range(16)]
@@ -235,17 +244,14 @@ def interference(m, loop, budget: int, long_tokens: int = 2048) -> dict:
                               "n": len(during)}}
 
 
-def rss(m, loop, total: int = 1000, concurrent: int = 16, seconds: float = 900.0, prefault: bool = False) -> dict:
+def rss(m, loop, total: int = 1000, concurrent: int = 16, seconds: float = 900.0) -> dict:
     """``total`` mixed requests, ``concurrent`` in flight: prompts of 8-600 tokens (a third behind a
     shared 256-token system prompt, with block hashes so the pool shares it), 1-48 new tokens, one
-    in eight with n = 3 choices. Peak RSS (MiB) while the first and the last 100 finish.
-    ``prefault`` touches the whole KV pool first, so growth is what is outside the pool."""
+    in eight with n = 3 choices. Peak RSS (MiB) while the first and the last 100 finish (the KV
+    pool is faulted in before the first: growth is what is outside it)."""
     from cache.store import chain_hashes
 
-    eng = Engine(m, config(max_batch_size=16, block_tokens=64))
-    if prefault:
-        for t in (*eng.runner.pool.keys, *eng.runner.pool.values):
-            t.zero_()
+    eng = engine(m, config(max_batch_size=16, block_tokens=64))
     system = prompt_ids(m, 256, 5)
     g = torch.Generator().manual_seed(11)
     done: list[float] = []  # RSS when each request finished
@@ -323,7 +329,6 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=EngineConfig.max_batch_tokens)
     ap.add_argument("--repeat", type=int, default=1, help="prefill: rounds of fresh prompts (best reported)")
     ap.add_argument("--requests", type=int, default=1000, help="rss: requests in all")
-    ap.add_argument("--prefault", action="store_true", help="rss: touch the whole KV pool first")
     ap.add_argument("--layers", type=int, default=0, help="cut the model to this many layers (0: all)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -334,7 +339,7 @@ def main() -> None:
         if what == "interference":
             res = interference(m, loop, args.budget)
         elif what == "rss":
-            res = rss(m, loop, args.requests, prefault=args.prefault)
+            res = rss(m, loop, args.requests)
         else:
             res = fn(m, loop) if fn else prefill(m, loop, args.budget, args.repeat)
         print(json.dumps({what: res, "dtype": args.dtype, "threads": torch.get_num_threads()}), flush=True)

@@ -90,8 +90,8 @@ class LlamaStep:
         self.fused = native.AMX.load() if packed and all(mod.amx for mod in packed) else None
 
     def _mlp(self, L: _Layer, up: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``silu(gate(y)) * up(y)``, the product in the up projection's epilogue where AMX runs it."""
-        if isinstance(up, kernels.PackedLinear) and up.amx:
+        """``silu(gate(y)) * up(y)``, the product in the up projection's epilogue where our GEMM runs it."""
+        if isinstance(up, kernels.PackedLinear) and up.own:
             return lambda y: up.call(y, "times", L.gate(y))
         return lambda y: L.gate(y) * L.up(y)
 

@@ -32,13 +32,14 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-# The AMX GEMM's epilogues (csrc/amx.c).
+# Our GEMMs' epilogues (csrc/amx.c, csrc/gemm_f32.c).
 _ACTS = {"none": 0, "swish": 1, "times": 2}
 
 
 class PackedLinear(torch.nn.Module):
-    """``y = x W^T + b`` with ``W`` pre-packed once: for our AMX kernel (bf16 where the CPU has
-    AMX; batch-invariant by construction) or else for oneDNN. Inference only (no autograd)."""
+    """``y = x W^T + b`` with ``W`` pre-packed once: for our own GEMM where this CPU runs it (bf16 on
+    AMX, fp32 on AVX-512; batch-invariant by construction, ``own``) or else for oneDNN. Inference
+    only (no autograd)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -53,48 +54,55 @@ class PackedLinear(torch.nn.Module):
         # A lone row goes through oneDNN's GEMV path, which sums in another order than any GEMM
         # (fp32 on AVX-512: a 2048-wide input); padded to two rows it gets the GEMM's bits.
         self.pad_single = False
-        lib = native.AMX.load() if self.dtype == torch.bfloat16 else None
-        self.amx = lib is not None
+        lib = {torch.bfloat16: native.AMX, torch.float32: native.F32}[self.dtype].load()
+        self.amx = lib is not None and self.dtype == torch.bfloat16
+        self.own = lib is not None  # our kernel: one sum order at any row count, no chunks
+        self.k_pad = 0
         if self.amx:
             self.k_pad = -self.in_features % 32  # the kernel steps K by 32
             blocks = (self.out_features + 15) // 16 * (self.in_features + self.k_pad) // 32
             self.packed = torch.empty(blocks * 512, dtype=torch.bfloat16)
-            w = weight.contiguous()
-            lib.kvb_amx_pack(w.data_ptr(), self.out_features, self.in_features, self.in_features + self.k_pad,
+            lib.kvb_amx_pack(weight.contiguous().data_ptr(), self.out_features, self.in_features,
+                             self.in_features + self.k_pad, self.packed.data_ptr())
+        elif self.own:
+            self.packed = torch.empty((self.out_features + 63) // 64 * 64 * self.in_features)
+            lib.kvb_f32_pack(weight.contiguous().data_ptr(), self.out_features, self.in_features,
                              self.packed.data_ptr())
-            self.bias32 = None if self.bias is None else self.bias.float().contiguous()
-            # x rows kept in L2 while every column block passes over them (speed only, not bits)
-            self.block_rows = max(128, min(512, (3 << 19) // (2 * (self.in_features + self.k_pad)) // 32 * 32))
-            self._lib = lib
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        if self.own:
+            self.bias32 = None if self.bias is None else self.bias.float().contiguous()
+            # x rows kept in L2 while every column block passes over them (speed only, not bits)
+            k_bytes = (self.in_features + self.k_pad) * self.dtype.itemsize
+            budget = (3 << 19) if self.amx else (3 << 18)
+            self.block_rows = max(128 if self.amx else 32, min(512, budget // k_bytes // 32 * 32))
+            self._run = lib.kvb_amx_linear if self.amx else lib.kvb_f32_linear
 
     def gemm(self, x: torch.Tensor, act: str = "none", res: torch.Tensor | None = None) -> torch.Tensor:
         """One library call on 2-D ``x``: ``act(x W^T + b) + res`` (act "none" or "swish"), or with
-        act "times" (AMX only) ``(x W^T + b) * res``."""
-        if not self.amx:
+        act "times" (our kernels only) ``(x W^T + b) * res``."""
+        if not self.own:
             op, w, b = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias
             return op(x, w, b, act, [], "") if res is None else op.binary(x, res, w, b, "add")
         if self.k_pad:
             x = F.pad(x, (0, self.k_pad))
-        if x.stride(-1) != 1 or x.dtype != torch.bfloat16:
-            x = x.contiguous().to(torch.bfloat16)
+        if x.stride(-1) != 1 or x.dtype != self.dtype:
+            x = x.contiguous().to(self.dtype)
         m, n = x.shape[0], self.out_features
-        out = torch.empty(m, n, dtype=torch.bfloat16)
+        out = torch.empty(m, n, dtype=self.dtype)
         if res is not None:
-            res = res.contiguous().to(torch.bfloat16)
+            res = res.contiguous().to(self.dtype)
         b = self.bias32
-        rc = self._lib.kvb_amx_linear(x.data_ptr(), m, self.in_features + self.k_pad, x.stride(0),
-                                      self.packed.data_ptr(), n, None if b is None else b.data_ptr(),
-                                      None if res is None else res.data_ptr(), _ACTS[act],
-                                      out.data_ptr(), self.block_rows, torch.get_num_threads())
+        rc = self._run(x.data_ptr(), m, self.in_features + self.k_pad, x.stride(0), self.packed.data_ptr(), n,
+                       None if b is None else b.data_ptr(), None if res is None else res.data_ptr(), _ACTS[act],
+                       out.data_ptr(), self.block_rows, torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError(f"AMX linear failed ({rc})")
+            raise RuntimeError(f"linear kernel failed ({rc})")
         return out
 
     def call(self, x: torch.Tensor, act: str = "none", res: torch.Tensor | None = None) -> torch.Tensor:
-        """``gemm`` on 2-D ``x`` in the row chunks that keep every row's bits (one call with AMX)."""
-        if self.amx:
+        """``gemm`` on 2-D ``x`` in the row chunks that keep every row's bits (one call with ours)."""
+        if self.own:
             return self.gemm(x, act, res)
         if res is None:
             return by_rows(lambda a: self.gemm(a, act), self.rows, x, pad=self.pad_single)
@@ -105,8 +113,11 @@ class PackedLinear(torch.nn.Module):
         return self.call(x.reshape(-1, self.in_features)).view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"kernel={'amx' if self.amx else 'onednn'}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+    @property
+    def kernel(self) -> str:
+        return "amx" if self.amx else "avx512" if self.own else "onednn"
 
 
 def onednn_packs(dtype: torch.dtype) -> str | None:
@@ -148,7 +159,7 @@ def pack_linears(model: torch.nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, PackedLinear(module))
     if targets:
-        log.info("linears: %s packed %s (%d layers)", "AMX" if model.get_submodule(targets[0][0]).amx else "oneDNN",
+        log.info("linears: %s packed %s (%d layers)", model.get_submodule(targets[0][0]).kernel,
                  str(dtype).removeprefix("torch."), len(targets))
     return len(targets)
 
@@ -203,7 +214,7 @@ def fit_row_chunks(model: torch.nn.Module) -> dict[tuple[int, int], tuple[int, b
     """
     mods: dict[tuple[int, int], list[PackedLinear]] = {}
     for mod in model.modules():
-        if isinstance(mod, PackedLinear) and not mod.amx:  # AMX: one fixed sum order, no chunks
+        if isinstance(mod, PackedLinear) and not mod.own:  # ours: one fixed sum order, no chunks
             mods.setdefault((mod.in_features, mod.out_features), []).append(mod)
     g = torch.Generator().manual_seed(1)
     top = max(PROBE_ROWS)

@@ -34,10 +34,12 @@ class KVPool:
         self.dtype, self.device = dtype, device
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        # Not zeroed: pages are touched when a block is first written (RSS follows use), and no
-        # reader ever looks past a sequence's own positions.
+        # Not zeroed (no reader looks past a sequence's own positions) but faulted in from the
+        # start on a thread: a first touch inside a step cost more than the step's K/V write.
         self.keys = [memory.empty(shape, dtype, device) for _ in range(num_layers)]
         self.values = [memory.empty(shape, dtype, device) for _ in range(num_layers)]
+        self.populating = memory.populate_later(self.keys + self.values, 16 * memory.HUGE_PAGE) \
+            if device.type == "cpu" else None
 
     @staticmethod
     def bytes_per_block(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -88,10 +90,10 @@ class KVPool:
 
     def extract(self, table: list[int], start: int, end: int) -> KV:
         """Copy positions ``[start, end)`` to host memory: per layer contiguous ``[kv_heads, n,
-        head_dim]`` CPU tensors, views of one huge-page buffer (bench/NOTES.md)."""
+        head_dim]`` CPU tensors, views of one reused buffer (bench/NOTES.md)."""
         n = max(0, end - start)
         per = self.kv_heads * n * self.head_dim
-        flat = memory.empty((2 * self.num_layers * max(per, 1),), self.dtype, torch.device("cpu"))
+        flat = memory.reused(2 * self.num_layers * max(per, 1), self.dtype)
         out = [flat[i * per : (i + 1) * per].view(self.kv_heads, n, self.head_dim)
                for i in range(2 * self.num_layers)]
         if n:

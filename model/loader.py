@@ -88,14 +88,14 @@ def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int
         chunks = kernels.fit_row_chunks(model) if packed else {}
         attn = native.ATTENTION.load() is not None
         step = fastpath.build(model, dtype, max_context, attn)
-        amx = any(getattr(m, "amx", False) for m in model.modules())
-        used = {"linears": ("amx" if amx else "onednn") if packed else "torch",
+        linear = next((m for m in model.modules() if isinstance(m, kernels.PackedLinear)), None)
+        used = {"linears": linear.kernel if linear is not None else "torch",
                 "attention": "native" if attn else "torch", "decode_step": "lean" if step is not None else "hf forward"}
         # a kernel's build name hashes its source: another summation order is another fingerprint
         kernel = native.ATTENTION.name() if attn else "none"
         ident = f"paged:onednn={packed}:native={kernel}:step={step is not None}"
-        if amx:
-            ident += f":amx={native.AMX.name()}"
+        if linear is not None and linear.own:
+            ident += f":{linear.kernel}={(native.AMX if linear.amx else native.F32).name()}"
         if chunks:
             ident += ":rows=" + ",".join(f"{i}x{o}:{c}{'p' if p else ''}" for (i, o), (c, p) in sorted(chunks.items()))
     bad = kernels.batch_variance(model)

@@ -42,9 +42,11 @@ class Native:
         self._lock = threading.Lock()
 
     def name(self) -> str:
-        """File name of the built kernel: one per source, flags, CPU architecture and libc (it is
-        part of the model fingerprint: another build may sum in another order)."""
-        key = hashlib.sha256(self.source.read_bytes() + repr(self.variants).encode() + platform.machine().encode()
+        """File name of the built kernel: one per source (with the shared headers), flags, CPU
+        architecture and libc (it is part of the model fingerprint: another build may sum in
+        another order)."""
+        headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+        key = hashlib.sha256(self.source.read_bytes() + headers + repr(self.variants).encode() + platform.machine().encode()
                              + "-".join(platform.libc_ver()).encode()).hexdigest()[:16]
         return f"{self.source.stem}-{key}.so"
 
@@ -139,6 +141,21 @@ def _setup_amx(lib: ctypes.CDLL) -> bool:
     return lib.kvb_amx_init() == 0  # the kernel grants the process AMX state, or not
 
 
+def _setup_f32(lib: ctypes.CDLL) -> bool:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.kvb_f32_pack.argtypes = [ptr, i64, i64, ptr]
+    lib.kvb_f32_pack.restype = None
+    lib.kvb_f32_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
+    lib.kvb_f32_linear.restype = ctypes.c_int
+    return True
+
+
+def _has_avx512() -> bool:
+    from model.precision import cpu_flags
+
+    return platform.machine() in ("x86_64", "AMD64") and "avx512f" in cpu_flags(names=("avx512f",))
+
+
 def _has_amx() -> bool:
     from model.precision import cpu_flags
 
@@ -157,7 +174,8 @@ AMX = Native("amx.c", (
     (("-O3", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
       "-mavx512bf16"), ("-lm",)),
 ), _setup_amx, _has_amx)
-KERNELS = (ATTENTION, AMX)
+F32 = Native("gemm_f32.c", ((("-O3", "-fPIC", "-fopenmp", "-mavx512f"), ("-lm",)),), _setup_f32, _has_avx512)
+KERNELS = (ATTENTION, AMX, F32)
 
 
 if __name__ == "__main__":
@@ -166,7 +184,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="build this repo's native kernels into a directory")
     ap.add_argument("--build", type=Path, default=BUNDLED_DIR)
     args = ap.parse_args()
-    for k in KERNELS:  # the AMX GEMM too where this CPU lacks AMX: the image may run on one that has it
+    for k in KERNELS:  # the AMX/AVX-512 GEMMs too where this CPU lacks them: the image may run on one that has them
         target = args.build / k.name()
         if not target.exists() and not k.build(target):
             if k is ATTENTION:

@@ -33,18 +33,19 @@ class DtypeChoice:
         return str(self.dtype).removeprefix("torch.")
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's bf16-relevant feature flags, from torch's cpuinfo and the kernel's /proc/cpuinfo."""
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo"), names: tuple[str, ...] = BF16_FLAGS) -> set[str]:
+    """Which of the CPU feature flags ``names`` (the bf16-relevant ones unless told) this CPU has,
+    from torch's cpuinfo and the kernel's /proc/cpuinfo."""
     flags: set[str] = set()
     try:
         caps = torch.cpu.get_capabilities()
-        flags |= {name for name in BF16_FLAGS if caps.get(name)}
+        flags |= {name for name in names if caps.get(name)}
     except (AttributeError, RuntimeError):  # an older torch without the capability table
         pass
     try:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("flags"):
-                flags |= set(line.split(":", 1)[1].split()) & set(BF16_FLAGS)
+                flags |= set(line.split(":", 1)[1].split()) & set(names)
                 break
     except OSError:  # not Linux: torch's table alone decides
         pass

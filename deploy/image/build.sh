@@ -19,7 +19,7 @@ if [ ! -f "$TORCH_WHEEL" ]; then
         || "$BIN/pip" download -q --no-deps -d var/wheels \
             --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
 fi
-# The native decode-attention kernel, prebuilt: the image has no C compiler (bentofile includes
+# The native kernels, prebuilt: the image has no C compiler (bentofile includes
 # var/kernels/*.so; model/native.py looks there before building one).
 "$BIN/python" -m model.native --build var/kernels >/dev/null
 chmod -R a+rX var/kernels

@@ -25,6 +25,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "vecmath.h"
+
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define TILE_ELEMS 512 /* one packed B tile: 16 pairs x 16 columns x 2 */
@@ -65,24 +67,6 @@ void kvb_amx_pack(const uint16_t *w, int64_t n, int64_t kw, int64_t k, uint16_t 
             int64_t b = (j / 16) * kb + i / 32, pair = (i % 32) / 2;
             out[b * TILE_ELEMS + pair * 32 + (j % 16) * 2 + (i % 2)] = w[j * kw + i];
         }
-}
-
-/* e^x for |x| <= 88, ~2 ulp; the same instructions for every element. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* acc [rows][32] fp32 (columns c0..c0+31 of the output) -> out rows. */
@@ -222,7 +206,7 @@ typedef struct {
 } att_task;
 
 /* One tile; work: 64-byte aligned scratch (sized by kvb_amx_attention). */
-static void attention_tile(const att_task *A, char *work) {
+static void attention_tile(const att_task *A, char *work, int *configured) {
     const int64_t g = A->g, d = A->d, rows = A->nq * g, nd = d / 32;
     const int64_t lo = first_pos(A->pos[0], A->window), hi = A->pos[A->nq - 1];
     const int64_t base = lo & ~(int64_t)31, span = ((hi - base + 1) + 31) & ~(int64_t)31;
@@ -235,7 +219,7 @@ static void attention_tile(const att_task *A, char *work) {
     float inv[16];
     int64_t lr[16], pr[16];
     memset(qp, 0, (size_t)nd * 512 * 2);
-    memset(pb, 0, (size_t)16 * span * 2);
+    memset(pb, 0, (size_t)rows * span * 2); /* the P tile reads only this tile's rows */
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *qr = A->q + ((A->r0 + r / g) * A->h + A->kh * g + r % g) * d;
         for (int64_t i = 0; i < d; i++)
@@ -243,7 +227,10 @@ static void attention_tile(const att_task *A, char *work) {
         pr[r] = A->pos[r / g];
         lr[r] = first_pos(pr[r], A->window);
     }
-    configure_attention((int)rows);
+    if (*configured != (int)rows) { /* loading a tile config costs; decode tiles all have one row */
+        configure_attention((int)rows);
+        *configured = (int)rows;
+    }
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     /* scores, 16 keys at a time (one pool block holds all 16: bs % 32 == 0) */
     for (int64_t j0 = lo & ~(int64_t)15; j0 <= hi; j0 += 16) {
@@ -354,6 +341,20 @@ static void attention_tile(const att_task *A, char *work) {
     }
 }
 
+static void prefetch_task(const uint16_t *k, const uint16_t *v, const int64_t *tables, int64_t max_blocks,
+                          const int64_t *seq, const int64_t *pos, const int64_t *starts, int64_t task, int64_t hkv,
+                          int64_t d, int64_t bs, int64_t window) {
+    const int64_t ti = task / hkv, kh = task % hkv, r0 = starts[ti], hi = pos[starts[ti + 1] - 1];
+    const int64_t lo = first_pos(pos[r0], window), s_pos = hkv * d, s_blk = bs * hkv * d;
+    const int64_t *table = tables + seq[r0] * max_blocks;
+    for (int64_t j = lo & ~(int64_t)15; j <= hi && j < (lo & ~(int64_t)15) + 32; j++)
+        for (int64_t b = 0; b < d * 2; b += 64)
+            _mm_prefetch((const char *)(k + table[j / bs] * s_blk + (j % bs) * s_pos + kh * d) + b, _MM_HINT_T0);
+    for (int64_t j = lo & ~(int64_t)31; j <= hi && j < (lo & ~(int64_t)31) + 64; j++)
+        for (int64_t b = 0; b < d * 2; b += 64)
+            _mm_prefetch((const char *)(v + table[j / bs] * s_blk + (j % bs) * s_pos + kh * d) + b, _MM_HINT_T0);
+}
+
 int kvb_amx_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, float *out, const int64_t *seq,
                       const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t t, int64_t h,
                       int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, float scale, int nthreads) {
@@ -374,25 +375,32 @@ int kvb_amx_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, f
     }
     starts[n] = t;
     const int64_t tasks = n * hkv;
+    int64_t max_span = 32;
+    for (int64_t ti = 0; ti < n; ti++) {
+        const int64_t base = first_pos(pos[starts[ti]], window) & ~(int64_t)31;
+        const int64_t span = ((pos[starts[ti + 1] - 1] - base + 1) + 31) & ~(int64_t)31;
+        max_span = span > max_span ? span : max_span;
+    }
+    const size_t bytes = (size_t)(d / 32) * 1024 + 1024 + (size_t)16 * max_span * 6 + 4096 + 4096 + 64;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
+        char *work = (char *)aligned_alloc(64, (bytes + 63) & ~(size_t)63); /* one scratch per thread */
+        int configured = -1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            const int64_t ti = task / hkv, r0 = starts[ti], nq = starts[ti + 1] - r0;
-            const int64_t lo = first_pos(pos[r0], window), base = lo & ~(int64_t)31;
-            const int64_t span = ((pos[r0 + nq - 1] - base + 1) + 31) & ~(int64_t)31;
-            const size_t bytes = (size_t)(d / 32) * 1024 + 1024 + (size_t)16 * span * 6 + 4096 + 4096 + 64;
-            char *work = (char *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
             if (!work) {
                 failed |= 1;
                 continue;
             }
+            const int64_t ti = task / hkv, r0 = starts[ti], nq = starts[ti + 1] - r0;
+            if (task + 1 < tasks) /* tasks start cold: ask for the next one's first keys and values now */
+                prefetch_task(k, v, tables, max_blocks, seq, pos, starts, task + 1, hkv, d, bs, window);
             const att_task A = {q, k, v, out, tables + seq[r0] * max_blocks, pos + r0, r0, nq, g, h,
                                 task % hkv, d, bs, hkv * d, bs * hkv * d, window, scale, softcap};
-            attention_tile(&A, work);
-            free(work);
+            attention_tile(&A, work, &configured);
         }
+        free(work);
         _tile_release();
     }
     free(starts);

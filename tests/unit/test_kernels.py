@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import kernels
-from model.native import AMX, ATTENTION
+from model.native import AMX, ATTENTION, F32
 from model.precision import cpu_flags
 from model.attention import paged_attention
 from model.kv import KVPool, StepBatch
@@ -240,8 +240,8 @@ def test_packed_linears_are_batch_invariant_once_their_row_chunks_are_fitted(dty
                                 torch.nn.Linear(2048, 768)).to(dtype)
     kernels.pack_linears(model)
     chunks = kernels.fit_row_chunks(model)
-    amx = all(m.amx for m in model)  # our AMX GEMM needs no chunks (tested below)
-    assert set(chunks) == (set() if amx else {(192, 512), (512, 192), (2048, 768)})
+    own = all(m.own for m in model)  # our GEMMs need no chunks (tested below)
+    assert set(chunks) == (set() if own else {(192, 512), (512, 192), (2048, 768)})
     assert all(rows > 1 for rows, _ in chunks.values())  # never one GEMV per row
     assert kernels.batch_variance(model) == []
 
@@ -250,26 +250,35 @@ def amx_expected() -> bool:
     return "amx_bf16" in cpu_flags() and native_expected()
 
 
+def avx512_expected() -> bool:
+    return "avx512f" in cpu_flags(names=("avx512f",)) and native_expected()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k,n,bias", [(192, 512, False), (512, 192, True), (100, 70, True), (3072, 40, False)])
-def test_amx_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(k, n, bias):
-    """Our AMX GEMM: close to the fp32 product (plain, fused SiLU, fused residual add; a K that is
-    not a multiple of 32 and an N not of 16 included), and each row the same bits at every row
-    count 1..300 and any thread count, where oneDNN changes a row's bits from 37 rows on."""
-    if not amx_expected():
-        pytest.skip("this CPU has no AMX-BF16 (or no C compiler)")
-    assert AMX.load() is not None, "AMX and a compiler are here: the AMX kernel must load"
+def test_own_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(dtype, k, n, bias):
+    """Our GEMMs (bf16 on AMX, fp32 on AVX-512): close to the exact product (plain, fused SiLU,
+    fused residual add, times; a K that is not a multiple of 32 and an N not of 16 or 64 included),
+    and each row the same bits at every row count 1..300 and any thread count, where oneDNN
+    changes a row's bits from 33-37 rows on."""
+    expected, lib = (amx_expected(), AMX) if dtype == torch.bfloat16 else (avx512_expected(), F32)
+    if not expected:
+        pytest.skip(f"this CPU has no {'AMX-BF16' if dtype == torch.bfloat16 else 'AVX-512'} (or no C compiler)")
+    assert lib.load() is not None, "the CPU and a compiler are here: the kernel must load"
     torch.manual_seed(0)
-    lin = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+    lin = torch.nn.Linear(k, n, bias=bias).to(dtype)
     mod = kernels.PackedLinear(lin)
-    assert mod.amx
-    x, r = torch.randn(300, k).to(torch.bfloat16), torch.randn(300, n).to(torch.bfloat16)
-    w, b = lin.weight.float(), (lin.bias.float() if bias else torch.zeros(n))
-    exact = x.float() @ w.T + b
+    assert mod.own and mod.kernel == ("amx" if dtype == torch.bfloat16 else "avx512")
+    x, r = torch.randn(300, k).to(dtype), torch.randn(300, n).to(dtype)
+    w, b = lin.weight.double(), (lin.bias.double() if bias else torch.zeros(n, dtype=torch.float64))
+    exact = x.double() @ w.T + b
+    tol = 0.02 if dtype == torch.bfloat16 else 1e-5
     with torch.inference_mode():
         for got, want in ((mod.call(x), exact), (mod.call(x, "swish"), torch.nn.functional.silu(exact)),
-                          (mod.call(x, res=r), exact + r.float()), (mod.call(x, "times", r), exact * r.float())):
-            assert torch.allclose(got.float(), want, atol=0.02 * float(want.abs().max()), rtol=0.02)
-        strided = torch.randn(k, 7).to(torch.bfloat16).T  # rows with a stride, not contiguous
+                          (mod.call(x, res=r), exact + r.double()), (mod.call(x, "times", r), exact * r.double())):
+            assert got.dtype == dtype
+            assert torch.allclose(got.double(), want, atol=tol * float(want.abs().max()), rtol=tol)
+        strided = torch.randn(k, 7).to(dtype).T  # rows with a stride, not contiguous
         assert torch.equal(mod.call(strided), mod.call(strided.contiguous()))
         for act, res in (("none", None), ("swish", None), ("none", r), ("times", r)):
             alone = torch.cat([mod.call(x[i:i + 1], act, None if res is None else res[i:i + 1]) for i in range(300)])

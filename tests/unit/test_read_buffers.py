@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from cache.codec import decode, encode
-from cache.memory import ReadBufferPool
+from hugepages import BufferPool
 from tests.integration.test_store_contract import record
 
 
 def test_a_buffer_is_reused_only_when_nothing_refers_to_it():
-    pool = ReadBufferPool(limit_bytes=8 << 20, granule=1 << 20)
+    pool = BufferPool(limit_bytes=8 << 20, granule=1 << 20)
     a = pool.take(1000)
     a[:3] = b"abc"
     b = pool.take(1000)
@@ -28,7 +28,7 @@ def test_a_buffer_is_reused_only_when_nothing_refers_to_it():
 
 
 def test_the_pool_keeps_to_its_limit_and_gives_unpooled_buffers_beyond_it():
-    pool = ReadBufferPool(limit_bytes=8 << 20, granule=1 << 20)
+    pool = BufferPool(limit_bytes=8 << 20, granule=1 << 20)
     small = [pool.take(1 << 20) for _ in range(3)]
     big = pool.take(20 << 20)  # larger than the whole pool
     assert len(big) == 20 << 20 and pool.nbytes == 3 << 20
@@ -38,7 +38,7 @@ def test_the_pool_keeps_to_its_limit_and_gives_unpooled_buffers_beyond_it():
 
 
 def test_a_record_decoded_from_a_pooled_buffer_stays_intact_while_it_is_alive():
-    pool = ReadBufferPool(limit_bytes=64 << 20, granule=1 << 20)
+    pool = BufferPool(limit_bytes=64 << 20, granule=1 << 20)
     rec = record(50, fill=3.0)
     data = encode(rec)
     buf = pool.take(len(data))
@@ -54,7 +54,7 @@ def test_a_record_decoded_from_a_pooled_buffer_stays_intact_while_it_is_alive():
 
 
 def test_prefaulted_buffers_are_handed_out_without_growing_the_pool():
-    pool = ReadBufferPool(limit_bytes=8 << 20, granule=1 << 20)
+    pool = BufferPool(limit_bytes=8 << 20, granule=1 << 20)
     assert pool.prefault(1500 << 10, 3) == 3 and len(pool._arrays) == 3  # 1.5 MiB -> 2 MiB each
     assert pool.prefault(1500 << 10, 3) == 3 and len(pool._arrays) == 3  # already there
     held = [pool.take(1400 << 10) for _ in range(3)]
@@ -64,5 +64,5 @@ def test_prefaulted_buffers_are_handed_out_without_growing_the_pool():
 
 
 def test_small_buffers_are_not_rounded_to_a_whole_granule():
-    pool = ReadBufferPool(limit_bytes=8 << 20, granule=2 << 20)
+    pool = BufferPool(limit_bytes=8 << 20, granule=2 << 20)
     assert len(pool.take(100 << 10)) == 100 << 10 and pool.nbytes == 128 << 10
