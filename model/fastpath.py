@@ -6,7 +6,9 @@ microseconds of Python and dispatch, a sizeable share of a decode step on a smal
 tokens and prefill chunks alike) with ~12 calls per layer: fused RMSNorm, the oneDNN linears with
 their activation and residual add fused as post-ops, RoPE on q and k together, the new K/V written
 straight into their pool slots, and paged attention (``model.attention``) over each sequence's
-blocks.
+blocks. In bf16 on AMX the whole layer stack is one native call (``kvb_amx_layers``: the same
+kernels in the same order, so the same bits): a step returns to Python, and waits for the GIL the
+server's event loop may hold, once instead of ~12 times a layer.
 
 It is used only where it is exact to the HF forward up to float rounding: a Llama, Mistral or
 Qwen2 architecture with the plain pre-norm block (checked structurally), no sliding window
@@ -16,6 +18,7 @@ a small mixed step and keeps the HF forward if they differ.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import Callable
 
@@ -59,6 +62,39 @@ class _Layer:
     __slots__ = ("ln1", "ln2", "eps1", "eps2", "q", "k", "v", "o", "gate", "up", "down", "mlp")
 
 
+_PROJ = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class _CLayer(ctypes.Structure):
+    """csrc/amx.c's ``kvb_layer``: one layer's weights for ``kvb_amx_layers``."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("ln1", "ln2", *(f"w{p}" for p in _PROJ), *(f"b{p}" for p in _PROJ))]
+                + [("eps1", ctypes.c_float), ("eps2", ctypes.c_float)]
+                + [(f"rows_{p}", ctypes.c_int64) for p in _PROJ])
+
+
+def _stack(model: torch.nn.Module, lib) -> ctypes.Array | None:
+    """Every layer's weights for one ``kvb_amx_layers`` call, where all its linears run on the AMX
+    GEMM with no K padding (else None: the per-op path runs)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if any(n % 32 for n in (cfg.hidden_size, cfg.num_attention_heads * head_dim, cfg.intermediate_size)):
+        return None
+    out = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        mods = dict(zip(_PROJ, (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)))
+        if not all(isinstance(x, kernels.PackedLinear) and x.amx and not x.k_pad for x in mods.values()):
+            return None
+        c = _CLayer(ln1=layer.input_layernorm.weight.data_ptr(), ln2=layer.post_attention_layernorm.weight.data_ptr(),
+                    eps1=layer.input_layernorm.variance_epsilon, eps2=layer.post_attention_layernorm.variance_epsilon)
+        for p, mod in mods.items():
+            setattr(c, f"w{p}", mod.packed.data_ptr())
+            setattr(c, f"b{p}", None if mod.bias32 is None else mod.bias32.data_ptr())
+            setattr(c, f"rows_{p}", mod.block_rows)
+        out.append(c)
+    return (_CLayer * len(out))(*out)
+
+
 class LlamaStep:
     """One packed step: ``logits = step(ids [T], positions [T], batch, keep)`` for positions ``keep``."""
 
@@ -70,6 +106,7 @@ class LlamaStep:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
         self.scaling = self.head_dim ** -0.5
+        self.intermediate = cfg.intermediate_size
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
@@ -85,9 +122,12 @@ class LlamaStep:
             x.gate, x.up, x.down = _linear(m.gate_proj, "swish"), _linear(m.up_proj), _linear_add(m.down_proj)
             x.mlp = self._mlp(x, m.up_proj)
             self.layers.append(x)
-        # bf16 on AMX: RMSNorm, RoPE and the MLP's product in csrc/amx.c, one pass each
+        # bf16 on AMX: RMSNorm, RoPE and the MLP's product in csrc/amx.c, one pass each; and where
+        # every shape fits, the whole layer stack in one call (``_run_stack``)
         packed = [mod for mod in model.modules() if isinstance(mod, kernels.PackedLinear)]
         self.fused = native.AMX.load() if packed and all(mod.amx for mod in packed) else None
+        self.stack = _stack(model, self.fused) if self.fused is not None else None
+        self._pool_ptrs: tuple = (None, None)
 
     def _mlp(self, L: _Layer, up: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """``silu(gate(y)) * up(y)``, the product in the up projection's epilogue where our GEMM runs it."""
@@ -144,6 +184,27 @@ class LlamaStep:
                     return "norm layout"
         return None
 
+    def _run_stack(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch) -> bool:
+        """All layers in one native call (``kvb_amx_layers``) on ``x`` in place; False where the
+        pool or the shapes do not fit it (nothing has changed then)."""
+        pool = batch.pool
+        if not (batch.native and pool.dtype == torch.bfloat16
+                and kernels.amx_attention_fits(self.heads, self.kv_heads, self.head_dim, pool.block_size)):
+            return False
+        if self._pool_ptrs[0] is not pool:
+            arrays = [(ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts]) for ts in (pool.keys, pool.values)]
+            self._pool_ptrs = (pool, arrays)
+        kp, vp = self._pool_ptrs[1]
+        seq, pos, tables = batch.native_meta()
+        t = x.shape[0]
+        rc = self.fused.kvb_amx_layers(len(self.layers), self.stack, kp, vp, x.data_ptr(), t, self.hidden, self.heads,
+                                       self.kv_heads, self.head_dim, self.intermediate, cos.data_ptr(), sin.data_ptr(),
+                                       batch.slot_mapping.data_ptr(), seq.data_ptr(), pos.data_ptr(), tables.data_ptr(),
+                                       tables.shape[1], pool.block_size, self.scaling, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"kvb_amx_layers failed ({rc})")
+        return True
+
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, batch: StepBatch,
                  keep: torch.Tensor) -> torch.Tensor:
@@ -151,6 +212,9 @@ class LlamaStep:
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)  # [t, hidden]
         cos, sin = self.rotary(x, positions.view(1, t))  # [1, t, d]
+        if self.stack is not None and self._run_stack(x, cos.contiguous(), sin.contiguous(), batch):
+            x = x.index_select(0, keep)
+            return self.lm_head(self._norm(x, self.norm, self.norm_eps))
         cos, sin = cos.view(t, 1, d), sin.view(t, 1, d)
         for i, L in enumerate(self.layers):
             y = self._norm(x, L.ln1, L.eps1)

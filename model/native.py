@@ -138,6 +138,9 @@ def _setup_amx(lib: ctypes.CDLL) -> bool:
     lib.kvb_rms_norm.restype = None
     lib.kvb_rope.argtypes = [ptr, i64, i64, i64, ptr, ptr]
     lib.kvb_rope.restype = None
+    lib.kvb_amx_layers.argtypes = [i64, ptr, ptr, ptr, ptr] + [i64] * 6 + [ptr] * 6 + [i64, i64, ctypes.c_float,
+                                                                                     ctypes.c_int]
+    lib.kvb_amx_layers.restype = ctypes.c_int
     return lib.kvb_amx_init() == 0  # the kernel grants the process AMX state, or not
 
 

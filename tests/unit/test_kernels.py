@@ -331,3 +331,41 @@ def test_amx_rms_norm_and_rope_match_torch_and_each_row_is_its_own():
     want = qf * cf + torch.cat([-qf[..., d // 2:], qf[..., : d // 2]], -1) * sf
     assert torch.allclose(got.float(), want, atol=0.03, rtol=0.01)
     assert torch.equal(torch.cat([rope(q[i:i + 1], cos[i:i + 1], sin[i:i + 1]) for i in range(t)]), got)
+
+
+def test_the_layer_stack_in_one_native_call_gives_the_per_op_steps_bits():
+    """bf16 on AMX: ``kvb_amx_layers`` runs every layer in one call; it must be the per-op lean
+    step's arithmetic exactly (same kernels, same order): logits bit for bit over a step of two
+    prefill chunks, a mixed step and a decode step, on pools whose unused slots are NaN."""
+    if not amx_expected():
+        pytest.skip("this CPU has no AMX-BF16 (or no C compiler)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model import fastpath
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=1024)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    kernels.pack_linears(model)
+    step = fastpath.LlamaStep(model)
+    assert step.stack is not None
+    seqs = [torch.randint(0, 512, (150,), generator=torch.Generator().manual_seed(5)).tolist(),
+            torch.randint(0, 512, (90,), generator=torch.Generator().manual_seed(6)).tolist()]
+
+    def run(stack) -> list[torch.Tensor]:
+        step.stack = stack
+        pool = KVPool(3, 4, 32, torch.bfloat16, torch.device("cpu"), 16, 64)
+        for t in pool.keys + pool.values:
+            t.fill_(float("nan"))
+        out = []
+        for chunks in ([(0, 100), (0, 40)], [(100, 101), (40, 89)], [(101, 102), (89, 90)]):
+            ids = torch.tensor([t for s, (a, b) in zip(seqs, chunks) for t in s[a:b]])
+            batch = StepBatch(pool, [[0, 1, 2], [3, 4, 5]], [b - a for a, b in chunks], [b for _, b in chunks], True)
+            out.append(step(ids, batch.positions, batch, torch.arange(ids.shape[0])))
+        return out
+
+    stack = step.stack
+    for fused, per_op in zip(run(stack), run(None)):
+        assert not fused.isnan().any()
+        assert torch.equal(fused, per_op)
