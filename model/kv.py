@@ -96,12 +96,15 @@ class KVPool:
         flat = memory.reused(2 * self.num_layers * max(per, 1), self.dtype)
         out = [flat[i * per : (i + 1) * per].view(self.kv_heads, n, self.head_dim)
                for i in range(2 * self.num_layers)]
-        if n:
-            slots = self.slots(table, start, end)
+        # Block by block, straight from the pool (a gather would allocate, and fault in, a temporary)
+        b, at = self.block_size, start
+        while at < end:
+            blk, off = table[at // b], at % b
+            m = min(end - at, b - off)
             for l in range(self.num_layers):
-                k, v = self.flat(l)
-                out[2 * l].copy_(k.index_select(0, slots).transpose(0, 1))
-                out[2 * l + 1].copy_(v.index_select(0, slots).transpose(0, 1))
+                out[2 * l][:, at - start:at - start + m].copy_(self.keys[l][blk, off:off + m].transpose(0, 1))
+                out[2 * l + 1][:, at - start:at - start + m].copy_(self.values[l][blk, off:off + m].transpose(0, 1))
+            at += m
         return out[0::2], out[1::2]
 
 

@@ -11,8 +11,9 @@ from hugepages import HUGE_PAGE, BufferPool, advise_huge, populate
 
 __all__ = ["HUGE_PAGE", "advise_huge", "empty", "populate_later", "reused"]
 
-# Copy-outs of finished sequences' KV wait here for the store's writers; reused once written.
-_copy_outs = BufferPool(limit_bytes=256 << 20)
+# Copy-outs of finished sequences' KV wait here for the store's writers (and stay viewed by the
+# store's recent blocks, 512 MiB by default); reused once nothing views them.
+_copy_outs = BufferPool(limit_bytes=768 << 20)
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
