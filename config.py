@@ -77,9 +77,10 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(default=0, ge=0)
     # Seconds a store call may take before the store counts as unavailable.
     cache_timeout: float = Field(default=5.0, gt=0)
-    # Bytes of KV blocks this server wrote kept in memory (blocks are immutable), so a next turn
-    # on the same replica restores without reading the store; 0 = off.
-    cache_recent_bytes: int = Field(default=512 << 20, ge=0)
+    # Bytes of KV blocks this server wrote kept in host memory (blocks are immutable), so a next
+    # turn on the same replica restores without reading the store; 0 = off. Unset: 512 MiB when the
+    # engine's KV pool is on an accelerator, 0 on CPU, where the pool is that memory already.
+    cache_recent_bytes: int | None = Field(default=None, ge=0)
     # Buffers for store reads, allocated and touched at start (at most a max-context sequence's
     # blocks): a first load into fresh memory pays page faults, on some VMs more than the read.
     cache_read_buffer_bytes: int = Field(default=256 << 20, ge=0)

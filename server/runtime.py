@@ -45,9 +45,12 @@ class Runtime:
                         settings.cpu_kernels)
         backend = open_backend(settings.cache_url, max_bytes=settings.cache_max_bytes,
                                timeout=settings.cache_timeout)
+        recent = settings.cache_recent_bytes
+        if recent is None:  # a second host copy of what a CPU pool holds pins copy-out buffers (bench/NOTES.md)
+            recent = 0 if m.device.type == "cpu" else 512 << 20
         store = KVStore(backend, m.fingerprint, block_tokens=settings.cache_block_tokens,
                         ttl=settings.cache_ttl, timeout=settings.cache_timeout,
-                        memory_bytes=settings.cache_recent_bytes, lease_seconds=settings.lease_seconds)
+                        memory_bytes=recent, lease_seconds=settings.lease_seconds)
         store.prefault_reads(m.kv_bytes_per_token, m.max_context, settings.cache_read_buffer_bytes)
         engine = Engine(
             m,
