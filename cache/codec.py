@@ -15,9 +15,12 @@ tokens, a head's tail) is said by ``meta``, which the store checks on every load
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
+import sys
 import threading
+from array import array
 import time
 import warnings
 from collections.abc import Iterator
@@ -128,6 +131,26 @@ def _layout(record: KVRecord) -> tuple[bytes, list[torch.Tensor], int]:
     return header, tensors, total
 
 
+# memcpy that keeps the GIL: a torch copy (or ctypes.memmove) releases it and, while another
+# thread runs Python, waits up to the switch interval to take it back — per tensor (bench/NOTES.md).
+_memcpy = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
+    ctypes.cast(ctypes.memmove, ctypes.c_void_p).value)
+
+
+def _runs(t: torch.Tensor) -> list[tuple[int, int]] | None:
+    """(address, bytes) of the contiguous runs that make ``t``'s bytes in row-major order, for a CPU
+    tensor whose last dimensions are contiguous rows (a slice of positions of ``[heads, n, dim]``)."""
+    if t.device.type != "cpu":
+        return None
+    esize, base = t.element_size(), t.data_ptr()
+    if t.is_contiguous():
+        return [(base, t.numel() * esize)]
+    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]:
+        run = t.shape[1] * t.shape[2] * esize
+        return [(base + i * t.stride(0) * esize, run) for i in range(t.shape[0])]
+    return None
+
+
 def _write(record: KVRecord, header: bytes, tensors: list[torch.Tensor], buf: bytearray) -> int:
     """Write the record into ``buf`` (at least as long as the record); return the record's length."""
     n = len(record.token_ids)
@@ -135,23 +158,28 @@ def _write(record: KVRecord, header: bytes, tensors: list[torch.Tensor], buf: by
     off = _PREFIX.size
     buf[off : off + len(header)] = header
     off += len(header)
-    torch.frombuffer(buf, dtype=torch.int32, count=n, offset=off).copy_(
-        torch.as_tensor(record.token_ids, dtype=torch.int32)
-    )
+    ids = array("i", record.token_ids)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    buf[off : off + 4 * n] = memoryview(ids).cast("B")
     off += 4 * n
     buf[off : off + _pad(4 * n)] = bytes(_pad(4 * n))  # a reused buffer holds stale bytes here
     off += _pad(4 * n)
-    mv = memoryview(buf)
-    digest = xxhash.xxh3_64(mv[:off])
+    dst = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else None
     for t in tensors:
         nb = t.numel() * t.element_size()
         if nb:
-            dst = torch.frombuffer(buf, dtype=torch.uint8, count=nb, offset=off)
-            dst.view(t.dtype).view(t.shape).copy_(t)
-            # Checksum each tensor right after its copy, while its bytes are still in cache.
-            digest.update(mv[off : off + nb])
+            runs = _runs(t)
+            if runs is None:
+                torch.frombuffer(buf, dtype=torch.uint8, count=nb, offset=off).view(t.dtype).view(t.shape).copy_(t)
+            else:
+                at = dst.data_ptr() + off
+                for src, size in runs:
+                    _memcpy(at, src, size)
+                    at += size
         off += nb
-    _CRC.pack_into(buf, off, digest.intdigest())
+    mv = memoryview(buf)
+    _CRC.pack_into(buf, off, xxhash.xxh3_64_intdigest(mv[:off]))  # one pass: it releases the GIL too
     mv.release()
     return off + _CRC.size
 

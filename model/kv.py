@@ -15,12 +15,13 @@ tokens and prefill chunks alike), where each one's K/V goes and what each query 
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
 from transformers.cache_utils import Cache
 
-from model import memory
+from model import memory, native
 
 KV = tuple[list[torch.Tensor], list[torch.Tensor]]  # per layer [kv_heads, n, head_dim]
 
@@ -29,7 +30,7 @@ class KVPool:
     """The block tensors. Not thread-safe: owned by the engine thread."""
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, num_blocks: int, block_size: int) -> None:
+                 device: torch.device, num_blocks: int, block_size: int, native_copy: bool = True) -> None:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -40,6 +41,10 @@ class KVPool:
         self.values = [memory.empty(shape, dtype, device) for _ in range(num_layers)]
         self.populating = memory.populate_later(self.keys + self.values, 16 * memory.HUGE_PAGE) \
             if device.type == "cpu" else None
+        self._copy = native.COPY.load() if native_copy and device.type == "cpu" else None
+        if self._copy is not None:
+            ptrs = ctypes.c_void_p * num_layers
+            self._ptrs = (ptrs(*(t.data_ptr() for t in self.keys)), ptrs(*(t.data_ptr() for t in self.values)))
 
     @staticmethod
     def bytes_per_block(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -96,6 +101,12 @@ class KVPool:
         flat = memory.reused(2 * self.num_layers * max(per, 1), self.dtype)
         out = [flat[i * per : (i + 1) * per].view(self.kv_heads, n, self.head_dim)
                for i in range(2 * self.num_layers)]
+        if self._copy is not None and n:  # one native call: no GIL hand-off per (block, layer)
+            table_c = (ctypes.c_int64 * len(table))(*table)
+            self._copy.kvb_copy_out(self.num_layers, self._ptrs[0], self._ptrs[1], table_c, start, end,
+                                    self.block_size, self.kv_heads, self.head_dim * self.dtype.itemsize,
+                                    flat.data_ptr())
+            return out[0::2], out[1::2]
         # Block by block, straight from the pool (a gather would allocate, and fault in, a temporary)
         b, at = self.block_size, start
         while at < end:

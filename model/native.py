@@ -153,6 +153,13 @@ def _setup_f32(lib: ctypes.CDLL) -> bool:
     return True
 
 
+def _setup_copy(lib: ctypes.CDLL) -> bool:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.kvb_copy_out.argtypes = [i64, ptr, ptr, ptr] + [i64] * 5 + [ptr]
+    lib.kvb_copy_out.restype = None
+    return True
+
+
 def _has_avx512() -> bool:
     from model.precision import cpu_flags
 
@@ -178,7 +185,9 @@ AMX = Native("amx.c", (
       "-mavx512bf16"), ("-lm",)),
 ), _setup_amx, _has_amx)
 F32 = Native("gemm_f32.c", ((("-O3", "-fPIC", "-fopenmp", "-mavx512f"), ("-lm",)),), _setup_f32, _has_avx512)
-KERNELS = (ATTENTION, AMX, F32)
+# Byte copies only: not part of the model fingerprint (the result has the same bits either way).
+COPY = Native("kvcopy.c", ((("-O3", "-fPIC"), ()),), _setup_copy)
+KERNELS = (ATTENTION, AMX, F32, COPY)
 
 
 if __name__ == "__main__":

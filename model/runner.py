@@ -25,7 +25,8 @@ class ModelRunner:
         self.m = loaded
         self.kv_geometry = self.geometry(loaded)
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-        self.pool = KVPool(*self.kv_geometry, loaded.dtype, loaded.device, num_blocks, block_size)
+        self.pool = KVPool(*self.kv_geometry, loaded.dtype, loaded.device, num_blocks, block_size,
+                           native_copy=loaded.kernels.get("attention") == "native")
         self.num_prefilled_tokens = 0  # prompt positions (but the last) run through a forward, ever
 
     @staticmethod

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from model import kernels
+from model import kernels, native
 from model.native import AMX, ATTENTION, F32
 from model.precision import cpu_flags
 from model.attention import paged_attention
@@ -154,8 +154,10 @@ def test_native_query_tiles_give_each_token_the_bits_it_gets_alone(dtype, heads,
     assert torch.allclose(whole.double(), want, atol=tol, rtol=tol)
 
 
-def test_pool_load_extract_and_copy_block_round_trip():
-    pool = KVPool(2, 2, 3, torch.float32, torch.device("cpu"), 6, 4)
+@pytest.mark.parametrize("native_copy", [True, False])
+def test_pool_load_extract_and_copy_block_round_trip(native_copy):
+    pool = KVPool(2, 2, 3, torch.float32, torch.device("cpu"), 6, 4, native_copy=native_copy)
+    assert (pool._copy is not None) == (native_copy and native.COPY.load() is not None)
     table = [4, 1, 3]
     chunks = [([torch.randn(2, n, 3) for _ in range(2)], [torch.randn(2, n, 3) for _ in range(2)]) for n in (4, 5)]
     assert pool.load(table, 2, chunks) == 9  # positions 0, 1 are the pool's already
@@ -166,6 +168,19 @@ def test_pool_load_extract_and_copy_block_round_trip():
     assert torch.equal(pool.extract([4, 5], 4, 8)[0][0], pool.extract(table, 4, 8)[0][0])
     k0, _ = pool.extract(table, 3, 3)  # nothing to keep
     assert k0[0].shape == (2, 0, 3)
+
+
+@pytest.mark.skipif(native.COPY.load() is None, reason="no C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_copy_out_gives_the_torch_paths_bytes(dtype):
+    pools = [KVPool(3, 4, 16, dtype, torch.device("cpu"), 20, 8, native_copy=c) for c in (True, False)]
+    for x, y in zip(pools[0].keys + pools[0].values, pools[1].keys + pools[1].values):
+        x.copy_(torch.randn(x.shape))
+        y.copy_(x)
+    table = [7, 2, 19, 0]
+    for start, end in [(0, 32), (3, 29), (8, 9), (31, 32)]:
+        (ka, va), (kb, vb) = (p.extract(table, start, end) for p in pools)
+        assert all(torch.equal(a, b) for a, b in zip(ka + va, kb + vb)), (start, end)
 
 
 @pytest.mark.skipif(not kernels.onednn_available(), reason="torch built without oneDNN")
