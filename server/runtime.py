@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hmac
 import logging
 from dataclasses import dataclass
@@ -65,9 +66,14 @@ class Runtime:
         log.info("kvbento ready: model %s, cache %s, batch %d, queue %d", settings.model,
                  backend.scheme, settings.max_batch_size, settings.max_queue)
         session = Session(engine, store, observer=session_observer)
-        return cls(settings, m, store, engine, session, background_runner(settings, store, session, observer),
+        runtime = cls(settings, m, store, engine, session, background_runner(settings, store, session, observer),
                    ResumableStreams(settings.resume_grace_seconds, store, lambda ids: m.tokenizer.decode(
                        ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)))
+        # The startup heap (torch, transformers, the tokenizer: ~0.5M objects) out of the cyclic
+        # collector's way: a full collection walked it for ~235 ms holding the GIL (bench/NOTES.md).
+        gc.collect()
+        gc.freeze()
+        return runtime
 
     def tenant(self, authorization: str | None) -> str:
         """The tenant of a request: checks the bearer key when keys are configured.
