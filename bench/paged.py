@@ -29,11 +29,13 @@ from model.types import EngineRequest, SamplingParams
 
 
 def engine(m, cfg: EngineConfig) -> Engine:
-    """An engine whose KV pool is faulted in (as a server's is, long before its first request)."""
+    """An engine whose whole KV pool is faulted in (a server faults in only what it is about to
+    use), so that RSS figures count the pool from the start."""
     eng = Engine(m, cfg)
-    populating = getattr(eng.runner.pool, "populating", None)
-    if populating is not None:
-        populating.join()
+    pool = eng.runner.pool
+    if pool.prefault is not None:
+        pool.prefault.want(pool.num_blocks)
+        pool.prefault.wait()
     return eng
 
 

@@ -27,6 +27,7 @@ class BlockManager:
         # Lowest ids first: a block used before has its pages touched already.
         self._free = list(range(num_blocks - 1, -1, -1))
         self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced, hashed; LRU first
+        self.high_water = 0  # one more than the highest id ever handed out
 
     # -- counts ----------------------------------------------------------------------------
     @property
@@ -85,6 +86,7 @@ class BlockManager:
     def _new_block(self) -> int:
         if self._free:
             b = self._free.pop()
+            self.high_water = max(self.high_water, b + 1)
         else:
             b, _ = self._cached.popitem(last=False)  # evict the least recently used cached block
             del self.by_hash[self.hash_of[b]]

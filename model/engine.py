@@ -365,6 +365,7 @@ class Engine:
     def _step(self) -> None:
         """One iteration: schedule, run the model, postprocess."""
         sched = self.scheduler.schedule()
+        self.runner.pool.prefault_ahead(self.blocks.high_water)
         for seq in sched.beams:
             self._run_beams(seq)
         done, logits = self.runner.step(sched)

@@ -29,22 +29,32 @@ KV = tuple[list[torch.Tensor], list[torch.Tensor]]  # per layer [kv_heads, n, he
 class KVPool:
     """The block tensors. Not thread-safe: owned by the engine thread."""
 
+    PREFAULT_AHEAD_BYTES = 256 << 20  # faulted in past the highest block handed out so far
+
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, num_blocks: int, block_size: int, native_copy: bool = True) -> None:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        # Not zeroed (no reader looks past a sequence's own positions) but faulted in from the
-        # start on a thread: a first touch inside a step cost more than the step's K/V write.
+        # Not zeroed (no reader looks past a sequence's own positions) but faulted in on a thread
+        # ahead of the blocks in use: a first touch inside a step cost more than the step's K/V
+        # write, and faulting the whole pool in at start took a core for seconds.
         self.keys = [memory.empty(shape, dtype, device) for _ in range(num_layers)]
         self.values = [memory.empty(shape, dtype, device) for _ in range(num_layers)]
-        self.populating = memory.populate_later(self.keys + self.values, 16 * memory.HUGE_PAGE) \
-            if device.type == "cpu" else None
+        self.prefault = memory.Prefaulter(self.keys + self.values, num_blocks) if device.type == "cpu" else None
+        self.blocks_ahead = max(1, self.PREFAULT_AHEAD_BYTES // self.block_bytes)
+        self.prefault_ahead(0)
         self._copy = native.COPY.load() if native_copy and device.type == "cpu" else None
         if self._copy is not None:
             ptrs = ctypes.c_void_p * num_layers
             self._ptrs = (ptrs(*(t.data_ptr() for t in self.keys)), ptrs(*(t.data_ptr() for t in self.values)))
+
+    def prefault_ahead(self, high_water: int) -> None:
+        """Have the blocks up to ``blocks_ahead`` past ``high_water`` (one more than the highest
+        block id handed out) faulted in."""
+        if self.prefault is not None:
+            self.prefault.want(high_water + self.blocks_ahead)
 
     @staticmethod
     def bytes_per_block(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
