@@ -9,11 +9,10 @@
  * heads are grouped (H = g * Hkv). softcap > 0 caps the logits (s = cap * tanh(s / cap)).
  *
  * Query tiling: consecutive tokens of one sequence (a prefill chunk) are cut into tiles of up to
- * KVB_TILE_ROWS (token, head) rows; one task per (tile, kv head) loads each key and value once
- * for all its rows (a decode token is a tile of one token). Keys are scored 8 at a time from a
- * transposed copy (8 lanes of one multiply-add chain each, no horizontal sums). Exactness: a
- * row's arithmetic is the same code whatever tile it is in: its scores come lane by lane from
- * key groups aligned to absolute positions (multiples of 8), its softmax runs over its own
+ * KVB_TILE_ROWS (token, head) rows; one task per (tile, kv head) widens each key and value once
+ * for all its rows (a decode token is a tile of one token). A score is one dot product over 16
+ * lanes and a fixed tree of lane sums. Exactness: a row's arithmetic is the same code whatever
+ * tile it is in: each of its scores is computed alone, its softmax runs over its own
  * aligned buffer, its values are summed position by position in increasing order. So a token's
  * result never depends on its tile, its chunk or the rest of the call. Tasks are split over
  * OpenMP threads (the process's libgomp: the one torch already loaded). Built and loaded by
@@ -50,9 +49,16 @@ static inline float kvb_bf16(uint16_t x) {
 
 static inline int64_t kvb_round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
+/* A task reads one head's row of each position, positions a pool row (all heads) apart: too far
+ * for the hardware prefetchers to follow, so rows KVB_AHEAD positions on are asked for ahead. */
+#define KVB_AHEAD 16
+static inline void kvb_prefetch(const void *row, int64_t nbytes) {
+    for (int64_t b = 0; b < nbytes; b += 64) __builtin_prefetch((const char *)row + b, 0, 0);
+}
+
 /* One tile: rows are (token, head), token-major; q0/out0 point at the tile's first token's first
  * head of this kv head. Scratch (64-byte aligned floats): sc [rows][stride] (row r's scores from
- * its own first position), acc [rows][dpad], kt [d][8] (8 keys transposed), vb [KVB_VCHUNK][d]. */
+ * its own first position), acc [rows][dpad], kt [8][d] (8 keys widened), vb [KVB_VCHUNK][d]. */
 typedef struct {
     const float *q0;
     float *out0, *sc, *acc, *kt, *vb;
@@ -65,38 +71,46 @@ static inline int64_t kvb_first(int64_t p, int64_t window) {
     return (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
 }
 
-/* Scores of every row, 8 keys (an aligned group) at a time. Instantiated for the common head
- * sizes so the compiler unrolls the d-loops completely (a runtime d costs ~2x), and per K/V
+/* A fixed-order sum of 16 partial sums (the same tree for every row). */
+static inline float kvb_sum16(const float *s) {
+    float a[8], b[4];
+    for (int i = 0; i < 8; i++) a[i] = s[i] + s[i + 8];
+    for (int i = 0; i < 4; i++) b[i] = a[i] + a[i + 4];
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* Scores of every row, for an aligned group of 8 keys at a time: the keys are widened once into
+ * kt (one after another), then each row takes one dot product per key over 16 lanes (lane u sums
+ * dimensions u, u + 16, ...) and adds the lanes up in a fixed tree. Instantiated for the common
+ * head sizes so the compiler unrolls the d-loops completely (a runtime d costs ~2x), and per K/V
  * element type (LOAD widens one element to fp32). */
 #define KVB_SCORE(NAME, DIM, KV_T, LOAD)                                                                 \
     KVB_CLONES static void NAME(const kvb_tile *T, const KV_T *restrict k) {                              \
         const int64_t d = (DIM) ? (DIM) : T->d, g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi;       \
         const int64_t bs = T->bs, s_pos = T->s_pos, s_blk = T->s_blk, window = T->window;                \
-        const int64_t stride = T->stride, hd = T->h * d;                                                  \
+        const int64_t stride = T->stride, hd = T->h * d, d16 = d & ~(int64_t)15;                          \
         const float *restrict q0 = T->q0;                                                                 \
-        float *restrict kt = T->kt, *restrict sc = T->sc;                                                 \
+        float *restrict kb = T->kt, *restrict sc = T->sc;                                                 \
         for (int64_t j0 = lo & ~(int64_t)(KVB_LANES - 1); j0 <= hi; j0 += KVB_LANES) {                     \
-            for (int64_t l = 0; l < KVB_LANES; l++) {                                                     \
-                const int64_t p = j0 + l;                                                                 \
-                if (p < lo || p > hi) {                                                                   \
-                    for (int64_t t = 0; t < d; t++) kt[t * KVB_LANES + l] = 0.f;                          \
-                    continue;                                                                             \
-                }                                                                                         \
+            const int64_t a0 = j0 > lo ? j0 : lo, b0 = j0 + KVB_LANES - 1 < hi ? j0 + KVB_LANES - 1 : hi; \
+            for (int64_t p = a0; p <= b0; p++) {                                                          \
+                const int64_t pf = p + KVB_AHEAD;                                                         \
+                if (pf <= hi) kvb_prefetch(k + T->table[pf / bs] * s_blk + (pf % bs) * s_pos, d * (int64_t)sizeof(KV_T)); \
                 const KV_T *kp = k + T->table[p / bs] * s_blk + (p % bs) * s_pos;                         \
-                for (int64_t t = 0; t < d; t++) kt[t * KVB_LANES + l] = LOAD(kp[t]);                      \
+                float *restrict kr = kb + (p - j0) * d;                                                   \
+                for (int64_t t = 0; t < d; t++) kr[t] = LOAD(kp[t]);                                      \
             }                                                                                             \
             for (int64_t r = 0; r < rows; r++) {                                                          \
                 const int64_t pr = T->pos[r / g], lr = kvb_first(pr, window);                             \
-                if (pr < j0 || lr > j0 + KVB_LANES - 1) continue;                                         \
-                const float *qr = q0 + (r / g) * hd + (r % g) * d;                                        \
-                float a[4][KVB_LANES] = {{0.f}};                                                          \
-                for (int64_t t = 0; t < d; t += 4)                                                        \
-                    for (int c = 0; c < 4; c++)                                                           \
-                        for (int l = 0; l < KVB_LANES; l++) a[c][l] += qr[t + c] * kt[(t + c) * KVB_LANES + l]; \
-                for (int l = 0; l < KVB_LANES; l++) {                                                     \
-                    const int64_t p = j0 + l;                                                             \
-                    if (p < lr || p > pr) continue;                                                       \
-                    float x = ((a[0][l] + a[1][l]) + (a[2][l] + a[3][l])) * T->scale;                     \
+                const int64_t a = a0 > lr ? a0 : lr, b = b0 < pr ? b0 : pr;                               \
+                const float *restrict qr = q0 + (r / g) * hd + (r % g) * d;                               \
+                for (int64_t p = a; p <= b; p++) {                                                        \
+                    const float *restrict kr = kb + (p - j0) * d;                                         \
+                    float acc[16] = {0.f};                                                                \
+                    for (int64_t t = 0; t < d16; t += 16)                                                 \
+                        for (int u = 0; u < 16; u++) acc[u] += qr[t + u] * kr[t + u];                     \
+                    for (int64_t t = d16; t < d; t++) acc[t - d16] += qr[t] * kr[t];                      \
+                    float x = kvb_sum16(acc) * T->scale;                                                  \
                     if (T->softcap > 0.f) x = T->softcap * tanhf(x / T->softcap);                         \
                     sc[r * stride + (p - lr)] = x;                                                        \
                 }                                                                                         \
@@ -133,6 +147,8 @@ KVB_CLONES static void kvb_softmax(const kvb_tile *T) {
         for (int64_t c0 = lo & ~(int64_t)(KVB_VCHUNK - 1); c0 <= hi; c0 += KVB_VCHUNK) {                   \
             const int64_t a0 = c0 > lo ? c0 : lo, b0 = c0 + KVB_VCHUNK - 1 < hi ? c0 + KVB_VCHUNK - 1 : hi; \
             for (int64_t p = a0; p <= b0; p++) {                                                          \
+                const int64_t pf = p + KVB_AHEAD;                                                         \
+                if (pf <= hi) kvb_prefetch(v + T->table[pf / bs] * s_blk + (pf % bs) * s_pos, d * (int64_t)sizeof(KV_T)); \
                 const KV_T *vp = v + T->table[p / bs] * s_blk + (p % bs) * s_pos;                         \
                 for (int64_t t = 0; t < d; t++) vb[(p - c0) * d + t] = LOAD(vp[t]);                       \
             }                                                                                             \
