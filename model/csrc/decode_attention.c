@@ -79,37 +79,36 @@ static inline float kvb_sum16(const float *s) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-/* Scores of every row, for an aligned group of 8 keys at a time: the keys are widened once into
- * kt (one after another), then each row takes one dot product per key over 16 lanes (lane u sums
- * dimensions u, u + 16, ...) and adds the lanes up in a fixed tree. Instantiated for the common
- * head sizes so the compiler unrolls the d-loops completely (a runtime d costs ~2x), and per K/V
- * element type (LOAD widens one element to fp32). */
+/* Scores of every row, for an aligned group of 8 keys at a time (their rows asked for ahead):
+ * each score is one dot product over 16 lanes (lane u sums dimensions u, u + 16, ...) read
+ * straight from the pool, the lanes added in a fixed tree; every row runs this same code.
+ * Instantiated for the common head sizes so the compiler unrolls the d-loops completely (a runtime
+ * d costs ~2x), and per K/V element type (LOAD widens one element to fp32). */
 #define KVB_SCORE(NAME, DIM, KV_T, LOAD)                                                                 \
     KVB_CLONES static void NAME(const kvb_tile *T, const KV_T *restrict k) {                              \
         const int64_t d = (DIM) ? (DIM) : T->d, g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi;       \
         const int64_t bs = T->bs, s_pos = T->s_pos, s_blk = T->s_blk, window = T->window;                \
         const int64_t stride = T->stride, hd = T->h * d, d16 = d & ~(int64_t)15;                          \
         const float *restrict q0 = T->q0;                                                                 \
-        float *restrict kb = T->kt, *restrict sc = T->sc;                                                 \
+        float *restrict sc = T->sc;                                                                       \
+        const KV_T *kps[KVB_LANES];                                                                       \
         for (int64_t j0 = lo & ~(int64_t)(KVB_LANES - 1); j0 <= hi; j0 += KVB_LANES) {                     \
             const int64_t a0 = j0 > lo ? j0 : lo, b0 = j0 + KVB_LANES - 1 < hi ? j0 + KVB_LANES - 1 : hi; \
             for (int64_t p = a0; p <= b0; p++) {                                                          \
                 const int64_t pf = p + KVB_AHEAD;                                                         \
                 if (pf <= hi) kvb_prefetch(k + T->table[pf / bs] * s_blk + (pf % bs) * s_pos, d * (int64_t)sizeof(KV_T)); \
-                const KV_T *kp = k + T->table[p / bs] * s_blk + (p % bs) * s_pos;                         \
-                float *restrict kr = kb + (p - j0) * d;                                                   \
-                for (int64_t t = 0; t < d; t++) kr[t] = LOAD(kp[t]);                                      \
+                kps[p - j0] = k + T->table[p / bs] * s_blk + (p % bs) * s_pos;                            \
             }                                                                                             \
             for (int64_t r = 0; r < rows; r++) {                                                          \
                 const int64_t pr = T->pos[r / g], lr = kvb_first(pr, window);                             \
                 const int64_t a = a0 > lr ? a0 : lr, b = b0 < pr ? b0 : pr;                               \
                 const float *restrict qr = q0 + (r / g) * hd + (r % g) * d;                               \
                 for (int64_t p = a; p <= b; p++) {                                                        \
-                    const float *restrict kr = kb + (p - j0) * d;                                         \
+                    const KV_T *restrict kp = kps[p - j0];                                                \
                     float acc[16] = {0.f};                                                                \
                     for (int64_t t = 0; t < d16; t += 16)                                                 \
-                        for (int u = 0; u < 16; u++) acc[u] += qr[t + u] * kr[t + u];                     \
-                    for (int64_t t = d16; t < d; t++) acc[t - d16] += qr[t] * kr[t];                      \
+                        for (int u = 0; u < 16; u++) acc[u] += qr[t + u] * LOAD(kp[t + u]);               \
+                    for (int64_t t = d16; t < d; t++) acc[t - d16] += qr[t] * LOAD(kp[t]);                \
                     float x = kvb_sum16(acc) * T->scale;                                                  \
                     if (T->softcap > 0.f) x = T->softcap * tanhf(x / T->softcap);                         \
                     sc[r * stride + (p - lr)] = x;                                                        \
@@ -137,21 +136,19 @@ KVB_CLONES static void kvb_softmax(const kvb_tile *T) {
     }
 }
 
-/* Each row's weighted sum of values, position by position in increasing order, over aligned
- * chunks of KVB_VCHUNK positions widened once for all rows; then the rows to out. */
+/* Each row's weighted sum of values, position by position in increasing order, read straight
+ * from the pool over aligned chunks of KVB_VCHUNK positions (their rows asked for ahead); then
+ * the rows to out. Every row runs this same code. */
 #define KVB_SUM(NAME, DIM, KV_T, LOAD)                                                                   \
     KVB_CLONES static void NAME(const kvb_tile *T, const KV_T *restrict v) {                              \
         const int64_t d = (DIM) ? (DIM) : T->d, g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi;       \
         const int64_t bs = T->bs, s_pos = T->s_pos, s_blk = T->s_blk, dpad = T->dpad, hd = T->h * d;      \
-        float *restrict vb = T->vb, *restrict acc = T->acc;                                               \
+        float *restrict acc = T->acc;                                                                     \
+        const KV_T *vps[KVB_VCHUNK];                                                                      \
         for (int64_t c0 = lo & ~(int64_t)(KVB_VCHUNK - 1); c0 <= hi; c0 += KVB_VCHUNK) {                   \
             const int64_t a0 = c0 > lo ? c0 : lo, b0 = c0 + KVB_VCHUNK - 1 < hi ? c0 + KVB_VCHUNK - 1 : hi; \
-            for (int64_t p = a0; p <= b0; p++) {                                                          \
-                const int64_t pf = p + KVB_AHEAD;                                                         \
-                if (pf <= hi) kvb_prefetch(v + T->table[pf / bs] * s_blk + (pf % bs) * s_pos, d * (int64_t)sizeof(KV_T)); \
-                const KV_T *vp = v + T->table[p / bs] * s_blk + (p % bs) * s_pos;                         \
-                for (int64_t t = 0; t < d; t++) vb[(p - c0) * d + t] = LOAD(vp[t]);                       \
-            }                                                                                             \
+            for (int64_t p = a0; p <= b0; p++)                                                            \
+                vps[p - c0] = v + T->table[p / bs] * s_blk + (p % bs) * s_pos;                            \
             for (int64_t r = 0; r < rows; r++) {                                                          \
                 const int64_t pr = T->pos[r / g], lr = kvb_first(pr, T->window);                          \
                 const int64_t a = c0 > lr ? c0 : lr, b = c0 + KVB_VCHUNK - 1 < pr ? c0 + KVB_VCHUNK - 1 : pr; \
@@ -161,9 +158,12 @@ KVB_CLONES static void kvb_softmax(const kvb_tile *T) {
                 for (int64_t t = 0; t < d; t++) o[t] = ar[t];                                             \
                 const float *pj = T->sc + r * T->stride + (a - lr);                                       \
                 for (int64_t p = a; p <= b; p++) {                                                        \
+                    const int64_t pf = p + KVB_AHEAD;                                                     \
+                    if (r == 0 && pf <= hi)                                                               \
+                        kvb_prefetch(v + T->table[pf / bs] * s_blk + (pf % bs) * s_pos, d * (int64_t)sizeof(KV_T)); \
                     const float w = pj[p - a];                                                            \
-                    const float *vj = vb + (p - c0) * d;                                                  \
-                    for (int64_t t = 0; t < d; t++) o[t] += w * vj[t];                                    \
+                    const KV_T *restrict vp = vps[p - c0];                                                \
+                    for (int64_t t = 0; t < d; t++) o[t] += w * LOAD(vp[t]);                              \
                 }                                                                                         \
                 for (int64_t t = 0; t < d; t++) ar[t] = o[t];                                             \
             }                                                                                             \
