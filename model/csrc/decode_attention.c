@@ -79,6 +79,10 @@ static inline float kvb_sum16(const float *s) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+static inline float kvb_cap(float x, float softcap) {
+    return softcap > 0.f ? softcap * tanhf(x / softcap) : x;
+}
+
 /* Scores of every row, for an aligned group of 8 keys at a time (their rows asked for ahead):
  * each score is one dot product over 16 lanes (lane u sums dimensions u, u + 16, ...) read
  * straight from the pool, the lanes added in a fixed tree; every row runs this same code.
@@ -103,15 +107,38 @@ static inline float kvb_sum16(const float *s) {
                 const int64_t pr = T->pos[r / g], lr = kvb_first(pr, window);                             \
                 const int64_t a = a0 > lr ? a0 : lr, b = b0 < pr ? b0 : pr;                               \
                 const float *restrict qr = q0 + (r / g) * hd + (r % g) * d;                               \
-                for (int64_t p = a; p <= b; p++) {                                                        \
+                float *restrict sr = sc + r * stride - lr;                                                \
+                int64_t p = a;                                                                            \
+                for (; p + 3 <= b; p += 4) { /* four keys at once: four independent chains */           \
+                    const KV_T *restrict k0 = kps[p - j0], *restrict k1 = kps[p + 1 - j0];                \
+                    const KV_T *restrict k2 = kps[p + 2 - j0], *restrict k3 = kps[p + 3 - j0];            \
+                    float c0[16] = {0.f}, c1[16] = {0.f}, c2[16] = {0.f}, c3[16] = {0.f};                 \
+                    for (int64_t t = 0; t < d16; t += 16)                                                 \
+                        for (int u = 0; u < 16; u++) {                                                    \
+                            const float x = qr[t + u];                                                    \
+                            c0[u] += x * LOAD(k0[t + u]);                                                 \
+                            c1[u] += x * LOAD(k1[t + u]);                                                 \
+                            c2[u] += x * LOAD(k2[t + u]);                                                 \
+                            c3[u] += x * LOAD(k3[t + u]);                                                 \
+                        }                                                                                 \
+                    for (int64_t t = d16; t < d; t++) {                                                   \
+                        c0[t - d16] += qr[t] * LOAD(k0[t]);                                               \
+                        c1[t - d16] += qr[t] * LOAD(k1[t]);                                               \
+                        c2[t - d16] += qr[t] * LOAD(k2[t]);                                               \
+                        c3[t - d16] += qr[t] * LOAD(k3[t]);                                               \
+                    }                                                                                     \
+                    sr[p] = kvb_cap(kvb_sum16(c0) * T->scale, T->softcap);                                \
+                    sr[p + 1] = kvb_cap(kvb_sum16(c1) * T->scale, T->softcap);                            \
+                    sr[p + 2] = kvb_cap(kvb_sum16(c2) * T->scale, T->softcap);                            \
+                    sr[p + 3] = kvb_cap(kvb_sum16(c3) * T->scale, T->softcap);                            \
+                }                                                                                         \
+                for (; p <= b; p++) {                                                                     \
                     const KV_T *restrict kp = kps[p - j0];                                                \
                     float acc[16] = {0.f};                                                                \
                     for (int64_t t = 0; t < d16; t += 16)                                                 \
                         for (int u = 0; u < 16; u++) acc[u] += qr[t + u] * LOAD(kp[t + u]);               \
                     for (int64_t t = d16; t < d; t++) acc[t - d16] += qr[t] * LOAD(kp[t]);                \
-                    float x = kvb_sum16(acc) * T->scale;                                                  \
-                    if (T->softcap > 0.f) x = T->softcap * tanhf(x / T->softcap);                         \
-                    sc[r * stride + (p - lr)] = x;                                                        \
+                    sr[p] = kvb_cap(kvb_sum16(acc) * T->scale, T->softcap);                               \
                 }                                                                                         \
             }                                                                                             \
         }                                                                                                 \
