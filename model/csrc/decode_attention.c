@@ -32,8 +32,8 @@
 
 #define KVB_MAX_GROUP 16
 #define KVB_MAX_DIM 256
-#define KVB_LANES 8      /* keys scored together */
-#define KVB_VCHUNK 64    /* values widened together */
+#define KVB_LANES 8      /* keys looked up together */
+#define KVB_VCHUNK 64    /* values looked up together */
 #define KVB_TILE_ROWS 32 /* (token, head) rows of one task: 16 tokens at g = 2, 32 at g = 1 */
 #define KVB_TILE_TOKENS 16
 
@@ -58,10 +58,10 @@ static inline void kvb_prefetch(const void *row, int64_t nbytes) {
 
 /* One tile: rows are (token, head), token-major; q0/out0 point at the tile's first token's first
  * head of this kv head. Scratch (64-byte aligned floats): sc [rows][stride] (row r's scores from
- * its own first position), acc [rows][dpad], kt [8][d] (8 keys widened), vb [KVB_VCHUNK][d]. */
+ * its own first position), acc [rows][dpad]. */
 typedef struct {
     const float *q0;
-    float *out0, *sc, *acc, *kt, *vb;
+    float *out0, *sc, *acc;
     const int64_t *table, *pos;
     int64_t nq, h, g, d, bs, s_pos, s_blk, window, lo, hi, stride, dpad;
     float scale, softcap;
@@ -253,8 +253,7 @@ static int64_t kvb_tiles(const int64_t *seq, const int64_t *pos, int64_t t, int6
             const int64_t r0 = starts[ti], nq = starts[ti + 1] - r0;                                     \
             const int64_t lo = (window > 0 && pos[r0] - window + 1 > 0) ? pos[r0] - window + 1 : 0;      \
             const int64_t rows = nq * g, span = kvb_round16(pos[r0 + nq - 1] - lo + 1);                  \
-            const size_t words = (size_t)(rows * span + rows * kvb_round16(d) + d * KVB_LANES +          \
-                                          KVB_VCHUNK * d);                                               \
+            const size_t words = (size_t)(rows * span + rows * kvb_round16(d));                          \
             float *work = (float *)aligned_alloc(64, (words * sizeof(float) + 63) & ~(size_t)63);        \
             if (!work) {                                                                                 \
                 failed |= 1;                                                                             \
@@ -262,8 +261,7 @@ static int64_t kvb_tiles(const int64_t *seq, const int64_t *pos, int64_t t, int6
             }                                                                                            \
             const int64_t dpad = kvb_round16(d);                                                         \
             const kvb_tile T = {q + (r0 * h + kh * g) * d, out + (r0 * h + kh * g) * d, work,            \
-                                work + rows * span, work + rows * span + rows * dpad,                    \
-                                work + rows * span + rows * dpad + d * KVB_LANES,                        \
+                                work + rows * span,                                                      \
                                 tables + seq[r0] * max_blocks, pos + r0, nq, h, g, d, bs, s_pos, s_blk,  \
                                 window, lo, pos[r0 + nq - 1], span, dpad, scale, softcap};              \
             if (d == 64)                                                                                 \
