@@ -3,8 +3,8 @@
 A fresh multi-megabyte buffer is touched page by page on its first write; with 4 KiB pages that
 fault storm costs more than copying the data into it. With THP in ``madvise`` mode (the common
 Linux default) 2 MiB pages cut it several times over on some hosts (figures in bench/NOTES.md);
-``populate`` faults a tensor in ahead of use (the KV pool, at start); ``BufferPool`` reuses
-buffers so they fault in once. Used by the engine (the KV pool and its copy-outs,
+``populate`` faults a tensor in ahead of use (the KV pool, ahead of the blocks handed out);
+``BufferPool`` reuses buffers so they fault in once. Used by the engine (the KV pool and its copy-outs,
 model/memory.py) and the store (the buffers records are read into, cache/memory.py), which import
 nothing of each other.
 """
