@@ -127,6 +127,8 @@ class LlamaStep:
         packed = [mod for mod in model.modules() if isinstance(mod, kernels.PackedLinear)]
         self.fused = native.AMX.load() if packed and all(mod.amx for mod in packed) else None
         self.stack = _stack(model, self.fused) if self.fused is not None else None
+        # bf16 with AVX512-BF16 but no AMX: the same RMSNorm and RoPE from rowops.c
+        self.rowops = self.fused or (native.ROWOPS.load() if self.embed.dtype == torch.bfloat16 else None)
         self._pool_ptrs: tuple = (None, None)
 
     def _mlp(self, L: _Layer, up: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -136,21 +138,21 @@ class LlamaStep:
         return lambda y: L.gate(y) * L.up(y)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        if self.fused is None:
+        if self.rowops is None:
             return F.rms_norm(x, (self.hidden,), w, eps)
         out = torch.empty_like(x)
-        self.fused.kvb_rms_norm(x.data_ptr(), x.shape[0], self.hidden, w.data_ptr(), eps, out.data_ptr(),
+        self.rowops.kvb_rms_norm(x.data_ptr(), x.shape[0], self.hidden, w.data_ptr(), eps, out.data_ptr(),
                                 torch.get_num_threads())
         return out
 
     def _rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q ``[t, heads, d]``, k ``[t, kv_heads, d]``; cos/sin ``[t, 1, d]``."""
-        if self.fused is None:
+        if self.rowops is None:
             return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         q, k, cos, sin = q.contiguous(), k.contiguous(), cos.contiguous(), sin.contiguous()
         t, d = q.shape[0], self.head_dim
-        self.fused.kvb_rope(q.data_ptr(), t, self.heads, d, cos.data_ptr(), sin.data_ptr())
-        self.fused.kvb_rope(k.data_ptr(), t, self.kv_heads, d, cos.data_ptr(), sin.data_ptr())
+        self.rowops.kvb_rope(q.data_ptr(), t, self.heads, d, cos.data_ptr(), sin.data_ptr())
+        self.rowops.kvb_rope(k.data_ptr(), t, self.kv_heads, d, cos.data_ptr(), sin.data_ptr())
         return q, k
 
     @classmethod

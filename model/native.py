@@ -134,10 +134,7 @@ def _setup_amx(lib: ctypes.CDLL) -> bool:
     lib.kvb_amx_linear.restype = ctypes.c_int
     lib.kvb_amx_attention.argtypes = [ptr] * 7 + [i64] * 7 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
     lib.kvb_amx_attention.restype = ctypes.c_int
-    lib.kvb_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
-    lib.kvb_rms_norm.restype = None
-    lib.kvb_rope.argtypes = [ptr, i64, i64, i64, ptr, ptr]
-    lib.kvb_rope.restype = None
+    _setup_rowops(lib)
     lib.kvb_amx_layers.argtypes = [i64, ptr, ptr, ptr, ptr] + [i64] * 6 + [ptr] * 6 + [i64, i64, ctypes.c_float,
                                                                                      ctypes.c_int]
     lib.kvb_amx_layers.restype = ctypes.c_int
@@ -153,6 +150,15 @@ def _setup_f32(lib: ctypes.CDLL) -> bool:
     return True
 
 
+def _setup_rowops(lib: ctypes.CDLL) -> bool:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.kvb_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
+    lib.kvb_rms_norm.restype = None
+    lib.kvb_rope.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.kvb_rope.restype = None
+    return True
+
+
 def _setup_copy(lib: ctypes.CDLL) -> bool:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.kvb_copy_out.argtypes = [i64, ptr, ptr, ptr] + [i64] * 5 + [ptr]
@@ -164,6 +170,12 @@ def _has_avx512() -> bool:
     from model.precision import cpu_flags
 
     return platform.machine() in ("x86_64", "AMD64") and "avx512f" in cpu_flags(names=("avx512f",))
+
+
+def _has_avx512_bf16() -> bool:
+    from model.precision import cpu_flags
+
+    return platform.machine() in ("x86_64", "AMD64") and "avx512_bf16" in cpu_flags()
 
 
 def _has_amx() -> bool:
@@ -185,9 +197,13 @@ AMX = Native("amx.c", (
       "-mavx512bf16"), ("-lm",)),
 ), _setup_amx, _has_amx)
 F32 = Native("gemm_f32.c", ((("-O3", "-fPIC", "-fopenmp", "-mavx512f"), ("-lm",)),), _setup_f32, _has_avx512)
+# The lean step's RMSNorm and RoPE in bf16 where there is AVX512-BF16 but no AMX (amx.c has them).
+ROWOPS = Native("rowops.c", (
+    (("-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"), ("-lm",)),
+), _setup_rowops, _has_avx512_bf16)
 # Byte copies only: not part of the model fingerprint (the result has the same bits either way).
 COPY = Native("kvcopy.c", ((("-O3", "-fPIC"), ()),), _setup_copy)
-KERNELS = (ATTENTION, AMX, F32, COPY)
+KERNELS = (ATTENTION, AMX, F32, ROWOPS, COPY)
 
 
 if __name__ == "__main__":

@@ -308,13 +308,17 @@ def test_own_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(
         assert torch.equal(one, mod.call(x))
 
 
-def test_amx_rms_norm_and_rope_match_torch_and_each_row_is_its_own():
-    """The lean step's fused RMSNorm and RoPE (bf16, csrc/amx.c): close to the torch ops they
-    replace, and a row's (a token's) bits do not depend on how many come together."""
-    if not amx_expected():
+@pytest.mark.parametrize("kernel", ["amx", "rowops"])
+def test_fused_rms_norm_and_rope_match_torch_and_each_row_is_its_own(kernel):
+    """The lean step's fused RMSNorm and RoPE (bf16; csrc/rowops.h, in amx.c with AMX and alone as
+    rowops.c with AVX512-BF16): close to the torch ops they replace, and a row's (a token's) bits
+    do not depend on how many come together."""
+    if kernel == "amx" and not amx_expected():
         pytest.skip("this CPU has no AMX-BF16 (or no C compiler)")
-    lib = AMX.load()
-    assert lib is not None
+    if kernel == "rowops" and not ("avx512_bf16" in cpu_flags() and native_expected()):
+        pytest.skip("this CPU has no AVX512-BF16 (or no C compiler)")
+    lib = (AMX if kernel == "amx" else native.ROWOPS).load()
+    assert lib is not None, f"{kernel} must load where the CPU has it and a compiler is here"
     torch.manual_seed(0)
     n, eps = 200, 1e-6  # a width that is not a multiple of 16
     x = (torch.randn(70, n) * 3).to(torch.bfloat16)
