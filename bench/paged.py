@@ -117,7 +117,7 @@ def memory(m, loop) -> dict:
 
 def shared(m, loop) -> dict:
     """16 requests sharing a 1k-token system prompt, arriving together."""
-    from cache.store import chain_hashes
+    from cache.entries import chain_hashes
 
     eng = engine(m, EngineConfig(max_batch_size=16, block_tokens=64))
     system = prompt_ids(m, 1024, 7)
@@ -251,7 +251,7 @@ def rss(m, loop, total: int = 1000, concurrent: int = 16, seconds: float = 900.0
     shared 256-token system prompt, with block hashes so the pool shares it), 1-48 new tokens, one
     in eight with n = 3 choices. Peak RSS (MiB) while the first and the last 100 finish (the KV
     pool is faulted in before the first: growth is what is outside it)."""
-    from cache.store import chain_hashes
+    from cache.entries import chain_hashes
 
     eng = engine(m, config(max_batch_size=16, block_tokens=64))
     system = prompt_ids(m, 256, 5)

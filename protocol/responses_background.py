@@ -19,6 +19,7 @@ from typing import Any
 from model.engine import RequestStream
 from model.types import SamplingParams, Usage
 from protocol import responses as rs
+from protocol import responses_events as rev
 from protocol import responses_tools as rtools
 from session import responses as stored
 from session.background import JobRun
@@ -31,7 +32,7 @@ KIND = "responses"
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
 
 
-def job_record(call: Any, framer: rs.ResponseObject, started: stored.Started,
+def job_record(call: Any, framer: rev.ResponseObject, started: stored.Started,
                items: list[dict[str, Any]]) -> dict[str, Any]:
     """What a replica needs to run or resume the response."""
     s = started.stream
@@ -45,12 +46,12 @@ def job_record(call: Any, framer: rs.ResponseObject, started: stored.Started,
     }
 
 
-def framer_of(run: JobRun) -> rs.ResponseObject:
+def framer_of(run: JobRun) -> rev.ResponseObject:
     job = run.job
     body = rs.ResponsesBody.model_validate(job["body"])
     params = SamplingParams(**job["params"])
     params.constraint = body.constraint
-    framer = rs.ResponseObject(run.job_id, job["model"], body, params)
+    framer = rev.ResponseObject(run.job_id, job["model"], body, params)
     framer.created_at, framer.item_id = job["created_at"], job["item_id"]
     framer.sequence_number = run.num_events
     return framer
@@ -67,12 +68,12 @@ def so_far(items: list[dict[str, Any]]) -> tuple[str, list[int]]:
     return "".join(text), ids
 
 
-def output_of(framer: rs.ResponseObject) -> "rs.TextOutput | rtools.Output":
+def output_of(framer: rev.ResponseObject) -> "rev.TextOutput | rtools.Output":
     """The output driver of a response: one text message, or items that may be function calls."""
-    return rtools.Output(framer) if framer.body.calls_tools else rs.TextOutput(framer)
+    return rtools.Output(framer) if framer.body.calls_tools else rev.TextOutput(framer)
 
 
-def _regenerates(framer: rs.ResponseObject) -> bool:
+def _regenerates(framer: rev.ResponseObject) -> bool:
     """A constrained or tool answer is taken over by generating it again from its prompt: the
     constraint's state and the call items cannot be rebuilt from the middle yet."""
     return framer.body.constraint is not None or framer.body.calls_tools
@@ -85,7 +86,7 @@ def progress(record: dict[str, Any], items: list[dict[str, Any]] | None) -> dict
     text, _ = so_far(items)
     out = dict(record)
     out["output"] = [{"id": _item_id(items), "type": "message", "role": "assistant", "status": "in_progress",
-                      "content": [rs.ResponseObject.part(text)]}]
+                      "content": [rev.ResponseObject.part(text)]}]
     return out
 
 
@@ -97,7 +98,7 @@ def _item_id(items: list[dict[str, Any]]) -> str | None:
     return None
 
 
-async def start(call: Any, session: Any, runner: Any, framer: rs.ResponseObject, started: stored.Started,
+async def start(call: Any, session: Any, runner: Any, framer: rev.ResponseObject, started: stored.Started,
                 responses: stored.ResponseStore) -> None:
     """Hand a started response to the background runner; the record says in_progress at once.
 
@@ -145,7 +146,7 @@ def resumer(session: Any, responses: stored.ResponseStore):
         log.info("resumed background response %s: %d tokens known, %d restored from the store, %d recomputed "
                  "(restore %.3f s)", run.job_id, known, stream.usage.cached_tokens,
                  known - stream.usage.cached_tokens, time.perf_counter() - started)
-        out = rs.TextOutput(framer)
+        out = rev.TextOutput(framer)
         out.text = text  # its done events carry the whole text
         return await _run(run, responses, framer, stream, out, prior=len(ids), before=text)
 
@@ -153,7 +154,7 @@ def resumer(session: Any, responses: stored.ResponseStore):
 
 
 async def _regenerate(run: JobRun, session: Any, responses: stored.ResponseStore,
-                      framer: rs.ResponseObject) -> str:
+                      framer: rev.ResponseObject) -> str:
     """Generate the answer again from its prompt (its KV restored from the store), the events
     already stored dropped; the call items keep the ids the stored events gave them."""
     framer.sequence_number = 0
@@ -179,8 +180,8 @@ def _put(run: JobRun, events: list[dict[str, Any]], ids: list[int]) -> bool:
     return bool(fresh)
 
 
-async def _run(run: JobRun, responses: stored.ResponseStore, framer: rs.ResponseObject,
-               stream: RequestStream, out: "rs.TextOutput | rtools.Output", *, prior: int = 0, before: str = "",
+async def _run(run: JobRun, responses: stored.ResponseStore, framer: rev.ResponseObject,
+               stream: RequestStream, out: "rev.TextOutput | rtools.Output", *, prior: int = 0, before: str = "",
                call_ids: list[str] | None = None, expected: list[int] | None = None) -> str:
     """Drive ``stream`` through the output driver ``out`` into the job's events. ``prior``/``before``:
     tokens and text generated before a takeover; ``call_ids``/``expected``: a regeneration's stored
@@ -222,7 +223,7 @@ def _adopt(out: Any, call_ids: list[str]) -> None:
         item["call_id"] = out.reader.calls[i].id = call_id
 
 
-def _status(run: JobRun, framer: rs.ResponseObject, stream: RequestStream | None,
+def _status(run: JobRun, framer: rev.ResponseObject, stream: RequestStream | None,
             items: list[dict[str, Any]], ids: list[int]) -> str:
     if run.is_cancelled:
         return "cancelled"
@@ -238,7 +239,7 @@ def _status(run: JobRun, framer: rs.ResponseObject, stream: RequestStream | None
     return "incomplete" if len(ids) >= framer.params.max_new_tokens else "completed"
 
 
-def _closing_events(run: JobRun, framer: rs.ResponseObject, status: str, text: str, seen: set[str]) -> None:
+def _closing_events(run: JobRun, framer: rev.ResponseObject, status: str, text: str, seen: set[str]) -> None:
     """The done events of the text, its part and its item (those not stored yet)."""
     item_status = "completed" if status == "completed" else "incomplete"
     tail = [("response.output_text.done", lambda: framer.item_event("response.output_text.done", text=text,
@@ -252,7 +253,7 @@ def _closing_events(run: JobRun, framer: rs.ResponseObject, status: str, text: s
             run.emit(make())
 
 
-async def _finish(run: JobRun, responses: stored.ResponseStore, framer: rs.ResponseObject,
+async def _finish(run: JobRun, responses: stored.ResponseStore, framer: rev.ResponseObject,
                   stream: RequestStream | None, prior: int = 0, *, out: Any = None, text: str | None = None,
                   error: str | None = None) -> str:
     """The closing events not yet stored (``out``'s, else a text message's), and the final record

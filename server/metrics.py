@@ -16,7 +16,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from cache.store import CacheStatus
+from cache.entries import CacheStatus
 from model.engine import EngineObserver
 from model.types import Delta
 from session.observer import SessionObserver

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from model.types import ServingError
 from session.errors import NotFound
 from protocol import responses as rs
+from protocol import responses_events as rev
 from protocol import responses_background as rb
 from protocol.common import BodyError
 from server.http import authenticate, error_response, runtime, stream
@@ -80,7 +81,7 @@ async def retrieve(request: Request, response_id: str):
     except ServingError as exc:
         return error_response(exc, rs.error_body)
     events = rt.background.follow(tenant, response_id, after)
-    return stream((rs.sse_event(e) async for e in events), "text/event-stream")
+    return stream((rev.sse_event(e) async for e in events), "text/event-stream")
 
 
 @router.post("/v1/responses/{response_id}/cancel")

@@ -11,7 +11,8 @@ import torch
 
 from cache.factory import open_backend
 from cache.jobs import JobStore
-from cache.store import KVStore, tenant_of
+from cache.entries import tenant_of
+from cache.store import KVStore
 from config import Settings
 from model import bundled, loader
 from model.engine import Engine, EngineConfig, EngineObserver

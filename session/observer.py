@@ -3,7 +3,7 @@ loop thread. The engine's own events go to ``model.engine.EngineObserver``."""
 
 from __future__ import annotations
 
-from cache.store import CacheStatus
+from cache.entries import CacheStatus
 
 
 class SessionObserver:

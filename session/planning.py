@@ -4,7 +4,8 @@ the longest stored prefix of them to restore."""
 from __future__ import annotations
 
 from cache.base import BackendUnavailable
-from cache.store import CacheStatus, Head, KVStore
+from cache.entries import CacheStatus, Head
+from cache.store import KVStore
 from model.types import InvalidRequest
 from session.alignment import Aligner
 from session.errors import Conflict, NotFound

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cache.store import CacheStatus, Head, KVStore
+from cache.entries import CacheStatus, Head
+from cache.store import KVStore
 from session.alignment import Aligner, common_prefix
 from session.request import GenerateRequest
 

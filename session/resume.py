@@ -23,7 +23,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from cache.store import CacheStatus, KVStore
+from cache.entries import CacheStatus
+from cache.store import KVStore
 from model.types import Delta, Finished, InvalidRequest
 from session.errors import NotFound, StoreUnavailable
 

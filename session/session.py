@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import time
 
-from cache.store import CacheStatus, KVStore, chain_hashes
+from cache.entries import CacheStatus, chain_hashes
+from cache.store import KVStore
 from model.engine import Engine, RequestStream
 from model.types import EngineRequest, InvalidRequest
 from session import leases

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import torch
 
-from cache.store import CacheStatus
+from cache.entries import CacheStatus
 from model.types import SamplingParams
 from protocol.openai import fan_out
 from protocol.spec import merge

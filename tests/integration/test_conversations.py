@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from cache import keys
-from cache.store import CacheStatus
+from cache.entries import CacheStatus
 from model.types import InvalidRequest, SamplingParams
 from session.errors import Conflict, NotFound
 from session.request import GenerateRequest

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import torch
 
-from cache.store import CacheStatus
+from cache.entries import CacheStatus
 from model.types import InvalidRequest, SamplingParams
 from session.request import GenerateRequest
 from tests.integration.rounding import assert_same_greedy

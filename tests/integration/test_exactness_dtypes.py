@@ -10,7 +10,7 @@ import asyncio
 import pytest
 import torch
 
-from cache.store import CacheStatus
+from cache.entries import CacheStatus
 from model.types import SamplingParams
 from session.request import GenerateRequest
 

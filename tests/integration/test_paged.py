@@ -122,7 +122,7 @@ def test_a_prefix_in_the_pool_is_neither_read_nor_computed(paged, loop):
     """The next turn of a conversation on the same replica takes the pool's blocks: with the
     store's copies of them deleted it still restores all of it, and answers the same."""
     from cache import keys
-    from cache.store import CacheStatus
+    from cache.entries import CacheStatus
 
     prompt = SYSTEM * 3 + "user: remember this\nassistant:"
     full = run(loop, generate(paged, [request(0, prompt, max_new_tokens=16)]))[0]

@@ -13,7 +13,8 @@ import torch
 from cache.base import Backend, BackendUnavailable
 from cache import keys
 from cache.codec import KVRecord, encode
-from cache.store import CacheStatus, KVStore
+from cache.entries import CacheStatus
+from cache.store import KVStore
 
 FP = "fingerprint-test"
 

@@ -14,6 +14,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 
 from model.types import Delta, SamplingParams, Usage
 from protocol import responses as rs
+from protocol import responses_events as rev
 
 # Each event type's own class in openai-python, to validate against (strictly, unlike the SDK).
 EVENTS = {typing.get_args(c.model_fields["type"].annotation)[0]: c
@@ -47,7 +48,7 @@ class ScriptedStream:
 
 def run(deltas: list[Delta], **body) -> tuple[list[dict], list[str]]:
     b = rs.ResponsesBody.model_validate({"input": "hi", **body})
-    framer = rs.ResponseObject("resp_1", "kvbento-tiny", b, SamplingParams())
+    framer = rev.ResponseObject("resp_1", "kvbento-tiny", b, SamplingParams())
     log: list[str] = []
 
     async def on_done(final: dict) -> None:
@@ -55,7 +56,7 @@ def run(deltas: list[Delta], **body) -> tuple[list[dict], list[str]]:
 
     async def collect():
         out = []
-        async for e in rs.events(ScriptedStream(deltas), framer, on_done):
+        async for e in rev.events(ScriptedStream(deltas), framer, on_done):
             out.append(e)
             log.append(e["type"])
         return out
