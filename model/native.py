@@ -147,6 +147,7 @@ def _setup_f32(lib: ctypes.CDLL) -> bool:
     lib.kvb_f32_pack.restype = None
     lib.kvb_f32_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
     lib.kvb_f32_linear.restype = ctypes.c_int
+    lib.kvb_f32_isa.restype = lib.kvb_f32_panel.restype = ctypes.c_int
     return True
 
 
@@ -170,6 +171,13 @@ def _has_avx512() -> bool:
     from model.precision import cpu_flags
 
     return platform.machine() in ("x86_64", "AMD64") and "avx512f" in cpu_flags(names=("avx512f",))
+
+
+def _has_avx2_only() -> bool:
+    from model.precision import cpu_flags
+
+    names = ("avx2", "fma", "avx512f")
+    return platform.machine() in ("x86_64", "AMD64") and cpu_flags(names=names) == {"avx2", "fma"}
 
 
 def _has_avx512_bf16() -> bool:
@@ -196,14 +204,17 @@ AMX = Native("amx.c", (
     (("-O3", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
       "-mavx512bf16"), ("-lm",)),
 ), _setup_amx, _has_amx)
+# One source, one build per ISA (the panel width follows the vector width): AVX-512, else AVX2+FMA.
 F32 = Native("gemm_f32.c", ((("-O3", "-fPIC", "-fopenmp", "-mavx512f"), ("-lm",)),), _setup_f32, _has_avx512)
+F32_AVX2 = Native("gemm_f32.c", ((("-O3", "-fPIC", "-fopenmp", "-mavx2", "-mfma"), ("-lm",)),), _setup_f32,
+                  _has_avx2_only)
 # The lean step's RMSNorm and RoPE in bf16 where there is AVX512-BF16 but no AMX (amx.c has them).
 ROWOPS = Native("rowops.c", (
     (("-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"), ("-lm",)),
 ), _setup_rowops, _has_avx512_bf16)
 # Byte copies only: not part of the model fingerprint (the result has the same bits either way).
 COPY = Native("kvcopy.c", ((("-O3", "-fPIC"), ()),), _setup_copy)
-KERNELS = (ATTENTION, AMX, F32, ROWOPS, COPY)
+KERNELS = (ATTENTION, AMX, F32, F32_AVX2, ROWOPS, COPY)
 
 
 if __name__ == "__main__":

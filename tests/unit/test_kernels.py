@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import kernels, native
-from model.native import AMX, ATTENTION, F32
+from model.native import AMX, ATTENTION, F32, F32_AVX2
 from model.precision import cpu_flags
 from model.attention import paged_attention
 from model.kv import KVPool, StepBatch
@@ -265,25 +265,31 @@ def amx_expected() -> bool:
     return "amx_bf16" in cpu_flags() and native_expected()
 
 
-def avx512_expected() -> bool:
-    return "avx512f" in cpu_flags(names=("avx512f",)) and native_expected()
+def f32_expected() -> str | None:
+    """Which of our fp32 GEMMs this CPU runs: "avx512", "avx2" (with FMA), or None."""
+    flags = cpu_flags(names=("avx512f", "avx2", "fma"))
+    if not native_expected():
+        return None
+    return "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k,n,bias", [(192, 512, False), (512, 192, True), (100, 70, True), (3072, 40, False)])
 def test_own_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(dtype, k, n, bias):
-    """Our GEMMs (bf16 on AMX, fp32 on AVX-512): close to the exact product (plain, fused SiLU,
+    """Our GEMMs (bf16 on AMX, fp32 on AVX-512 or AVX2): close to the exact product (plain, fused SiLU,
     fused residual add, times; a K that is not a multiple of 32 and an N not of 16 or 64 included),
     and each row the same bits at every row count 1..300 and any thread count, where oneDNN
     changes a row's bits from 33-37 rows on."""
-    expected, lib = (amx_expected(), AMX) if dtype == torch.bfloat16 else (avx512_expected(), F32)
+    isa = f32_expected()
+    expected, lib, name = ((amx_expected(), AMX, "amx") if dtype == torch.bfloat16
+                           else (isa is not None, F32 if isa == "avx512" else F32_AVX2, isa))
     if not expected:
-        pytest.skip(f"this CPU has no {'AMX-BF16' if dtype == torch.bfloat16 else 'AVX-512'} (or no C compiler)")
+        pytest.skip(f"this CPU has no {'AMX-BF16' if dtype == torch.bfloat16 else 'AVX-512 or AVX2'} (or no C compiler)")
     assert lib.load() is not None, "the CPU and a compiler are here: the kernel must load"
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n, bias=bias).to(dtype)
     mod = kernels.PackedLinear(lin)
-    assert mod.own and mod.kernel == ("amx" if dtype == torch.bfloat16 else "avx512")
+    assert mod.own and mod.kernel == name
     x, r = torch.randn(300, k).to(dtype), torch.randn(300, n).to(dtype)
     w, b = lin.weight.double(), (lin.bias.double() if bias else torch.zeros(n, dtype=torch.float64))
     exact = x.double() @ w.T + b
