@@ -6,9 +6,10 @@ microseconds of Python and dispatch, a sizeable share of a decode step on a smal
 tokens and prefill chunks alike) with ~12 calls per layer: fused RMSNorm, the oneDNN linears with
 their activation and residual add fused as post-ops, RoPE on q and k together, the new K/V written
 straight into their pool slots, and paged attention (``model.attention``) over each sequence's
-blocks. In bf16 on AMX the whole layer stack is one native call (``kvb_amx_layers``: the same
-kernels in the same order, so the same bits): a step returns to Python, and waits for the GIL the
-server's event loop may hold, once instead of ~12 times a layer.
+blocks. Where the linears run on our own GEMMs (bf16 on AMX, fp32 on AVX-512 or AVX2) the whole
+layer stack is one native call (``kvb_amx_layers`` / ``kvb_f32_layers``: the same kernels in the
+same order, so the same bits): a step returns to Python, and waits for the GIL the server's event
+loop may hold, once instead of ~12 times a layer.
 
 It is used only where it is exact to the HF forward up to float rounding: a Llama, Mistral or
 Qwen2 architecture with the plain pre-norm block (checked structurally), no sliding window
@@ -66,24 +67,27 @@ _PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class _CLayer(ctypes.Structure):
-    """csrc/amx.c's ``kvb_layer``: one layer's weights for ``kvb_amx_layers``."""
+    """``kvb_layer`` of csrc/amx.c and csrc/gemm_f32.c: one layer's weights for their layer stack."""
     _fields_ = ([(n, ctypes.c_void_p) for n in ("ln1", "ln2", *(f"w{p}" for p in _PROJ), *(f"b{p}" for p in _PROJ))]
                 + [("eps1", ctypes.c_float), ("eps2", ctypes.c_float)]
                 + [(f"rows_{p}", ctypes.c_int64) for p in _PROJ])
 
 
-def _stack(model: torch.nn.Module, lib) -> ctypes.Array | None:
-    """Every layer's weights for one ``kvb_amx_layers`` call, where all its linears run on the AMX
-    GEMM with no K padding (else None: the per-op path runs)."""
+def _stack(model: torch.nn.Module, amx: bool) -> ctypes.Array | None:
+    """Every layer's weights for one ``kvb_amx_layers`` (``amx``) or ``kvb_f32_layers`` call, where
+    all its linears run on that GEMM with no K padding (else None: the per-op path runs)."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if any(n % 32 for n in (cfg.hidden_size, cfg.num_attention_heads * head_dim, cfg.intermediate_size)):
+    if amx and any(n % 32 for n in (cfg.hidden_size, cfg.num_attention_heads * head_dim, cfg.intermediate_size)):
+        return None
+    if not amx and not kernels.native_attention_fits(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim):
         return None
     out = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         mods = dict(zip(_PROJ, (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)))
-        if not all(isinstance(x, kernels.PackedLinear) and x.amx and not x.k_pad for x in mods.values()):
+        if not all(isinstance(x, kernels.PackedLinear) and x.own and x.amx == amx and not x.k_pad
+                   for x in mods.values()):
             return None
         c = _CLayer(ln1=layer.input_layernorm.weight.data_ptr(), ln2=layer.post_attention_layernorm.weight.data_ptr(),
                     eps1=layer.input_layernorm.variance_epsilon, eps2=layer.post_attention_layernorm.variance_epsilon)
@@ -122,13 +126,16 @@ class LlamaStep:
             x.gate, x.up, x.down = _linear(m.gate_proj, "swish"), _linear(m.up_proj), _linear_add(m.down_proj)
             x.mlp = self._mlp(x, m.up_proj)
             self.layers.append(x)
-        # bf16 on AMX: RMSNorm, RoPE and the MLP's product in csrc/amx.c, one pass each; and where
-        # every shape fits, the whole layer stack in one call (``_run_stack``)
+        # Our GEMMs (bf16 on AMX, fp32 on AVX-512/AVX2): RMSNorm, RoPE and the MLP's product from
+        # the same library, one pass each; and where every shape fits, the whole layer stack in one
+        # call (``_run_stack``). bf16 with AVX512-BF16 but no AMX: RMSNorm and RoPE from rowops.c.
         packed = [mod for mod in model.modules() if isinstance(mod, kernels.PackedLinear)]
-        self.fused = native.AMX.load() if packed and all(mod.amx for mod in packed) else None
-        self.stack = _stack(model, self.fused) if self.fused is not None else None
-        # bf16 with AVX512-BF16 but no AMX: the same RMSNorm and RoPE from rowops.c
-        self.rowops = self.fused or (native.ROWOPS.load() if self.embed.dtype == torch.bfloat16 else None)
+        own = packed[0].native if packed and all(mod.own and mod.native is packed[0].native for mod in packed) else None
+        self.fused = own.load() if own is not None else None
+        self.amx = own is native.AMX
+        self.stack = _stack(model, self.amx) if self.fused is not None else None
+        rowops = own or (native.ROWOPS if self.embed.dtype == torch.bfloat16 else None)
+        self.rowops = rowops.load() if rowops is not None else None
         self._pool_ptrs: tuple = (None, None)
 
     def _mlp(self, L: _Layer, up: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -187,24 +194,32 @@ class LlamaStep:
         return None
 
     def _run_stack(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch) -> bool:
-        """All layers in one native call (``kvb_amx_layers``) on ``x`` in place; False where the
-        pool or the shapes do not fit it (nothing has changed then)."""
+        """All layers in one native call (``kvb_amx_layers`` / ``kvb_f32_layers``) on ``x`` in place;
+        False where the pool or the shapes do not fit it (nothing has changed then)."""
         pool = batch.pool
-        if not (batch.native and pool.dtype == torch.bfloat16
-                and kernels.amx_attention_fits(self.heads, self.kv_heads, self.head_dim, pool.block_size)):
+        if not (batch.native and pool.dtype == self.embed.dtype):
             return False
+        if self.amx:
+            if not kernels.amx_attention_fits(self.heads, self.kv_heads, self.head_dim, pool.block_size):
+                return False
+            run, attention = self.fused.kvb_amx_layers, ()
+        else:  # fp32: the attention kernel is another library's, passed in as a function pointer
+            lib = native.ATTENTION.load()
+            if lib is None:
+                return False
+            run, attention = self.fused.kvb_f32_layers, (ctypes.cast(lib.kvb_paged_attention, ctypes.c_void_p),)
         if self._pool_ptrs[0] is not pool:
             arrays = [(ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts]) for ts in (pool.keys, pool.values)]
             self._pool_ptrs = (pool, arrays)
         kp, vp = self._pool_ptrs[1]
         seq, pos, tables = batch.native_meta()
         t = x.shape[0]
-        rc = self.fused.kvb_amx_layers(len(self.layers), self.stack, kp, vp, x.data_ptr(), t, self.hidden, self.heads,
-                                       self.kv_heads, self.head_dim, self.intermediate, cos.data_ptr(), sin.data_ptr(),
-                                       batch.slot_mapping.data_ptr(), seq.data_ptr(), pos.data_ptr(), tables.data_ptr(),
-                                       tables.shape[1], pool.block_size, self.scaling, torch.get_num_threads())
+        rc = run(len(self.layers), self.stack, *attention, kp, vp, x.data_ptr(), t, self.hidden, self.heads,
+                 self.kv_heads, self.head_dim, self.intermediate, cos.data_ptr(), sin.data_ptr(),
+                 batch.slot_mapping.data_ptr(), seq.data_ptr(), pos.data_ptr(), tables.data_ptr(),
+                 tables.shape[1], pool.block_size, self.scaling, torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError(f"kvb_amx_layers failed ({rc})")
+            raise RuntimeError(f"the native layer stack failed ({rc})")
         return True
 
     @torch.inference_mode()

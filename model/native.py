@@ -148,6 +148,10 @@ def _setup_f32(lib: ctypes.CDLL) -> bool:
     lib.kvb_f32_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
     lib.kvb_f32_linear.restype = ctypes.c_int
     lib.kvb_f32_isa.restype = lib.kvb_f32_panel.restype = ctypes.c_int
+    _setup_rowops(lib)  # its fp32 RMSNorm and RoPE: the same signatures, float rows
+    lib.kvb_f32_layers.argtypes = [i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 6 + [ptr] * 6 + [i64, i64, ctypes.c_float,
+                                                                                         ctypes.c_int]
+    lib.kvb_f32_layers.restype = ctypes.c_int
     return True
 
 

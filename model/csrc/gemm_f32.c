@@ -11,9 +11,13 @@
  * x: [m, k] fp32 rows with stride lda. w: packed by kvb_f32_pack into panels of NR columns,
  * k-major ([ceil(n/NR)][k][NR], columns past n zero). bias: [n] or NULL. res: [m, n] or NULL.
  * act: 0 none (res added), 1 SiLU (then res added), 2 times res.
+ *
+ * Also the lean step's RMSNorm and RoPE in fp32, and its whole layer stack in one call.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "vecmath.h"
@@ -135,4 +139,106 @@ int kvb_f32_linear(const float *x, int64_t m, int64_t k, int64_t lda, const floa
         }
     }
     return 0;
+}
+
+/* The lanes of v summed one after another: one fixed order. */
+static inline float hsum(vf v) {
+    float lane[VW];
+    memcpy(lane, &v, sizeof lane);
+    float s = 0.0f;
+    for (int i = 0; i < VW; i++)
+        s += lane[i];
+    return s;
+}
+
+/* out = w * (x / sqrt(mean(x^2) + eps)) per row, HF's RMSNorm in fp32; a row is the same code
+ * whatever the call's size. */
+void kvb_rms_norm(const float *x, int64_t m, int64_t n, const float *w, float eps, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (m >= 64)
+    for (int64_t i = 0; i < m; i++) {
+        const float *xr = x + i * n;
+        vf ss = VZERO();
+        for (int64_t j = 0; j < n; j += VW) {
+            const vf v = load_some(first(n - j), xr + j);
+            ss = VFMA(v, v, ss);
+        }
+        const vf r = VSET1(1.0f / sqrtf(hsum(ss) / (float)n + eps));
+        for (int64_t j = 0; j < n; j += VW) {
+            const lanes k = first(n - j);
+            store_some(out + i * n + j, k, load_some(k, xr + j) * r * load_some(k, w + j));
+        }
+    }
+}
+
+/* Rotary embedding in place: x [t, heads, d], cos/sin [t, d] (the rotate-half layout). */
+void kvb_rope(float *x, int64_t t, int64_t heads, int64_t d, const float *cos, const float *sin) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < t; i++)
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + (i * heads + h) * d;
+            const float *c = cos + i * d, *s = sin + i * d;
+            for (int64_t j = 0; j < half; j += VW) {
+                const lanes k = first(half - j);
+                const vf a = load_some(k, v + j), b = load_some(k, v + half + j);
+                const vf lo = a * load_some(k, c + j) - b * load_some(k, s + j);
+                const vf hi = b * load_some(k, c + half + j) + a * load_some(k, s + half + j);
+                store_some(v + j, k, lo);
+                store_some(v + half + j, k, hi);
+            }
+        }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * A whole decoder stack of the lean Llama step in one call, as kvb_amx_layers does in bf16: per
+ * layer RMSNorm, q/k/v, RoPE, the K/V write into the pool, paged attention (csrc/decode_attention.c,
+ * passed in: another library), o_proj + residual, RMSNorm, gate (SiLU) and up (times), down_proj
+ * + residual. The same kernels in the same order as the per-op step (so the same bits), without
+ * ~170 returns to Python a step, each of which waits for the GIL. */
+typedef int (*kvb_attention_fn)(const float *q, const float *k, const float *v, float *out, const int64_t *seq,
+                                const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t t, int64_t h,
+                                int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, float scale,
+                                int nthreads);
+
+typedef struct {
+    const float *ln1, *ln2, *wq, *wk, *wv, *wo, *wgate, *wup, *wdown;
+    const float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown;
+    float eps1, eps2;
+    int64_t rows_q, rows_k, rows_v, rows_o, rows_gate, rows_up, rows_down; /* block_rows per linear */
+} kvb_layer;
+
+int kvb_f32_layers(int64_t nlayers, const kvb_layer *layers, kvb_attention_fn attention, float *const *kpools,
+                   float *const *vpools, float *x, int64_t t, int64_t hidden, int64_t heads, int64_t kv_heads,
+                   int64_t d, int64_t inter, const float *cos, const float *sin, const int64_t *slots,
+                   const int64_t *seq, const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t bs,
+                   float scale, int nthreads) {
+    const int64_t nq = heads * d, nkv = kv_heads * d;
+    const size_t elems = (size_t)t * (size_t)(2 * hidden + 2 * nq + 2 * nkv + 2 * inter);
+    float *buf = (float *)aligned_alloc(64, (elems * sizeof(float) + 63) & ~(size_t)63);
+    if (!buf)
+        return -1;
+    float *y = buf, *x2 = y + t * hidden, *q = x2 + t * hidden, *k = q + t * nq, *v = k + t * nkv,
+          *a = v + t * nkv, *g = a + t * nq, *u = g + t * inter;
+    int rc = 0;
+    for (int64_t l = 0; l < nlayers && !rc; l++) {
+        const kvb_layer *L = layers + l;
+        kvb_rms_norm(x, t, hidden, L->ln1, L->eps1, y, nthreads);
+        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wq, nq, L->bq, NULL, 0, q, L->rows_q, nthreads);
+        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wk, nkv, L->bk, NULL, 0, k, L->rows_k, nthreads);
+        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wv, nkv, L->bv, NULL, 0, v, L->rows_v, nthreads);
+        kvb_rope(q, t, heads, d, cos, sin);
+        kvb_rope(k, t, kv_heads, d, cos, sin);
+        for (int64_t i = 0; i < t; i++) {
+            memcpy(kpools[l] + slots[i] * nkv, k + i * nkv, (size_t)nkv * sizeof(float));
+            memcpy(vpools[l] + slots[i] * nkv, v + i * nkv, (size_t)nkv * sizeof(float));
+        }
+        rc |= attention(q, kpools[l], vpools[l], a, seq, pos, tables, max_blocks, t, heads, kv_heads, d, bs, 0, 0.0f,
+                        scale, nthreads);
+        rc |= kvb_f32_linear(a, t, nq, nq, L->wo, hidden, L->bo, x, 0, x2, L->rows_o, nthreads);
+        kvb_rms_norm(x2, t, hidden, L->ln2, L->eps2, y, nthreads);
+        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wgate, inter, L->bgate, NULL, 1, g, L->rows_gate, nthreads);
+        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wup, inter, L->bup, g, 2, u, L->rows_up, nthreads);
+        rc |= kvb_f32_linear(u, t, inter, inter, L->wdown, hidden, L->bdown, x2, 0, x, L->rows_down, nthreads);
+    }
+    free(buf);
+    return rc ? -1 : 0;
 }
