@@ -121,7 +121,9 @@ int kvb_f32_linear(const float *x, int64_t m, int64_t k, int64_t lda, const floa
     /* Rows of x kept hot in L2 while every panel passes over them (a cache choice only). */
     for (int64_t mb = 0; mb < m; mb += block_rows) {
         const int64_t me = mb + block_rows < m ? mb + block_rows : m;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+        /* dynamic: a core the server's other threads take a while from does fewer panels, instead of
+         * the whole call waiting for its share (a panel's bits do not depend on its thread) */
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 2)
         for (int64_t u = 0; u < panels; u++) {
             const float *p = w + u * k * NR;
             for (int64_t m0 = mb; m0 < me; m0 += MR) {
