@@ -313,5 +313,5 @@ def amx_attention_fits(heads: int, kv_heads: int, head_dim: int, block_size: int
 
 def native_attention_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
     """The shapes ``csrc/decode_attention.c`` takes (up to 16 query heads a KV head, head
-    dimension a multiple of 4 up to 256)."""
-    return heads % kv_heads == 0 and heads // kv_heads <= 16 and head_dim % 4 == 0 and 0 < head_dim <= 256
+    dimension a multiple of 8 up to 256)."""
+    return heads % kv_heads == 0 and heads // kv_heads <= 16 and head_dim % 8 == 0 and 0 < head_dim <= 256

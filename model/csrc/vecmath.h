@@ -2,7 +2,9 @@
  * bits never depend on where it sits in a call. */
 #ifndef KVB_VECMATH_H
 #define KVB_VECMATH_H
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 /* e^x = 2^n e^r, r = x - n ln 2 in two parts, e^r by its Taylor polynomial to r^7: |x| <= 88, ~2 ulp. */
 #define KVB_EXP_BODY(V, SET1, MIN, MAX, ROUND, FNMADD, FMADD)                                   \

@@ -110,7 +110,7 @@ def test_native_and_torch_paths_agree_and_a_token_does_not_depend_on_its_batch()
 
 TILING_CASES = [  # (heads, kv_heads, head_dim): no grouping, GQA 4 and 3 (a head size off the
     # unrolled ones), 16 heads on one KV head (tiles of two tokens)
-    (12, 12, 64), (8, 2, 64), (6, 2, 48), (16, 1, 128),
+    (12, 12, 64), (8, 2, 64), (6, 2, 48), (16, 1, 128), (4, 2, 40),
 ]
 
 
@@ -121,7 +121,7 @@ TILING_CASES = [  # (heads, kv_heads, head_dim): no grouping, GQA 4 and 3 (a hea
 def test_native_query_tiles_give_each_token_the_bits_it_gets_alone(dtype, heads, kv_heads, head_dim,
                                                                     window, softcap, block):
     """A prefill chunk is scored in tiles of queries; each token's result must not depend on the
-    tiling: a 37-token chunk on a 113-token prefix (crossing block boundaries) equals each token
+    tiling: a 70-token chunk on an 80-token prefix (crossing block boundaries) equals each token
     run alone as a decode token, the chunk cut at other points, and the chunk in a batch behind
     other sequences, bit for bit. bf16 in blocks of 64 with a head size of 32k runs the AMX
     kernel where the CPU has AMX (blocks of 16: decode_attention.c)."""
@@ -130,7 +130,7 @@ def test_native_query_tiles_give_each_token_the_bits_it_gets_alone(dtype, heads,
     if dtype == torch.bfloat16 and block == 64 and amx_expected() \
             and kernels.amx_attention_fits(heads, kv_heads, head_dim, block):
         assert AMX.load() is not None, "AMX and a compiler are here: the AMX kernel must load"
-    ctx, n = 150, 37
+    ctx, n = 150, 70
     batch, dense = make_step(dtype, kv_heads, head_dim, [3, n, 1], [70, ctx, 9], block=block, seed=5, native=True)
     pool, table = batch.pool, batch.tables[1]
     g = torch.Generator().manual_seed(6)
@@ -152,6 +152,26 @@ def test_native_query_tiles_give_each_token_the_bits_it_gets_alone(dtype, heads,
     want = reference(q, dense[1:2], [n], [ctx], head_dim ** -0.5, window, softcap)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(whole.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_in_16_lane_registers_gives_the_8_lane_codes_bits(dtype):
+    """Where the CPU has AVX-512 the attention kernel runs its arithmetic in 16-lane registers;
+    the 8-lane code (AVX2 and older CPUs) must give the same bits: replicas on either share KV."""
+    lib = ATTENTION.load()
+    if lib is None or not lib.kvb_attention_wide(1):
+        pytest.skip("no AVX-512 (or no C compiler) here: only the 8-lane code runs")
+    try:
+        for heads, kv_heads, head_dim in ((12, 12, 64), (8, 2, 40), (16, 1, 128)):
+            batch, _ = make_step(dtype, kv_heads, head_dim, [3, 70, 1], [70, 150, 9], block=16, seed=7, native=True)
+            q = (torch.randn(74, heads, head_dim) * 3).to(dtype)
+            wide = paged_attention(q, 0, batch, head_dim ** -0.5, window=40, softcap=30.0)
+            assert lib.kvb_attention_wide(0) == 0
+            narrow = paged_attention(q, 0, batch, head_dim ** -0.5, window=40, softcap=30.0)
+            lib.kvb_attention_wide(1)
+            assert torch.equal(wide, narrow), (heads, kv_heads, head_dim)
+    finally:
+        lib.kvb_attention_wide(1)
 
 
 @pytest.mark.parametrize("native_copy", [True, False])
