@@ -124,128 +124,13 @@ static inline float kvb_cap(float x, float softcap) {
     return softcap > 0.f ? softcap * tanhf(x / softcap) : x;
 }
 
-/* Eight keys' 16-lane sums (lanes 0-7 in lo, 8-15 in hi) to their eight scores, in key order.
- * Per key the tree is a = l[i] + l[i + 8], b = a[i] + a[i + 4], (b0 + b2) + (b1 + b3); the
- * shuffles only move lanes between keys' trees. */
-KVB_INLINE v8f kvb_reduce8(const v8f *lo, const v8f *hi) {
-    v8f a[8], b[4];
-    for (int i = 0; i < 8; i++) a[i] = lo[i] + hi[i];
-    const v8i h0 = {0, 1, 2, 3, 8, 9, 10, 11}, h1 = {4, 5, 6, 7, 12, 13, 14, 15};
-    for (int i = 0; i < 4; i++) b[i] = __builtin_shuffle(a[i], a[i + 4], h0) + __builtin_shuffle(a[i], a[i + 4], h1);
-    const v8i e0 = {0, 1, 8, 9, 4, 5, 12, 13}, e1 = {2, 3, 10, 11, 6, 7, 14, 15};
-    const v8f w0 = __builtin_shuffle(b[0], b[1], e0) + __builtin_shuffle(b[0], b[1], e1);
-    const v8f w1 = __builtin_shuffle(b[2], b[3], e0) + __builtin_shuffle(b[2], b[3], e1);
-    return __builtin_shuffle(w0, w1, (v8i){0, 2, 8, 10, 4, 6, 12, 14}) +
-           __builtin_shuffle(w0, w1, (v8i){1, 3, 9, 11, 5, 7, 13, 15});
-}
-
-/* One row's scores against eight keys (unscaled). DIM > 0 unrolls the dimension loop. */
-#define KVB_SCORE8(NAME, DIM, KV_T, LOAD)                                               \
-    KVB_INLINE v8f NAME(const float *q, const KV_T *const *kp, int64_t dd) {            \
-        const int64_t d = (DIM) ? (DIM) : dd;                                           \
-        v8f lo[8], hi[8];                                                               \
-        for (int i = 0; i < 8; i++) lo[i] = hi[i] = (v8f){0};                           \
-        int64_t t = 0;                                                                  \
-        for (; t + 16 <= d; t += 16) {                                                  \
-            const v8f ql = ld_f32(q + t), qh = ld_f32(q + t + 8);                       \
-            for (int i = 0; i < 8; i++) {                                               \
-                lo[i] += ql * LOAD(kp[i] + t);                                          \
-                hi[i] += qh * LOAD(kp[i] + t + 8);                                      \
-            }                                                                           \
-        }                                                                               \
-        if (t < d) { /* d = 16m + 8: dimensions 16m.. go to lanes 0-7 */                \
-            const v8f ql = ld_f32(q + t);                                               \
-            for (int i = 0; i < 8; i++) lo[i] += ql * LOAD(kp[i] + t);                  \
-        }                                                                               \
-        return kvb_reduce8(lo, hi);                                                     \
-    }
-
-/* The same in 16-lane registers (lanes 0-7 and 8-15 split off for the tail and the tree). */
-#define KVB_SCORE8_WIDE(NAME, DIM, KV_T, LOAD, LOAD16)                                  \
-    KVB_INLINE v8f NAME(const float *q, const KV_T *const *kp, int64_t dd) {            \
-        const int64_t d = (DIM) ? (DIM) : dd;                                           \
-        v16f acc[8];                                                                    \
-        v8f lo[8], hi[8];                                                               \
-        for (int i = 0; i < 8; i++) acc[i] = (v16f){0};                                 \
-        int64_t t = 0;                                                                  \
-        for (; t + 16 <= d; t += 16) {                                                  \
-            const v16f qv = ld16_f32(q + t);                                            \
-            for (int i = 0; i < 8; i++) acc[i] += qv * LOAD16(kp[i] + t);               \
-        }                                                                               \
-        for (int i = 0; i < 8; i++) {                                                   \
-            memcpy(&lo[i], &acc[i], sizeof lo[i]);                                      \
-            memcpy(&hi[i], (const char *)&acc[i] + sizeof lo[i], sizeof hi[i]);         \
-        }                                                                               \
-        if (t < d) {                                                                    \
-            const v8f ql = ld_f32(q + t);                                               \
-            for (int i = 0; i < 8; i++) lo[i] += ql * LOAD(kp[i] + t);                  \
-        }                                                                               \
-        return kvb_reduce8(lo, hi);                                                     \
-    }
-
-/* Rows' o[nv vectors of dims from off] += sum of w[j] * v[j] over n positions, in order, for one
- * row or two (the same positions, each value read once for both; each row's sums the same code).
- * Per vector type V (8 or 16 lanes). */
-#define KVB_VSUM(NAME, KV_T, V, LD, ST, LOAD, SPLAT)                                                       \
-    KVB_INLINE void NAME(float *acc, const float *w, float *acc2, const float *w2, const KV_T *const *vp,  \
-                         int64_t off, int64_t n, int nv) {                                                \
-        const int L = sizeof(V) / sizeof(float);                                                          \
-        V o[4], o2[4];                                                                                    \
-        for (int i = 0; i < nv; i++) o[i] = LD(acc + L * i), o2[i] = acc2 ? LD(acc2 + L * i) : o[i];      \
-        if (acc2)                                                                                         \
-            for (int64_t j = 0; j < n; j++) {                                                             \
-                const V wj = SPLAT(w[j]), wj2 = SPLAT(w2[j]);                                             \
-                const KV_T *p = vp[j] + off;                                                              \
-                for (int i = 0; i < nv; i++) {                                                            \
-                    const V x = LOAD(p + L * i);                                                          \
-                    o[i] += wj * x;                                                                       \
-                    o2[i] += wj2 * x;                                                                     \
-                }                                                                                         \
-            }                                                                                             \
-        else                                                                                              \
-            for (int64_t j = 0; j < n; j++) {                                                             \
-                const V wj = SPLAT(w[j]);                                                                 \
-                const KV_T *p = vp[j] + off;                                                              \
-                for (int i = 0; i < nv; i++) o[i] += wj * LOAD(p + L * i);                                \
-            }                                                                                             \
-        for (int i = 0; i < nv; i++) {                                                                    \
-            ST(acc + L * i, o[i]);                                                                        \
-            if (acc2) ST(acc2 + L * i, o2[i]);                                                            \
-        }                                                                                                 \
-    }
-typedef int32_t v16i __attribute__((vector_size(64)));
-KVB_INLINE v16f splat16(float x) { return __builtin_shuffle((v16f){x}, (v16i){0}); }
-KVB_VSUM(vsum_f32, float, v8f, ld_f32, st_f32, ld_f32, splat)
-KVB_VSUM(vsum_bf16, uint16_t, v8f, ld_f32, st_f32, ld_bf16, splat)
-KVB_VSUM(vsum16_f32, float, v16f, ld16_f32, st16_f32, ld16_f32, splat16)
-KVB_VSUM(vsum16_bf16, uint16_t, v16f, ld16_f32, st16_f32, ld16_bf16, splat16)
-
-/* Rows' weighted sums over all d dimensions: WIDE takes 64, 32, 16 at a time in 16-lane
- * registers, the rest (or all) 32, 16, 8 in 8-lane ones. */
-#define KVB_PV(NAME, KV_T, VSUM, VSUM16, WIDE)                                                           \
-    KVB_INLINE void NAME(float *o, const float *w, float *o2, const float *w2, const KV_T *const *vr,      \
-                         int64_t n, int64_t d) {                                                          \
-        int64_t t = 0;                                                                                    \
-        if (WIDE) {                                                                                       \
-            for (; t + 64 <= d; t += 64) VSUM16(o + t, w, o2 ? o2 + t : NULL, w2, vr, t, n, 4);           \
-            if (t + 32 <= d) VSUM16(o + t, w, o2 ? o2 + t : NULL, w2, vr, t, n, 2), t += 32;              \
-            if (t + 16 <= d) VSUM16(o + t, w, o2 ? o2 + t : NULL, w2, vr, t, n, 1), t += 16;              \
-        }                                                                                                 \
-        for (; t + 32 <= d; t += 32) VSUM(o + t, w, o2 ? o2 + t : NULL, w2, vr, t, n, 4);                 \
-        if (t + 16 <= d) VSUM(o + t, w, o2 ? o2 + t : NULL, w2, vr, t, n, 2), t += 16;                    \
-        if (t + 8 <= d) VSUM(o + t, w, o2 ? o2 + t : NULL, w2, vr, t, n, 1);                              \
-    }
-KVB_PV(pv_f32, float, vsum_f32, vsum16_f32, 0)
-KVB_PV(pv_bf16, uint16_t, vsum_bf16, vsum16_bf16, 0)
-KVB_PV(pv16_f32, float, vsum_f32, vsum16_f32, 1)
-KVB_PV(pv16_bf16, uint16_t, vsum_bf16, vsum16_bf16, 1)
-
 /* One task: a tile of rows (token, head), token-major, of one kv head; q0/out0 point at its first
- * token's first head of this kv head. Scratch (64-byte aligned floats): acc [rows][dpad], m and
- * l [rows] (running max and sum), w [2][KVB_BLOCK] (two rows' weights in the current block). */
+ * token's first head of this kv head. Scratch (64-byte aligned floats): kt [d][KVB_BLOCK] (the
+ * block's keys, transposed), w [rows][KVB_BLOCK] (scores, then weights), acc [rows][dpad], m
+ * and l [rows] (running max and sum). */
 typedef struct {
     const float *q0;
-    float *out0, *acc, *m, *l, *w;
+    float *out0, *kt, *w, *acc, *m, *l;
     const int64_t *table, *pos;
     int64_t nq, h, g, d, bs, s_pos, s_blk, window, lo, hi, dpad;
     float scale, softcap;
@@ -265,22 +150,66 @@ static inline void kvb_prefetch(const void *base, const int64_t *off, int64_t n,
         for (int64_t b = 0; b < nbytes; b += 64) __builtin_prefetch((const char *)base + off[j] + b, 0, 2);
 }
 
-/* Row r's weights for positions [a, b] of the block at c0 (w[p - c0]; lanes of its 8-groups
- * outside [a, b] hold 0): scores, then the online softmax step: the running max moves to the
- * block's, the running sum and the accumulator are rescaled to it. */
-KVB_INLINE void kvb_weights(const kvb_tile *T, float *wb, int64_t r, int64_t a, int64_t b, int64_t c0) {
-    float *w = wb - c0;
-    const int64_t g0 = a & ~(int64_t)7, g1 = (b | 7) + 1;
+/* The block's keys (lanes a0..b0 of the block at c0) into kt [d][KVB_BLOCK], fp32; other lanes 0. */
+#define KVB_TRANSPOSE(NAME, KV_T, LOAD)                                                          \
+    KVB_INLINE void NAME(const kvb_tile *T, const KV_T *k, const int64_t *off, int64_t ja, int64_t jb) { \
+        float *kt = T->kt;                                                                        \
+        if (ja > 0 || jb < KVB_BLOCK - 1)                                                         \
+            memset(kt, 0, sizeof(float) * (size_t)(T->d * KVB_BLOCK));                            \
+        for (int64_t j0 = ja & ~(int64_t)7; j0 <= jb; j0 += 8)                                    \
+            for (int64_t t = 0; t < T->d; t += 8) {                                               \
+                v8f x[8];                                                                         \
+                for (int i = 0; i < 8; i++)                                                       \
+                    x[i] = j0 + i >= ja && j0 + i <= jb ? LOAD(k + off[j0 + i - ja] + t) : (v8f){0}; \
+                for (int u = 0; u < 8; u++)                                                       \
+                    st_f32(kt + (t + u) * KVB_BLOCK + j0,                                         \
+                           (v8f){x[0][u], x[1][u], x[2][u], x[3][u], x[4][u], x[5][u], x[6][u], x[7][u]}); \
+            }                                                                                     \
+    }
+KVB_TRANSPOSE(kvb_transpose_f32, float, ld_f32)
+KVB_TRANSPOSE(kvb_transpose_bf16, uint16_t, ld_bf16)
+
+/* Scores of R rows (from r0) against the block's keys, KVB_BLOCK lanes in vectors of V: each
+ * score one FMA chain over the dimensions in order, whatever R and V. */
+#define KVB_QK(NAME, V, LD, ST, SPLAT, R)                                                         \
+    KVB_INLINE void NAME(const kvb_tile *T, int64_t r0) {                                         \
+        enum { L = sizeof(V) / sizeof(float), NV = KVB_BLOCK / L };                               \
+        const float *q[R];                                                                        \
+        for (int r = 0; r < R; r++)                                                               \
+            q[r] = T->q0 + ((r0 + r) / T->g) * T->h * T->d + ((r0 + r) % T->g) * T->d;            \
+        V acc[R][NV];                                                                             \
+        for (int r = 0; r < R; r++)                                                               \
+            for (int i = 0; i < NV; i++) acc[r][i] = (V){0};                                      \
+        for (int64_t t = 0; t < T->d; t++) {                                                      \
+            V kt[NV];                                                                             \
+            for (int i = 0; i < NV; i++) kt[i] = LD(T->kt + t * KVB_BLOCK + i * L);               \
+            for (int r = 0; r < R; r++) {                                                         \
+                const V qb = SPLAT(q[r][t]);                                                      \
+                for (int i = 0; i < NV; i++) acc[r][i] += qb * kt[i];                             \
+            }                                                                                     \
+        }                                                                                         \
+        for (int r = 0; r < R; r++)                                                               \
+            for (int i = 0; i < NV; i++) ST(T->w + (r0 + r) * KVB_BLOCK + i * L, acc[r][i] * T->scale); \
+    }
+
+/* Row r's scores in the block at c0 (lanes of positions [a, b]; the others masked) to weights
+ * e^(s - max) by the online softmax step: the running max moves to the block's, the running sum
+ * and the accumulator are rescaled to it. A row with no position in the block gets weights 0 and
+ * keeps its state. */
+KVB_INLINE void kvb_weights(const kvb_tile *T, int64_t r, int64_t a, int64_t b, int64_t c0) {
+    float *w = T->w + r * KVB_BLOCK;
+    if (a > b) {
+        memset(w, 0, sizeof(float) * KVB_BLOCK);
+        return;
+    }
     const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
     v8f mx = splat(-FLT_MAX);
-    for (int64_t j = g0; j < g1; j += 8) {
+    for (int64_t j = 0; j < KVB_BLOCK; j += 8) {
         v8f s = ld_f32(w + j);
         if (T->softcap > 0.f)
             for (int i = 0; i < 8; i++) s[i] = kvb_cap(s[i], T->softcap);
-        if (j < a || j + 7 > b) {
-            const v8i at = iota + (int32_t)(j - a), bt = iota + (int32_t)(j - b);
-            s = vpick((at >= 0) & (bt <= 0), s, splat(-FLT_MAX));
-        }
+        const v8i at = iota + (int32_t)(c0 + j - a), bt = iota + (int32_t)(c0 + j - b);
+        s = vpick((at >= 0) & (bt <= 0), s, splat(-FLT_MAX));
         st_f32(w + j, s);
         mx = vmax(mx, s);
     }
@@ -288,7 +217,7 @@ KVB_INLINE void kvb_weights(const kvb_tile *T, float *wb, int64_t r, int64_t a, 
     for (int i = 0; i < 8; i++) top = mx[i] > top ? mx[i] : top;
     const float alpha = kvb_exp(splat(T->m[r] - top))[0];
     v8f sum = {0};
-    for (int64_t j = g0; j < g1; j += 8) {
+    for (int64_t j = 0; j < KVB_BLOCK; j += 8) {
         const v8f e = kvb_exp(ld_f32(w + j) - top);
         st_f32(w + j, e);
         sum += e;
@@ -302,77 +231,116 @@ KVB_INLINE void kvb_weights(const kvb_tile *T, float *wb, int64_t r, int64_t a, 
         }
 }
 
-/* A task: key blocks of KVB_BLOCK positions aligned to multiples of it (so a row meets the same
- * blocks whatever its tile), each read once for all rows (the next one asked for ahead); per row
- * and block: scores eight keys at a time (pointers clamped into the block's valid positions),
- * the softmax step, the weighted sum of values; at the end each row over its sum into out. */
-#define KVB_TASK(NAME, SCORE8, PV, KV_T, ATTR)                                                             \
-    ATTR static void NAME(const kvb_tile *T, const KV_T *k, const KV_T *v) {                          \
-        const int64_t g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi, d = T->d, hd = T->h * d;         \
-        int64_t off[KVB_BLOCK], next[KVB_BLOCK];                                                           \
-        const KV_T *kp[8], *vp[KVB_BLOCK];                                                                 \
-        for (int64_t r = 0; r < rows; r++) T->m[r] = -FLT_MAX, T->l[r] = 0.f;                              \
-        memset(T->acc, 0, sizeof(float) * (size_t)(rows * T->dpad));                                      \
-        int64_t c0 = lo & ~(int64_t)(KVB_BLOCK - 1);                                                       \
-        kvb_offsets(T, lo, c0 + KVB_BLOCK - 1 < hi ? c0 + KVB_BLOCK - 1 : hi, off + (lo - c0));           \
-        for (; c0 <= hi; c0 += KVB_BLOCK) {                                                                \
-            const int64_t a0 = c0 > lo ? c0 : lo, b0 = c0 + KVB_BLOCK - 1 < hi ? c0 + KVB_BLOCK - 1 : hi;  \
-            const int64_t n1 = c0 + 2 * KVB_BLOCK - 1 < hi ? KVB_BLOCK : hi - c0 - KVB_BLOCK + 1;           \
-            if (n1 > 0) {                                                                                  \
-                kvb_offsets(T, c0 + KVB_BLOCK, c0 + KVB_BLOCK + n1 - 1, next);                             \
-                kvb_prefetch(k, next, n1, d * (int64_t)sizeof(KV_T));                                     \
-                kvb_prefetch(v, next, n1, d * (int64_t)sizeof(KV_T));                                     \
-            }                                                                                              \
-            for (int64_t p = a0; p <= b0; p++) vp[p - c0] = v + off[p - c0];                               \
-            for (int64_t r0 = 0; r0 < rows; r0 += 2) {                                                     \
-                int64_t ra[2], rb[2];                                                                      \
-                for (int64_t r = r0; r < r0 + 2 && r < rows; r++) {                                         \
-                    const int64_t pr = T->pos[r / g], lr = kvb_first(pr, T->window);                       \
-                    const int64_t a = a0 > lr ? a0 : lr, b = b0 < pr ? b0 : pr;                             \
-                    ra[r - r0] = a, rb[r - r0] = b;                                                        \
-                    if (a > b) continue;                                                                   \
-                    const float *qr = T->q0 + (r / g) * hd + (r % g) * d;                                  \
-                    float *wr = T->w + (r - r0) * KVB_BLOCK;                                               \
-                    for (int64_t j0 = a & ~(int64_t)7; j0 <= b; j0 += 8) {                                 \
-                        for (int i = 0; i < 8; i++) {                                                      \
-                            const int64_t p = j0 + i < a0 ? a0 : j0 + i > b0 ? b0 : j0 + i;                 \
-                            kp[i] = k + off[p - c0];                                                       \
-                        }                                                                                  \
-                        st_f32(wr + (j0 - c0), SCORE8(qr, kp, d) * T->scale);                              \
-                    }                                                                                      \
-                    kvb_weights(T, wr, r, a, b, c0);                                                       \
-                }                                                                                          \
-                const int pair = r0 + 1 < rows && ra[0] == ra[1] && rb[0] == rb[1];                        \
-                for (int64_t r = r0; r < r0 + 2 - pair && r < rows; r++) {                                  \
-                    const int64_t a = ra[r - r0], b = rb[r - r0];                                          \
-                    if (a > b) continue;                                                                   \
-                    float *o = T->acc + r * T->dpad, *o2 = pair ? o + T->dpad : NULL;                      \
-                    const float *w = T->w + (r - r0) * KVB_BLOCK + (a - c0), *w2 = w + KVB_BLOCK;          \
-                    PV(o, w, o2, w2, vp + (a - c0), b - a + 1, d);                                         \
-                }                                                                                          \
-            }                                                                                              \
-            memcpy(off, next, sizeof off);                                                                 \
-        }                                                                                                  \
-        for (int64_t r = 0; r < rows; r++) {                                                               \
-            float *o = T->out0 + (r / g) * hd + (r % g) * d;                                               \
-            const float *acc = T->acc + r * T->dpad, inv = 1.f / T->l[r];                                  \
-            for (int64_t t = 0; t < d; t += 8) st_f32(o + t, ld_f32(acc + t) * inv);                       \
-        }                                                                                                  \
+/* R rows' (from r0) o[NV vectors of dims from t0] += w[p] * v[p] over the block's positions
+ * [ja, jb], in order (a weight 0 adds nothing: o is never -0). */
+#define KVB_PV(NAME, KV_T, V, LD, ST, LOAD, SPLAT, R, NV)                                        \
+    KVB_INLINE void NAME(const kvb_tile *T, int64_t r0, const KV_T *const *vp, int64_t ja, int64_t jb, int64_t t0) { \
+        enum { L = sizeof(V) / sizeof(float) };                                                   \
+        V o[R][NV];                                                                               \
+        for (int r = 0; r < R; r++)                                                               \
+            for (int i = 0; i < NV; i++) o[r][i] = LD(T->acc + (r0 + r) * T->dpad + t0 + i * L);  \
+        for (int64_t j = ja; j <= jb; j++) {                                                      \
+            const KV_T *p = vp[j] + t0;                                                           \
+            V x[NV];                                                                              \
+            for (int i = 0; i < NV; i++) x[i] = LOAD(p + i * L);                                  \
+            for (int r = 0; r < R; r++) {                                                         \
+                const V wb = SPLAT(T->w[(r0 + r) * KVB_BLOCK + j]);                               \
+                for (int i = 0; i < NV; i++) o[r][i] += wb * x[i];                                \
+            }                                                                                     \
+        }                                                                                         \
+        for (int r = 0; r < R; r++)                                                               \
+            for (int i = 0; i < NV; i++) ST(T->acc + (r0 + r) * T->dpad + t0 + i * L, o[r][i]);   \
     }
 
-/* A task per K/V element type and unrolled head size, narrow and (x86) wide. */
-#define KVB_TILE(NAME, DIM, KV_T, LOAD, LOAD16, PV, PV16)                         \
-    KVB_SCORE8(NAME##_score8, DIM, KV_T, LOAD)                                    \
-    KVB_TASK(NAME, NAME##_score8, PV, KV_T, KVB_CLONES)                           \
-    KVB_SCORE8_WIDE(NAME##_score8w, DIM, KV_T, LOAD, LOAD16)                      \
-    KVB_TASK(NAME##_wide, NAME##_score8w, PV16, KV_T, KVB_WIDE_TARGET)
+typedef int32_t v16i __attribute__((vector_size(64)));
+KVB_INLINE v16f splat16(float x) { return __builtin_shuffle((v16f){x}, (v16i){0}); }
+/* 8 lanes: rows one at a time for scores (8 accumulators), two at a time over 32 dimensions for
+ * values; 16 lanes: four rows for scores (16), four over 64 dimensions for values (16). */
+KVB_QK(qk8_1, v8f, ld_f32, st_f32, splat, 1)
+KVB_QK(qk16_1, v16f, ld16_f32, st16_f32, splat16, 1)
+KVB_QK(qk16_4, v16f, ld16_f32, st16_f32, splat16, 4)
+#define KVB_PVS(KV_T, SUF, LOAD, LOAD16)                                                         \
+    KVB_PV(pv8_1x1_##SUF, KV_T, v8f, ld_f32, st_f32, LOAD, splat, 1, 1)                           \
+    KVB_PV(pv8_1x4_##SUF, KV_T, v8f, ld_f32, st_f32, LOAD, splat, 1, 4)                           \
+    KVB_PV(pv8_2x4_##SUF, KV_T, v8f, ld_f32, st_f32, LOAD, splat, 2, 4)                           \
+    KVB_PV(pv16_1x1_##SUF, KV_T, v16f, ld16_f32, st16_f32, LOAD16, splat16, 1, 1)                 \
+    KVB_PV(pv16_1x4_##SUF, KV_T, v16f, ld16_f32, st16_f32, LOAD16, splat16, 1, 4)                 \
+    KVB_PV(pv16_4x4_##SUF, KV_T, v16f, ld16_f32, st16_f32, LOAD16, splat16, 4, 4)                 \
+    /* Row r's sums over dimensions [t, d) one or two vectors at a time. */                     \
+    KVB_INLINE void pv_tail_##SUF(const kvb_tile *T, int64_t r, const KV_T *const *vp, int64_t ja,  \
+                                  int64_t jb, int64_t t, int wide) {                              \
+        if (wide)                                                                                 \
+            for (; t + 16 <= T->d; t += 16) pv16_1x1_##SUF(T, r, vp, ja, jb, t);                  \
+        for (; t + 8 <= T->d; t += 8) pv8_1x1_##SUF(T, r, vp, ja, jb, t);                         \
+    }                                                                                             \
+    /* All rows' sums over all d dimensions (d a multiple of 8): 8-lane or 16-lane blocking. */   \
+    KVB_INLINE void pv_rows_##SUF(const kvb_tile *T, int64_t rows, const KV_T *const *vp, int64_t ja, \
+                                  int64_t jb, int wide) {                                         \
+        const int64_t d = T->d, dw = wide ? d & ~(int64_t)63 : d & ~(int64_t)31;                  \
+        const int64_t step = wide ? 4 : 2;                                                        \
+        int64_t r = 0;                                                                            \
+        for (; r + step <= rows; r += step) {                                                     \
+            for (int64_t t = 0; t < dw; t += wide ? 64 : 32)                                      \
+                wide ? pv16_4x4_##SUF(T, r, vp, ja, jb, t) : pv8_2x4_##SUF(T, r, vp, ja, jb, t);  \
+            for (int64_t i = r; i < r + step && dw < d; i++) pv_tail_##SUF(T, i, vp, ja, jb, dw, wide); \
+        }                                                                                         \
+        for (; r < rows; r++) {                                                                   \
+            for (int64_t t = 0; t < dw; t += wide ? 64 : 32)                                      \
+                wide ? pv16_1x4_##SUF(T, r, vp, ja, jb, t) : pv8_1x4_##SUF(T, r, vp, ja, jb, t);  \
+            pv_tail_##SUF(T, r, vp, ja, jb, dw, wide);                                            \
+        }                                                                                         \
+    }
+KVB_PVS(float, f32, ld_f32, ld16_f32)
+KVB_PVS(uint16_t, bf16, ld_bf16, ld16_bf16)
 
-KVB_TILE(tile_64, 64, float, ld_f32, ld16_f32, pv_f32, pv16_f32)
-KVB_TILE(tile_128, 128, float, ld_f32, ld16_f32, pv_f32, pv16_f32)
-KVB_TILE(tile_any, 0, float, ld_f32, ld16_f32, pv_f32, pv16_f32)
-KVB_TILE(tile_bf16_64, 64, uint16_t, ld_bf16, ld16_bf16, pv_bf16, pv16_bf16)
-KVB_TILE(tile_bf16_128, 128, uint16_t, ld_bf16, ld16_bf16, pv_bf16, pv16_bf16)
-KVB_TILE(tile_bf16_any, 0, uint16_t, ld_bf16, ld16_bf16, pv_bf16, pv16_bf16)
+/* A task: key blocks of KVB_BLOCK positions aligned to multiples of it (so a row meets the same
+ * blocks whatever its tile), each read once for all rows (the next one asked for ahead): the
+ * block's keys transposed, every row's scores, the softmax step, the weighted sums of values;
+ * at the end each row over its sum into out. WIDE: the 16-lane blocking. */
+#define KVB_TASK(NAME, KV_T, SUF, WIDE, ATTR)                                                             \
+    ATTR static void NAME(const kvb_tile *T, const KV_T *k, const KV_T *v) {                               \
+        const int64_t g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi, d = T->d, hd = T->h * d;        \
+        int64_t off[KVB_BLOCK], next[KVB_BLOCK];                                                          \
+        const KV_T *vp[KVB_BLOCK];                                                                        \
+        for (int64_t r = 0; r < rows; r++) T->m[r] = -FLT_MAX, T->l[r] = 0.f;                             \
+        memset(T->acc, 0, sizeof(float) * (size_t)(rows * T->dpad));                                     \
+        int64_t c0 = lo & ~(int64_t)(KVB_BLOCK - 1);                                                      \
+        kvb_offsets(T, lo, c0 + KVB_BLOCK - 1 < hi ? c0 + KVB_BLOCK - 1 : hi, off);                       \
+        for (; c0 <= hi; c0 += KVB_BLOCK) {                                                               \
+            const int64_t a0 = c0 > lo ? c0 : lo, b0 = c0 + KVB_BLOCK - 1 < hi ? c0 + KVB_BLOCK - 1 : hi; \
+            const int64_t n1 = c0 + 2 * KVB_BLOCK - 1 < hi ? KVB_BLOCK : hi - c0 - KVB_BLOCK + 1;          \
+            if (n1 > 0) {                                                                                 \
+                kvb_offsets(T, c0 + KVB_BLOCK, c0 + KVB_BLOCK + n1 - 1, next);                            \
+                kvb_prefetch(k, next, n1, d * (int64_t)sizeof(KV_T));                                    \
+                kvb_prefetch(v, next, n1, d * (int64_t)sizeof(KV_T));                                    \
+            }                                                                                             \
+            const int64_t ja = a0 - c0, jb = b0 - c0;                                                     \
+            for (int64_t j = ja; j <= jb; j++) vp[j] = v + off[j - ja];                                   \
+            kvb_transpose_##SUF(T, k, off, ja, jb);                                                       \
+            int64_t r = 0;                                                                                \
+            if (WIDE) {                                                                                   \
+                for (; r + 4 <= rows; r += 4) qk16_4(T, r);                                               \
+                for (; r < rows; r++) qk16_1(T, r);                                                       \
+            } else                                                                                        \
+                for (; r < rows; r++) qk8_1(T, r);                                                        \
+            for (r = 0; r < rows; r++) {                                                                  \
+                const int64_t pr = T->pos[r / g], lr = kvb_first(pr, T->window);                          \
+                kvb_weights(T, r, a0 > lr ? a0 : lr, b0 < pr ? b0 : pr, c0);                              \
+            }                                                                                             \
+            pv_rows_##SUF(T, rows, vp, ja, jb, WIDE);                                                     \
+            memcpy(off, next, sizeof off);                                                                \
+        }                                                                                                 \
+        for (int64_t r = 0; r < rows; r++) {                                                              \
+            float *o = T->out0 + (r / g) * hd + (r % g) * d;                                              \
+            const float *acc = T->acc + r * T->dpad, inv = 1.f / T->l[r];                                 \
+            for (int64_t t = 0; t < d; t += 8) st_f32(o + t, ld_f32(acc + t) * inv);                      \
+        }                                                                                                 \
+    }
+
+KVB_TASK(task_f32, float, f32, 0, KVB_CLONES)
+KVB_TASK(task_f32_wide, float, f32, 1, KVB_WIDE_TARGET)
+KVB_TASK(task_bf16, uint16_t, bf16, 0, KVB_CLONES)
+KVB_TASK(task_bf16_wide, uint16_t, bf16, 1, KVB_WIDE_TARGET)
 
 static int kvb_wide_on = -1;
 static int kvb_wide(void) {
@@ -405,7 +373,7 @@ static int64_t kvb_tiles(const int64_t *seq, const int64_t *pos, int64_t t, int6
 
 /* The driver, per K/V element type. Returns 0, or -1 when a shape is outside what this kernel
  * handles (the caller falls back). */
-#define KVB_DRIVER(NAME, KV_T, A64, A128, AANY)                                                          \
+#define KVB_DRIVER(NAME, KV_T, NARROW, WIDE)                                                          \
     int NAME(const float *q, const KV_T *k, const KV_T *v, float *out, const int64_t *seq,               \
              const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t t, int64_t h,        \
              int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, float scale,             \
@@ -430,28 +398,23 @@ static int64_t kvb_tiles(const int64_t *seq, const int64_t *pos, int64_t t, int6
             const int64_t r0 = starts[ti], nq = starts[ti + 1] - r0;                                     \
             const int64_t lo = (window > 0 && pos[r0] - window + 1 > 0) ? pos[r0] - window + 1 : 0;      \
             const int64_t rows = nq * g, dpad = kvb_round16(d);                                          \
-            const size_t words = (size_t)(rows * dpad + 2 * kvb_round16(rows) + 2 * KVB_BLOCK);              \
+            const size_t words = (size_t)(dpad * KVB_BLOCK + rows * KVB_BLOCK + rows * dpad + 2 * kvb_round16(rows)); \
             float *work = (float *)aligned_alloc(64, (words * sizeof(float) + 63) & ~(size_t)63);        \
             if (!work) {                                                                                 \
                 failed |= 1;                                                                             \
                 continue;                                                                                \
             }                                                                                            \
-            float *acc = work + 2 * KVB_BLOCK, *m = acc + rows * dpad, *l = m + kvb_round16(rows);           \
-            const kvb_tile T = {q + (r0 * h + kh * g) * d, out + (r0 * h + kh * g) * d, acc, m, l, work, \
-                                tables + seq[r0] * max_blocks, pos + r0, nq, h, g, d, bs, s_pos, s_blk,  \
-                                window, lo, pos[r0 + nq - 1], dpad, scale, softcap};                     \
+            float *w = work + dpad * KVB_BLOCK, *acc = w + rows * KVB_BLOCK, *m = acc + rows * dpad;     \
+            const kvb_tile T = {q + (r0 * h + kh * g) * d, out + (r0 * h + kh * g) * d, work, w, acc, m, \
+                                m + kvb_round16(rows), tables + seq[r0] * max_blocks, pos + r0, nq, h, g, \
+                                d, bs, s_pos, s_blk, window, lo, pos[r0 + nq - 1], dpad, scale, softcap}; \
             const KV_T *kk = k + kh * d, *vv = v + kh * d;                                               \
-            if (d == 64)                                                                                 \
-                wide ? A64##_wide(&T, kk, vv) : A64(&T, kk, vv);                                         \
-            else if (d == 128)                                                                           \
-                wide ? A128##_wide(&T, kk, vv) : A128(&T, kk, vv);                                       \
-            else                                                                                         \
-                wide ? AANY##_wide(&T, kk, vv) : AANY(&T, kk, vv);                                       \
+            wide ? WIDE(&T, kk, vv) : NARROW(&T, kk, vv);                                                \
             free(work);                                                                                  \
         }                                                                                                \
         free(starts);                                                                                    \
         return failed ? -1 : 0;                                                                          \
     }
 
-KVB_DRIVER(kvb_paged_attention, float, tile_64, tile_128, tile_any)
-KVB_DRIVER(kvb_paged_attention_bf16, uint16_t, tile_bf16_64, tile_bf16_128, tile_bf16_any)
+KVB_DRIVER(kvb_paged_attention, float, task_f32, task_f32_wide)
+KVB_DRIVER(kvb_paged_attention_bf16, uint16_t, task_bf16, task_bf16_wide)
