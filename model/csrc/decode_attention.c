@@ -9,19 +9,20 @@
  * heads are grouped (H = g * Hkv). softcap > 0 caps the logits (s = cap * tanh(s / cap)).
  *
  * Query tiling: consecutive tokens of one sequence (a prefill chunk) are cut into tiles of up to
- * KVB_TILE_ROWS (token, head) rows; one task per (tile, kv head) reads each key and value once
- * for all its rows from cache (a decode token is a tile of one token). Scores: each row against
- * eight keys at a time, a score being one dot product over 16 lanes (lane u sums dimensions u,
- * u + 16, ...) whose lanes are added in one fixed tree, the eight trees interleaved by shuffles.
- * Softmax: exp by a polynomial, summed in lanes by position. Values: each row's weighted sum,
- * position by position in increasing order, eight dimensions per register.
+ * KVB_TILE_ROWS (token, head) rows; one task per (tile, kv head) walks the keys in blocks of
+ * KVB_BLOCK positions, each read once for all its rows (a decode token is a tile of one token).
+ * Per block: the keys transposed, every row's scores as a small GEMM (one FMA chain per score
+ * over the dimensions), the online softmax step per row (exp by a polynomial), the weighted sums
+ * of values (one FMA chain per output over the positions, in order). Rows run the whole block,
+ * lanes outside a row's own positions masked (score) or weighted 0 (values).
  *
  * Exactness: a row's arithmetic is the same code whatever tile it is in (a score never depends
- * on the other keys or rows computed with it, the softmax and the value sums run over the row's
- * own positions), so a token's result never depends on its tile, its chunk or the rest of the
- * call. Written with GCC vector types and no fast-math (contraction to FMA only), so every CPU
- * target gets the same operations in the same order. Tasks are split over OpenMP threads (the
- * process's libgomp: the one torch already loaded). Built and loaded by model/native.py.
+ * on the other keys or rows computed with it; blocks are aligned to absolute positions, so a row
+ * meets the same blocks in any tile; a weight 0 adds nothing), so a token's result never depends
+ * on its tile, its chunk or the rest of the call. Written with GCC vector types and no fast-math
+ * (contraction to FMA only), so every CPU target gets the same operations in the same order.
+ * Tasks are split over OpenMP threads (the process's libgomp: the one torch already loaded).
+ * Built and loaded by model/native.py.
  */
 #include <float.h>
 #include <math.h>
@@ -47,8 +48,8 @@
 #define KVB_MAX_GROUP 16
 #define KVB_MAX_DIM 256
 #define KVB_BLOCK 64      /* key positions read once for all rows of a task */
-#define KVB_TILE_ROWS 64  /* (token, head) rows of one task */
-#define KVB_TILE_TOKENS 64
+#define KVB_TILE_ROWS 128 /* (token, head) rows of one task at most */
+#define KVB_TILE_TOKENS 128
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -145,9 +146,19 @@ static inline void kvb_offsets(const kvb_tile *T, int64_t a, int64_t b, int64_t 
     }
 }
 
-static inline void kvb_prefetch(const void *base, const int64_t *off, int64_t n, int64_t nbytes) {
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t b = 0; b < nbytes; b += 64) __builtin_prefetch((const char *)base + off[j] + b, 0, 2);
+/* An 8 x 8 transpose in place: pairs interleaved, then pairs of pairs, then halves swapped. */
+KVB_INLINE void kvb_transpose8(v8f *x) {
+    const v8i lo2 = {0, 8, 1, 9, 4, 12, 5, 13}, hi2 = {2, 10, 3, 11, 6, 14, 7, 15};
+    const v8i lo4 = {0, 1, 8, 9, 4, 5, 12, 13}, hi4 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8i lo8 = {0, 1, 2, 3, 8, 9, 10, 11}, hi8 = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8f t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = __builtin_shuffle(x[i], x[i + 1], lo2), t[i + 1] = __builtin_shuffle(x[i], x[i + 1], hi2);
+    for (int i = 0; i < 8; i += 4)
+        for (int j = 0; j < 2; j++) {
+            u[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], lo4);
+            u[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], hi4);
+        }
+    for (int i = 0; i < 4; i++) x[i] = __builtin_shuffle(u[i], u[i + 4], lo8), x[i + 4] = __builtin_shuffle(u[i], u[i + 4], hi8);
 }
 
 /* The block's keys (lanes a0..b0 of the block at c0) into kt [d][KVB_BLOCK], fp32; other lanes 0. */
@@ -161,9 +172,8 @@ static inline void kvb_prefetch(const void *base, const int64_t *off, int64_t n,
                 v8f x[8];                                                                         \
                 for (int i = 0; i < 8; i++)                                                       \
                     x[i] = j0 + i >= ja && j0 + i <= jb ? LOAD(k + off[j0 + i - ja] + t) : (v8f){0}; \
-                for (int u = 0; u < 8; u++)                                                       \
-                    st_f32(kt + (t + u) * KVB_BLOCK + j0,                                         \
-                           (v8f){x[0][u], x[1][u], x[2][u], x[3][u], x[4][u], x[5][u], x[6][u], x[7][u]}); \
+                kvb_transpose8(x);                                                                \
+                for (int u = 0; u < 8; u++) st_f32(kt + (t + u) * KVB_BLOCK + j0, x[u]);          \
             }                                                                                     \
     }
 KVB_TRANSPOSE(kvb_transpose_f32, float, ld_f32)
@@ -294,26 +304,20 @@ KVB_PVS(float, f32, ld_f32, ld16_f32)
 KVB_PVS(uint16_t, bf16, ld_bf16, ld16_bf16)
 
 /* A task: key blocks of KVB_BLOCK positions aligned to multiples of it (so a row meets the same
- * blocks whatever its tile), each read once for all rows (the next one asked for ahead): the
- * block's keys transposed, every row's scores, the softmax step, the weighted sums of values;
- * at the end each row over its sum into out. WIDE: the 16-lane blocking. */
+ * blocks whatever its tile), each read once for all rows, in order (the hardware prefetchers do
+ * better than asking for the next block ahead): the block's keys transposed, every row's
+ * scores, the softmax step, the weighted sums of values; at the end each row over its sum into
+ * out. WIDE: the 16-lane blocking. */
 #define KVB_TASK(NAME, KV_T, SUF, WIDE, ATTR)                                                             \
     ATTR static void NAME(const kvb_tile *T, const KV_T *k, const KV_T *v) {                               \
         const int64_t g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi, d = T->d, hd = T->h * d;        \
-        int64_t off[KVB_BLOCK], next[KVB_BLOCK];                                                          \
+        int64_t off[KVB_BLOCK];                                                                           \
         const KV_T *vp[KVB_BLOCK];                                                                        \
         for (int64_t r = 0; r < rows; r++) T->m[r] = -FLT_MAX, T->l[r] = 0.f;                             \
         memset(T->acc, 0, sizeof(float) * (size_t)(rows * T->dpad));                                     \
-        int64_t c0 = lo & ~(int64_t)(KVB_BLOCK - 1);                                                      \
-        kvb_offsets(T, lo, c0 + KVB_BLOCK - 1 < hi ? c0 + KVB_BLOCK - 1 : hi, off);                       \
-        for (; c0 <= hi; c0 += KVB_BLOCK) {                                                               \
+        for (int64_t c0 = lo & ~(int64_t)(KVB_BLOCK - 1); c0 <= hi; c0 += KVB_BLOCK) {                    \
             const int64_t a0 = c0 > lo ? c0 : lo, b0 = c0 + KVB_BLOCK - 1 < hi ? c0 + KVB_BLOCK - 1 : hi; \
-            const int64_t n1 = c0 + 2 * KVB_BLOCK - 1 < hi ? KVB_BLOCK : hi - c0 - KVB_BLOCK + 1;          \
-            if (n1 > 0) {                                                                                 \
-                kvb_offsets(T, c0 + KVB_BLOCK, c0 + KVB_BLOCK + n1 - 1, next);                            \
-                kvb_prefetch(k, next, n1, d * (int64_t)sizeof(KV_T));                                    \
-                kvb_prefetch(v, next, n1, d * (int64_t)sizeof(KV_T));                                    \
-            }                                                                                             \
+            kvb_offsets(T, a0, b0, off);                                                                  \
             const int64_t ja = a0 - c0, jb = b0 - c0;                                                     \
             for (int64_t j = ja; j <= jb; j++) vp[j] = v + off[j - ja];                                   \
             kvb_transpose_##SUF(T, k, off, ja, jb);                                                       \
@@ -328,7 +332,6 @@ KVB_PVS(uint16_t, bf16, ld_bf16, ld16_bf16)
                 kvb_weights(T, r, a0 > lr ? a0 : lr, b0 < pr ? b0 : pr, c0);                              \
             }                                                                                             \
             pv_rows_##SUF(T, rows, vp, ja, jb, WIDE);                                                     \
-            memcpy(off, next, sizeof off);                                                                \
         }                                                                                                 \
         for (int64_t r = 0; r < rows; r++) {                                                              \
             float *o = T->out0 + (r / g) * hd + (r % g) * d;                                              \
@@ -384,10 +387,13 @@ static int64_t kvb_tiles(const int64_t *seq, const int64_t *pos, int64_t t, int6
         for (int64_t r = 0; r < t; r++)                                                                  \
             if (pos[r] < 0 || pos[r] >= max_blocks * bs) return -1;                                      \
         const int64_t g = h / hkv, s_pos = hkv * d, s_blk = bs * hkv * d;                                \
-        const int64_t per = KVB_TILE_ROWS / g, cap = per < 1 ? 1 : per > KVB_TILE_TOKENS ? KVB_TILE_TOKENS : per; \
+        const int64_t per = KVB_TILE_ROWS / g;                                                           \
+        int64_t cap = per < 1 ? 1 : per > KVB_TILE_TOKENS ? KVB_TILE_TOKENS : per;                       \
         int64_t *starts = (int64_t *)malloc(sizeof(int64_t) * (size_t)(t + 1));                         \
         if (!starts) return -1;                                                                          \
-        const int64_t ntiles = kvb_tiles(seq, pos, t, cap, starts);                                      \
+        int64_t ntiles = kvb_tiles(seq, pos, t, cap, starts);                                            \
+        while (ntiles * hkv < 4 * (int64_t)nthreads && cap >= 32) /* smaller tiles: work for every thread */ \
+            ntiles = kvb_tiles(seq, pos, t, cap /= 2, starts);                                           \
         starts[ntiles] = t;                                                                              \
         const int64_t tasks = ntiles * hkv;                                                              \
         const int wide = kvb_wide();                                                                     \
