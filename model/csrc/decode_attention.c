@@ -161,29 +161,28 @@ KVB_INLINE void kvb_transpose8(v8f *x) {
     for (int i = 0; i < 4; i++) x[i] = __builtin_shuffle(u[i], u[i + 4], lo8), x[i + 4] = __builtin_shuffle(u[i], u[i + 4], hi8);
 }
 
-/* The block's keys (lanes a0..b0 of the block at c0) into kt [d][KVB_BLOCK], fp32; other lanes 0. */
+/* The block's keys at lanes [la, lb) (multiples of 16) into kt [d][KVB_BLOCK], fp32: the keys of
+ * positions ja..jb (block lanes), 0 in the other lanes of the range. */
 #define KVB_TRANSPOSE(NAME, KV_T, LOAD)                                                          \
     KVB_INLINE void NAME(const kvb_tile *T, const KV_T *k, const int64_t *off, int64_t ja, int64_t jb) { \
-        float *kt = T->kt;                                                                        \
-        if (ja > 0 || jb < KVB_BLOCK - 1)                                                         \
-            memset(kt, 0, sizeof(float) * (size_t)(T->d * KVB_BLOCK));                            \
-        for (int64_t j0 = ja & ~(int64_t)7; j0 <= jb; j0 += 8)                                    \
+        const int64_t la = ja & ~(int64_t)15, lb = (jb | 15) + 1;                                 \
+        for (int64_t j0 = la; j0 < lb; j0 += 8)                                                   \
             for (int64_t t = 0; t < T->d; t += 8) {                                               \
                 v8f x[8];                                                                         \
                 for (int i = 0; i < 8; i++)                                                       \
                     x[i] = j0 + i >= ja && j0 + i <= jb ? LOAD(k + off[j0 + i - ja] + t) : (v8f){0}; \
                 kvb_transpose8(x);                                                                \
-                for (int u = 0; u < 8; u++) st_f32(kt + (t + u) * KVB_BLOCK + j0, x[u]);          \
+                for (int u = 0; u < 8; u++) st_f32(T->kt + (t + u) * KVB_BLOCK + j0, x[u]);       \
             }                                                                                     \
     }
 KVB_TRANSPOSE(kvb_transpose_f32, float, ld_f32)
 KVB_TRANSPOSE(kvb_transpose_bf16, uint16_t, ld_bf16)
 
-/* Scores of R rows (from r0) against the block's keys, KVB_BLOCK lanes in vectors of V: each
- * score one FMA chain over the dimensions in order, whatever R and V. */
-#define KVB_QK(NAME, V, LD, ST, SPLAT, R)                                                         \
-    KVB_INLINE void NAME(const kvb_tile *T, int64_t r0) {                                         \
-        enum { L = sizeof(V) / sizeof(float), NV = KVB_BLOCK / L };                               \
+/* Scores of R rows (from r0) against the keys in lanes [la, la + NV * L): each score one FMA
+ * chain over the dimensions in order, whatever R, NV and the vector type V. */
+#define KVB_QK(NAME, V, LD, ST, SPLAT, R, NV)                                                     \
+    KVB_INLINE void NAME(const kvb_tile *T, int64_t r0, int64_t la) {                             \
+        enum { L = sizeof(V) / sizeof(float) };                                                   \
         const float *q[R];                                                                        \
         for (int r = 0; r < R; r++)                                                               \
             q[r] = T->q0 + ((r0 + r) / T->g) * T->h * T->d + ((r0 + r) % T->g) * T->d;            \
@@ -192,29 +191,29 @@ KVB_TRANSPOSE(kvb_transpose_bf16, uint16_t, ld_bf16)
             for (int i = 0; i < NV; i++) acc[r][i] = (V){0};                                      \
         for (int64_t t = 0; t < T->d; t++) {                                                      \
             V kt[NV];                                                                             \
-            for (int i = 0; i < NV; i++) kt[i] = LD(T->kt + t * KVB_BLOCK + i * L);               \
+            for (int i = 0; i < NV; i++) kt[i] = LD(T->kt + t * KVB_BLOCK + la + i * L);          \
             for (int r = 0; r < R; r++) {                                                         \
                 const V qb = SPLAT(q[r][t]);                                                      \
                 for (int i = 0; i < NV; i++) acc[r][i] += qb * kt[i];                             \
             }                                                                                     \
         }                                                                                         \
         for (int r = 0; r < R; r++)                                                               \
-            for (int i = 0; i < NV; i++) ST(T->w + (r0 + r) * KVB_BLOCK + i * L, acc[r][i] * T->scale); \
+            for (int i = 0; i < NV; i++) ST(T->w + (r0 + r) * KVB_BLOCK + la + i * L, acc[r][i] * T->scale); \
     }
 
-/* Row r's scores in the block at c0 (lanes of positions [a, b]; the others masked) to weights
- * e^(s - max) by the online softmax step: the running max moves to the block's, the running sum
- * and the accumulator are rescaled to it. A row with no position in the block gets weights 0 and
- * keeps its state. */
-KVB_INLINE void kvb_weights(const kvb_tile *T, int64_t r, int64_t a, int64_t b, int64_t c0) {
+/* Row r's scores in lanes [la, lb) of the block at c0 (lanes of positions [a, b] kept, the others
+ * masked) to weights e^(s - max) by the online softmax step: the running max moves to the
+ * block's, the running sum and the accumulator are rescaled to it. A row with no position in the
+ * block gets weights 0 and keeps its state. */
+KVB_INLINE void kvb_weights(const kvb_tile *T, int64_t r, int64_t a, int64_t b, int64_t c0, int64_t la, int64_t lb) {
     float *w = T->w + r * KVB_BLOCK;
     if (a > b) {
-        memset(w, 0, sizeof(float) * KVB_BLOCK);
+        memset(w + la, 0, sizeof(float) * (size_t)(lb - la));
         return;
     }
     const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
     v8f mx = splat(-FLT_MAX);
-    for (int64_t j = 0; j < KVB_BLOCK; j += 8) {
+    for (int64_t j = la; j < lb; j += 8) {
         v8f s = ld_f32(w + j);
         if (T->softcap > 0.f)
             for (int i = 0; i < 8; i++) s[i] = kvb_cap(s[i], T->softcap);
@@ -227,7 +226,7 @@ KVB_INLINE void kvb_weights(const kvb_tile *T, int64_t r, int64_t a, int64_t b, 
     for (int i = 0; i < 8; i++) top = mx[i] > top ? mx[i] : top;
     const float alpha = kvb_exp(splat(T->m[r] - top))[0];
     v8f sum = {0};
-    for (int64_t j = 0; j < KVB_BLOCK; j += 8) {
+    for (int64_t j = la; j < lb; j += 8) {
         const v8f e = kvb_exp(ld_f32(w + j) - top);
         st_f32(w + j, e);
         sum += e;
@@ -264,11 +263,25 @@ KVB_INLINE void kvb_weights(const kvb_tile *T, int64_t r, int64_t a, int64_t b, 
 
 typedef int32_t v16i __attribute__((vector_size(64)));
 KVB_INLINE v16f splat16(float x) { return __builtin_shuffle((v16f){x}, (v16i){0}); }
-/* 8 lanes: rows one at a time for scores (8 accumulators), two at a time over 32 dimensions for
- * values; 16 lanes: four rows for scores (16), four over 64 dimensions for values (16). */
-KVB_QK(qk8_1, v8f, ld_f32, st_f32, splat, 1)
-KVB_QK(qk16_1, v16f, ld16_f32, st16_f32, splat16, 1)
-KVB_QK(qk16_4, v16f, ld16_f32, st16_f32, splat16, 4)
+/* Scores: 16 lanes four rows at a time (16 accumulators) or one; 8 lanes one row. Per lane range
+ * of 16 to 64 lanes. */
+#define KVB_QKS(SUF, V, LD, ST, SPLAT, R, N1, N2, N3, N4)                                         \
+    KVB_QK(qk_##SUF##_1, V, LD, ST, SPLAT, R, N1)                                                 \
+    KVB_QK(qk_##SUF##_2, V, LD, ST, SPLAT, R, N2)                                                 \
+    KVB_QK(qk_##SUF##_3, V, LD, ST, SPLAT, R, N3)                                                 \
+    KVB_QK(qk_##SUF##_4, V, LD, ST, SPLAT, R, N4)                                                 \
+    KVB_INLINE void qk_##SUF(const kvb_tile *T, int64_t r0, int64_t la, int64_t lb) {             \
+        switch ((lb - la) / 16) {                                                                 \
+            case 1: qk_##SUF##_1(T, r0, la); break;                                               \
+            case 2: qk_##SUF##_2(T, r0, la); break;                                               \
+            case 3: qk_##SUF##_3(T, r0, la); break;                                               \
+            default: qk_##SUF##_4(T, r0, la);                                                     \
+        }                                                                                         \
+    }
+KVB_QKS(8x1, v8f, ld_f32, st_f32, splat, 1, 2, 4, 6, 8)
+KVB_QKS(16x1, v16f, ld16_f32, st16_f32, splat16, 1, 1, 2, 3, 4)
+KVB_QKS(16x4, v16f, ld16_f32, st16_f32, splat16, 4, 1, 2, 3, 4)
+/* Values: 16 lanes four rows over 64 dimensions (16 accumulators), 8 lanes two over 32. */
 #define KVB_PVS(KV_T, SUF, LOAD, LOAD16)                                                         \
     KVB_PV(pv8_1x1_##SUF, KV_T, v8f, ld_f32, st_f32, LOAD, splat, 1, 1)                           \
     KVB_PV(pv8_1x4_##SUF, KV_T, v8f, ld_f32, st_f32, LOAD, splat, 1, 4)                           \
@@ -283,18 +296,18 @@ KVB_QK(qk16_4, v16f, ld16_f32, st16_f32, splat16, 4)
             for (; t + 16 <= T->d; t += 16) pv16_1x1_##SUF(T, r, vp, ja, jb, t);                  \
         for (; t + 8 <= T->d; t += 8) pv8_1x1_##SUF(T, r, vp, ja, jb, t);                         \
     }                                                                                             \
-    /* All rows' sums over all d dimensions (d a multiple of 8): 8-lane or 16-lane blocking. */   \
-    KVB_INLINE void pv_rows_##SUF(const kvb_tile *T, int64_t rows, const KV_T *const *vp, int64_t ja, \
-                                  int64_t jb, int wide) {                                         \
-        const int64_t d = T->d, dw = wide ? d & ~(int64_t)63 : d & ~(int64_t)31;                  \
-        const int64_t step = wide ? 4 : 2;                                                        \
-        int64_t r = 0;                                                                            \
-        for (; r + step <= rows; r += step) {                                                     \
+    /* Rows [r0, r1)'s sums over all d dimensions (d a multiple of 8), four / two rows at a time \
+     * where there are that many. */                                                            \
+    KVB_INLINE void pv_rows_##SUF(const kvb_tile *T, int64_t r0, int64_t r1, const KV_T *const *vp, \
+                                  int64_t ja, int64_t jb, int wide) {                             \
+        const int64_t d = T->d, dw = wide ? d & ~(int64_t)63 : d & ~(int64_t)31, step = wide ? 4 : 2; \
+        int64_t r = r0;                                                                           \
+        for (; r + step <= r1; r += step) {                                                       \
             for (int64_t t = 0; t < dw; t += wide ? 64 : 32)                                      \
                 wide ? pv16_4x4_##SUF(T, r, vp, ja, jb, t) : pv8_2x4_##SUF(T, r, vp, ja, jb, t);  \
             for (int64_t i = r; i < r + step && dw < d; i++) pv_tail_##SUF(T, i, vp, ja, jb, dw, wide); \
         }                                                                                         \
-        for (; r < rows; r++) {                                                                   \
+        for (; r < r1; r++) {                                                                     \
             for (int64_t t = 0; t < dw; t += wide ? 64 : 32)                                      \
                 wide ? pv16_1x4_##SUF(T, r, vp, ja, jb, t) : pv8_1x4_##SUF(T, r, vp, ja, jb, t);  \
             pv_tail_##SUF(T, r, vp, ja, jb, dw, wide);                                            \
@@ -305,33 +318,41 @@ KVB_PVS(uint16_t, bf16, ld_bf16, ld16_bf16)
 
 /* A task: key blocks of KVB_BLOCK positions aligned to multiples of it (so a row meets the same
  * blocks whatever its tile), each read once for all rows, in order (the hardware prefetchers do
- * better than asking for the next block ahead): the block's keys transposed, every row's
- * scores, the softmax step, the weighted sums of values; at the end each row over its sum into
- * out. WIDE: the 16-lane blocking. */
+ * better than asking for the next block ahead): the block's keys transposed; then per group of
+ * four rows (two where 8 lanes), over the positions any of them has in the block (rows are
+ * token-major: the group's first row starts earliest, its last ends latest): scores, the softmax
+ * step, the weighted sums of values. At the end each row over its sum into out. WIDE: 16 lanes. */
 #define KVB_TASK(NAME, KV_T, SUF, WIDE, ATTR)                                                             \
     ATTR static void NAME(const kvb_tile *T, const KV_T *k, const KV_T *v) {                               \
         const int64_t g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi, d = T->d, hd = T->h * d;        \
+        const int64_t step = WIDE ? 4 : 2;                                                                \
         int64_t off[KVB_BLOCK];                                                                           \
         const KV_T *vp[KVB_BLOCK];                                                                        \
         for (int64_t r = 0; r < rows; r++) T->m[r] = -FLT_MAX, T->l[r] = 0.f;                             \
         memset(T->acc, 0, sizeof(float) * (size_t)(rows * T->dpad));                                     \
         for (int64_t c0 = lo & ~(int64_t)(KVB_BLOCK - 1); c0 <= hi; c0 += KVB_BLOCK) {                    \
             const int64_t a0 = c0 > lo ? c0 : lo, b0 = c0 + KVB_BLOCK - 1 < hi ? c0 + KVB_BLOCK - 1 : hi; \
-            kvb_offsets(T, a0, b0, off);                                                                  \
             const int64_t ja = a0 - c0, jb = b0 - c0;                                                     \
+            kvb_offsets(T, a0, b0, off);                                                                  \
             for (int64_t j = ja; j <= jb; j++) vp[j] = v + off[j - ja];                                   \
             kvb_transpose_##SUF(T, k, off, ja, jb);                                                       \
-            int64_t r = 0;                                                                                \
-            if (WIDE) {                                                                                   \
-                for (; r + 4 <= rows; r += 4) qk16_4(T, r);                                               \
-                for (; r < rows; r++) qk16_1(T, r);                                                       \
-            } else                                                                                        \
-                for (; r < rows; r++) qk8_1(T, r);                                                        \
-            for (r = 0; r < rows; r++) {                                                                  \
-                const int64_t pr = T->pos[r / g], lr = kvb_first(pr, T->window);                          \
-                kvb_weights(T, r, a0 > lr ? a0 : lr, b0 < pr ? b0 : pr, c0);                              \
+            for (int64_t r0 = 0; r0 < rows; r0 += step) {                                                 \
+                const int64_t r1 = r0 + step < rows ? r0 + step : rows;                                   \
+                const int64_t first = kvb_first(T->pos[r0 / g], T->window) - c0;                          \
+                const int64_t ga = first > ja ? first : ja;                                               \
+                const int64_t gb = T->pos[(r1 - 1) / g] - c0 < jb ? T->pos[(r1 - 1) / g] - c0 : jb;       \
+                if (ga > gb) continue; /* no row of the group has a position here: nothing changes */   \
+                const int64_t la = ga & ~(int64_t)15, lb = (gb | 15) + 1;                                 \
+                if (WIDE && r1 - r0 == 4)                                                                 \
+                    qk_16x4(T, r0, la, lb);                                                               \
+                else                                                                                      \
+                    for (int64_t r = r0; r < r1; r++) WIDE ? qk_16x1(T, r, la, lb) : qk_8x1(T, r, la, lb); \
+                for (int64_t r = r0; r < r1; r++) {                                                       \
+                    const int64_t pr = T->pos[r / g], lr = kvb_first(pr, T->window);                      \
+                    kvb_weights(T, r, a0 > lr ? a0 : lr, b0 < pr ? b0 : pr, c0, la, lb);                  \
+                }                                                                                         \
+                pv_rows_##SUF(T, r0, r1, vp, ga, gb, WIDE);                                               \
             }                                                                                             \
-            pv_rows_##SUF(T, rows, vp, ja, jb, WIDE);                                                     \
         }                                                                                                 \
         for (int64_t r = 0; r < rows; r++) {                                                              \
             float *o = T->out0 + (r / g) * hd + (r % g) * d;                                              \
