@@ -161,19 +161,18 @@ KVB_INLINE void kvb_transpose8(v8f *x) {
     for (int i = 0; i < 4; i++) x[i] = __builtin_shuffle(u[i], u[i + 4], lo8), x[i + 4] = __builtin_shuffle(u[i], u[i + 4], hi8);
 }
 
-/* The block's keys at lanes [la, lb) (multiples of 16) into kt [d][KVB_BLOCK], fp32: the keys of
- * positions ja..jb (block lanes), 0 in the other lanes of the range. */
+/* Lanes j0..j0 + 7 of the block's keys into kt [d][KVB_BLOCK], fp32: the keys of positions ja..jb
+ * (block lanes; k + off[j - ja] is lane j's row), 0 in the others. */
 #define KVB_TRANSPOSE(NAME, KV_T, LOAD)                                                          \
-    KVB_INLINE void NAME(const kvb_tile *T, const KV_T *k, const int64_t *off, int64_t ja, int64_t jb) { \
-        const int64_t la = ja & ~(int64_t)15, lb = (jb | 15) + 1;                                 \
-        for (int64_t j0 = la; j0 < lb; j0 += 8)                                                   \
-            for (int64_t t = 0; t < T->d; t += 8) {                                               \
-                v8f x[8];                                                                         \
-                for (int i = 0; i < 8; i++)                                                       \
-                    x[i] = j0 + i >= ja && j0 + i <= jb ? LOAD(k + off[j0 + i - ja] + t) : (v8f){0}; \
-                kvb_transpose8(x);                                                                \
-                for (int u = 0; u < 8; u++) st_f32(T->kt + (t + u) * KVB_BLOCK + j0, x[u]);       \
-            }                                                                                     \
+    KVB_INLINE void NAME(const kvb_tile *T, const KV_T *k, const int64_t *off, int64_t ja, int64_t jb, \
+                         int64_t j0) {                                                            \
+        for (int64_t t = 0; t < T->d; t += 8) {                                                   \
+            v8f x[8];                                                                             \
+            for (int i = 0; i < 8; i++)                                                           \
+                x[i] = j0 + i >= ja && j0 + i <= jb ? LOAD(k + off[j0 + i - ja] + t) : (v8f){0};  \
+            kvb_transpose8(x);                                                                    \
+            for (int u = 0; u < 8; u++) st_f32(T->kt + (t + u) * KVB_BLOCK + j0, x[u]);           \
+        }                                                                                         \
     }
 KVB_TRANSPOSE(kvb_transpose_f32, float, ld_f32)
 KVB_TRANSPOSE(kvb_transpose_bf16, uint16_t, ld_bf16)
@@ -241,15 +240,16 @@ KVB_INLINE void kvb_weights(const kvb_tile *T, int64_t r, int64_t a, int64_t b, 
 }
 
 /* R rows' (from r0) o[NV vectors of dims from t0] += w[p] * v[p] over the block's positions
- * [ja, jb], in order (a weight 0 adds nothing: o is never -0). */
+ * [ja, jb], in order (a weight 0 adds nothing: o is never -0); vp[j] + voff is lane j's values. */
 #define KVB_PV(NAME, KV_T, V, LD, ST, LOAD, SPLAT, R, NV)                                        \
-    KVB_INLINE void NAME(const kvb_tile *T, int64_t r0, const KV_T *const *vp, int64_t ja, int64_t jb, int64_t t0) { \
+    KVB_INLINE void NAME(const kvb_tile *T, int64_t r0, const KV_T *const *vp, int64_t ja, int64_t jb, int64_t t0, \
+                         int64_t voff) {                                                          \
         enum { L = sizeof(V) / sizeof(float) };                                                   \
         V o[R][NV];                                                                               \
         for (int r = 0; r < R; r++)                                                               \
             for (int i = 0; i < NV; i++) o[r][i] = LD(T->acc + (r0 + r) * T->dpad + t0 + i * L);  \
         for (int64_t j = ja; j <= jb; j++) {                                                      \
-            const KV_T *p = vp[j] + t0;                                                           \
+            const KV_T *p = vp[j] + voff + t0;                                                    \
             V x[NV];                                                                              \
             for (int i = 0; i < NV; i++) x[i] = LOAD(p + i * L);                                  \
             for (int r = 0; r < R; r++) {                                                         \
@@ -291,74 +291,93 @@ KVB_QKS(16x4, v16f, ld16_f32, st16_f32, splat16, 4, 1, 2, 3, 4)
     KVB_PV(pv16_4x4_##SUF, KV_T, v16f, ld16_f32, st16_f32, LOAD16, splat16, 4, 4)                 \
     /* Row r's sums over dimensions [t, d) one or two vectors at a time. */                     \
     KVB_INLINE void pv_tail_##SUF(const kvb_tile *T, int64_t r, const KV_T *const *vp, int64_t ja,  \
-                                  int64_t jb, int64_t t, int wide) {                              \
+                                  int64_t jb, int64_t t, int wide, int64_t vo) {                  \
         if (wide)                                                                                 \
-            for (; t + 16 <= T->d; t += 16) pv16_1x1_##SUF(T, r, vp, ja, jb, t);                  \
-        for (; t + 8 <= T->d; t += 8) pv8_1x1_##SUF(T, r, vp, ja, jb, t);                         \
+            for (; t + 16 <= T->d; t += 16) pv16_1x1_##SUF(T, r, vp, ja, jb, t, vo);              \
+        for (; t + 8 <= T->d; t += 8) pv8_1x1_##SUF(T, r, vp, ja, jb, t, vo);                     \
     }                                                                                             \
     /* Rows [r0, r1)'s sums over all d dimensions (d a multiple of 8), four / two rows at a time \
      * where there are that many. */                                                            \
     KVB_INLINE void pv_rows_##SUF(const kvb_tile *T, int64_t r0, int64_t r1, const KV_T *const *vp, \
-                                  int64_t ja, int64_t jb, int wide) {                             \
+                                  int64_t ja, int64_t jb, int wide, int64_t vo) {                 \
         const int64_t d = T->d, dw = wide ? d & ~(int64_t)63 : d & ~(int64_t)31, step = wide ? 4 : 2; \
         int64_t r = r0;                                                                           \
         for (; r + step <= r1; r += step) {                                                       \
             for (int64_t t = 0; t < dw; t += wide ? 64 : 32)                                      \
-                wide ? pv16_4x4_##SUF(T, r, vp, ja, jb, t) : pv8_2x4_##SUF(T, r, vp, ja, jb, t);  \
-            for (int64_t i = r; i < r + step && dw < d; i++) pv_tail_##SUF(T, i, vp, ja, jb, dw, wide); \
+                wide ? pv16_4x4_##SUF(T, r, vp, ja, jb, t, vo) : pv8_2x4_##SUF(T, r, vp, ja, jb, t, vo);  \
+            for (int64_t i = r; i < r + step && dw < d; i++) pv_tail_##SUF(T, i, vp, ja, jb, dw, wide, vo); \
         }                                                                                         \
         for (; r < r1; r++) {                                                                     \
             for (int64_t t = 0; t < dw; t += wide ? 64 : 32)                                      \
-                wide ? pv16_1x4_##SUF(T, r, vp, ja, jb, t) : pv8_1x4_##SUF(T, r, vp, ja, jb, t);  \
-            pv_tail_##SUF(T, r, vp, ja, jb, dw, wide);                                            \
+                wide ? pv16_1x4_##SUF(T, r, vp, ja, jb, t, vo) : pv8_1x4_##SUF(T, r, vp, ja, jb, t, vo);  \
+            pv_tail_##SUF(T, r, vp, ja, jb, dw, wide, vo);                                        \
         }                                                                                         \
     }
 KVB_PVS(float, f32, ld_f32, ld16_f32)
 KVB_PVS(uint16_t, bf16, ld_bf16, ld16_bf16)
 
-/* A task: key blocks of KVB_BLOCK positions aligned to multiples of it (so a row meets the same
- * blocks whatever its tile), each read once for all rows, in order (the hardware prefetchers do
- * better than asking for the next block ahead): the block's keys transposed; then per group of
- * four rows (two where 8 lanes), over the positions any of them has in the block (rows are
- * token-major: the group's first row starts earliest, its last ends latest): scores, the softmax
- * step, the weighted sums of values. At the end each row over its sum into out. WIDE: 16 lanes. */
+/* A task: the tiles TT[0..nh) of nh consecutive kv heads (the same rows and positions; k and v
+ * point at the first head's part of a pool row, head i's is i * d on). Key blocks of KVB_BLOCK
+ * positions aligned to multiples of it (so a row meets the same blocks whatever its tile), each
+ * read once for all rows and heads, in order, position-major across the heads (whole pool rows
+ * where there are several; the hardware prefetchers do better than asking ahead): the block's
+ * keys transposed; per head and group of four rows (two on 8 lanes), over the positions any of
+ * them has in the block (rows are token-major: the group's first row starts earliest, its last
+ * ends latest): scores, the softmax step; then the weighted sums of values, eight positions at a
+ * time across the heads. At the end each row over its sum into out. WIDE: 16 lanes. */
 #define KVB_TASK(NAME, KV_T, SUF, WIDE, ATTR)                                                             \
-    ATTR static void NAME(const kvb_tile *T, const KV_T *k, const KV_T *v) {                               \
+    ATTR static void NAME(const kvb_tile *TT, int64_t nh, const KV_T *k, const KV_T *v) {                 \
+        const kvb_tile *T = TT;                                                                           \
         const int64_t g = T->g, rows = T->nq * g, lo = T->lo, hi = T->hi, d = T->d, hd = T->h * d;        \
-        const int64_t step = WIDE ? 4 : 2;                                                                \
-        int64_t off[KVB_BLOCK];                                                                           \
+        const int64_t step = WIDE ? 4 : 2, groups = (rows + step - 1) / step;                             \
+        const int64_t chunk = nh > 1 ? 8 : KVB_BLOCK;                                                     \
+        int64_t off[KVB_BLOCK], ga[KVB_TILE_ROWS], gb[KVB_TILE_ROWS];                                     \
         const KV_T *vp[KVB_BLOCK];                                                                        \
-        for (int64_t r = 0; r < rows; r++) T->m[r] = -FLT_MAX, T->l[r] = 0.f;                             \
-        memset(T->acc, 0, sizeof(float) * (size_t)(rows * T->dpad));                                     \
+        for (int64_t i = 0; i < nh; i++) {                                                                \
+            for (int64_t r = 0; r < rows; r++) TT[i].m[r] = -FLT_MAX, TT[i].l[r] = 0.f;                   \
+            memset(TT[i].acc, 0, sizeof(float) * (size_t)(rows * T->dpad));                              \
+        }                                                                                                 \
         for (int64_t c0 = lo & ~(int64_t)(KVB_BLOCK - 1); c0 <= hi; c0 += KVB_BLOCK) {                    \
             const int64_t a0 = c0 > lo ? c0 : lo, b0 = c0 + KVB_BLOCK - 1 < hi ? c0 + KVB_BLOCK - 1 : hi; \
             const int64_t ja = a0 - c0, jb = b0 - c0;                                                     \
             kvb_offsets(T, a0, b0, off);                                                                  \
             for (int64_t j = ja; j <= jb; j++) vp[j] = v + off[j - ja];                                   \
-            kvb_transpose_##SUF(T, k, off, ja, jb);                                                       \
-            for (int64_t r0 = 0; r0 < rows; r0 += step) {                                                 \
-                const int64_t r1 = r0 + step < rows ? r0 + step : rows;                                   \
-                const int64_t first = kvb_first(T->pos[r0 / g], T->window) - c0;                          \
-                const int64_t ga = first > ja ? first : ja;                                               \
-                const int64_t gb = T->pos[(r1 - 1) / g] - c0 < jb ? T->pos[(r1 - 1) / g] - c0 : jb;       \
-                if (ga > gb) continue; /* no row of the group has a position here: nothing changes */   \
-                const int64_t la = ga & ~(int64_t)15, lb = (gb | 15) + 1;                                 \
-                if (WIDE && r1 - r0 == 4)                                                                 \
-                    qk_16x4(T, r0, la, lb);                                                               \
-                else                                                                                      \
-                    for (int64_t r = r0; r < r1; r++) WIDE ? qk_16x1(T, r, la, lb) : qk_8x1(T, r, la, lb); \
-                for (int64_t r = r0; r < r1; r++) {                                                       \
-                    const int64_t pr = T->pos[r / g], lr = kvb_first(pr, T->window);                      \
-                    kvb_weights(T, r, a0 > lr ? a0 : lr, b0 < pr ? b0 : pr, c0, la, lb);                  \
-                }                                                                                         \
-                pv_rows_##SUF(T, r0, r1, vp, ga, gb, WIDE);                                               \
+            for (int64_t j0 = ja & ~(int64_t)15; j0 <= (jb | 15); j0 += 8)                                \
+                for (int64_t i = 0; i < nh; i++) kvb_transpose_##SUF(TT + i, k + i * d, off, ja, jb, j0); \
+            for (int64_t G = 0; G < groups; G++) { /* no row of a group with ga > gb has a position here */ \
+                const int64_t r0 = G * step, r1 = r0 + step < rows ? r0 + step : rows;                    \
+                const int64_t first = kvb_first(T->pos[r0 / g], T->window) - c0, last = T->pos[(r1 - 1) / g] - c0; \
+                ga[G] = first > ja ? first : ja, gb[G] = last < jb ? last : jb;                           \
             }                                                                                             \
+            for (int64_t i = 0; i < nh; i++)                                                              \
+                for (int64_t G = 0; G < groups; G++) {                                                    \
+                    const int64_t r0 = G * step, r1 = r0 + step < rows ? r0 + step : rows;                \
+                    if (ga[G] > gb[G]) continue;                                                          \
+                    const int64_t la = ga[G] & ~(int64_t)15, lb = (gb[G] | 15) + 1;                       \
+                    if (WIDE && r1 - r0 == 4)                                                             \
+                        qk_16x4(TT + i, r0, la, lb);                                                      \
+                    else                                                                                  \
+                        for (int64_t r = r0; r < r1; r++) WIDE ? qk_16x1(TT + i, r, la, lb) : qk_8x1(TT + i, r, la, lb); \
+                    for (int64_t r = r0; r < r1; r++) {                                                   \
+                        const int64_t pr = T->pos[r / g], lr = kvb_first(pr, T->window);                  \
+                        kvb_weights(TT + i, r, a0 > lr ? a0 : lr, b0 < pr ? b0 : pr, c0, la, lb);         \
+                    }                                                                                     \
+                }                                                                                         \
+            for (int64_t c = ja; c <= jb; c += chunk)                                                     \
+                for (int64_t i = 0; i < nh; i++)                                                          \
+                    for (int64_t G = 0; G < groups; G++) {                                                \
+                        const int64_t r0 = G * step, r1 = r0 + step < rows ? r0 + step : rows;            \
+                        const int64_t e = c + chunk - 1 < gb[G] ? c + chunk - 1 : gb[G];                  \
+                        if (ga[G] <= e && c <= gb[G])                                                     \
+                            pv_rows_##SUF(TT + i, r0, r1, vp, ga[G] > c ? ga[G] : c, e, WIDE, i * d);     \
+                    }                                                                                     \
         }                                                                                                 \
-        for (int64_t r = 0; r < rows; r++) {                                                              \
-            float *o = T->out0 + (r / g) * hd + (r % g) * d;                                              \
-            const float *acc = T->acc + r * T->dpad, inv = 1.f / T->l[r];                                 \
-            for (int64_t t = 0; t < d; t += 8) st_f32(o + t, ld_f32(acc + t) * inv);                      \
-        }                                                                                                 \
+        for (int64_t i = 0; i < nh; i++)                                                                  \
+            for (int64_t r = 0; r < rows; r++) {                                                          \
+                float *o = TT[i].out0 + (r / g) * hd + (r % g) * d;                                       \
+                const float *acc = TT[i].acc + r * T->dpad, inv = 1.f / TT[i].l[r];                       \
+                for (int64_t t = 0; t < d; t += 8) st_f32(o + t, ld_f32(acc + t) * inv);                  \
+            }                                                                                             \
     }
 
 KVB_TASK(task_f32, float, f32, 0, KVB_CLONES)
@@ -416,29 +435,52 @@ static int64_t kvb_tiles(const int64_t *seq, const int64_t *pos, int64_t t, int6
         while (ntiles * hkv < 4 * (int64_t)nthreads && cap >= 32) /* smaller tiles: work for every thread */ \
             ntiles = kvb_tiles(seq, pos, t, cap /= 2, starts);                                           \
         starts[ntiles] = t;                                                                              \
-        const int64_t tasks = ntiles * hkv;                                                              \
+        /* A decode token's task covers all its kv heads (whole pool rows read in order) where there \
+         * are enough of them for every thread; other tiles get a task per kv head. */             \
+        int64_t decode = 0;                                                                              \
+        for (int64_t i = 0; i < ntiles; i++) decode += starts[i + 1] - starts[i] == 1;                   \
+        const int heads_tasks = decode >= 2 * (int64_t)nthreads;                                         \
+        int64_t *task_tile = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * ntiles * hkv)), tasks = 0; \
+        if (!task_tile) {                                                                                \
+            free(starts);                                                                                \
+            return -1;                                                                                   \
+        }                                                                                                \
+        for (int64_t i = 0; i < ntiles; i++)                                                             \
+            for (int64_t kh = 0; kh < hkv; kh++) {                                                       \
+                const int whole = heads_tasks && starts[i + 1] - starts[i] == 1;                         \
+                if (whole && kh > 0) break;                                                              \
+                task_tile[2 * tasks] = i, task_tile[2 * tasks + 1] = kh + (whole ? hkv << 32 : (int64_t)1 << 32); \
+                tasks++;                                                                                 \
+            }                                                                                            \
         const int wide = kvb_wide();                                                                     \
         int failed = 0;                                                                                  \
         _Pragma("omp parallel for num_threads(nthreads) schedule(dynamic, 1) reduction(| : failed)")    \
         for (int64_t task = 0; task < tasks; task++) {                                                   \
-            const int64_t ti = task / hkv, kh = task % hkv;                                              \
+            const int64_t ti = task_tile[2 * task], kh = task_tile[2 * task + 1] & 0xffffffff;           \
+            const int64_t nh = task_tile[2 * task + 1] >> 32;                                            \
             const int64_t r0 = starts[ti], nq = starts[ti + 1] - r0;                                     \
             const int64_t lo = (window > 0 && pos[r0] - window + 1 > 0) ? pos[r0] - window + 1 : 0;      \
             const int64_t rows = nq * g, dpad = kvb_round16(d);                                          \
-            const size_t words = (size_t)(dpad * KVB_BLOCK + rows * KVB_BLOCK + rows * dpad + 2 * kvb_round16(rows)); \
-            float *work = (float *)aligned_alloc(64, (words * sizeof(float) + 63) & ~(size_t)63);        \
+            const int64_t per_head = dpad * KVB_BLOCK + rows * KVB_BLOCK + rows * dpad + 2 * kvb_round16(rows); \
+            float *work = (float *)aligned_alloc(64, ((size_t)(nh * per_head) * sizeof(float) + 63) & ~(size_t)63); \
             if (!work) {                                                                                 \
                 failed |= 1;                                                                             \
                 continue;                                                                                \
             }                                                                                            \
-            float *w = work + dpad * KVB_BLOCK, *acc = w + rows * KVB_BLOCK, *m = acc + rows * dpad;     \
-            const kvb_tile T = {q + (r0 * h + kh * g) * d, out + (r0 * h + kh * g) * d, work, w, acc, m, \
-                                m + kvb_round16(rows), tables + seq[r0] * max_blocks, pos + r0, nq, h, g, \
-                                d, bs, s_pos, s_blk, window, lo, pos[r0 + nq - 1], dpad, scale, softcap}; \
+            kvb_tile TT[nh];                                                                             \
+            for (int64_t i = 0; i < nh; i++) {                                                           \
+                float *kt = work + i * per_head, *w = kt + dpad * KVB_BLOCK, *acc = w + rows * KVB_BLOCK; \
+                float *m = acc + rows * dpad;                                                            \
+                const kvb_tile Ti = {q + (r0 * h + (kh + i) * g) * d, out + (r0 * h + (kh + i) * g) * d, kt, w, acc, \
+                                     m, m + kvb_round16(rows), tables + seq[r0] * max_blocks, pos + r0, nq, h, g, d, \
+                                     bs, s_pos, s_blk, window, lo, pos[r0 + nq - 1], dpad, scale, softcap};   \
+                TT[i] = Ti;                                                                              \
+            }                                                                                            \
             const KV_T *kk = k + kh * d, *vv = v + kh * d;                                               \
-            wide ? WIDE(&T, kk, vv) : NARROW(&T, kk, vv);                                                \
+            wide ? WIDE(TT, nh, kk, vv) : NARROW(TT, nh, kk, vv);                                        \
             free(work);                                                                                  \
         }                                                                                                \
+        free(task_tile);                                                                                 \
         free(starts);                                                                                    \
         return failed ? -1 : 0;                                                                          \
     }

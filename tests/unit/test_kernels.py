@@ -174,6 +174,27 @@ def test_attention_in_16_lane_registers_gives_the_8_lane_codes_bits(dtype):
         lib.kvb_attention_wide(1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_token_gets_the_same_bits_whether_one_task_covers_its_kv_heads_or_one_each(dtype):
+    """With decode tokens enough for every thread, one task covers all kv heads of a decode token
+    (it reads whole pool rows in order); with few, each head is a task. The bits must not change."""
+    if ATTENTION.load() is None:
+        pytest.skip("no C compiler here")
+    threads = torch.get_num_threads()
+    for heads, kv_heads, head_dim in ((12, 12, 64), (8, 2, 40)):
+        batch, _ = make_step(dtype, kv_heads, head_dim, [1, 1, 1, 1, 5], [90, 7, 150, 64, 70], block=16, seed=8,
+                             native=True)
+        q = (torch.randn(9, heads, head_dim) * 3).to(dtype)
+        try:
+            torch.set_num_threads(1)  # 4 decode tokens >= 2 a thread: one task a token
+            whole = paged_attention(q, 0, batch, head_dim ** -0.5)
+            torch.set_num_threads(4)  # fewer than 2 a thread: one task a token and head
+            each = paged_attention(q, 0, batch, head_dim ** -0.5)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(whole, each), (heads, kv_heads, head_dim)
+
+
 @pytest.mark.parametrize("native_copy", [True, False])
 def test_pool_load_extract_and_copy_block_round_trip(native_copy):
     pool = KVPool(2, 2, 3, torch.float32, torch.device("cpu"), 6, 4, native_copy=native_copy)
