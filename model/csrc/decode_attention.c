@@ -146,19 +146,29 @@ static inline void kvb_offsets(const kvb_tile *T, int64_t a, int64_t b, int64_t 
     }
 }
 
+/* Lanes of two 8-lane vectors picked by index (0-7 the first's, 8-15 the second's). */
+#ifdef __clang__
+#define KVB_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define KVB_SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
 /* An 8 x 8 transpose in place: pairs interleaved, then pairs of pairs, then halves swapped. */
 KVB_INLINE void kvb_transpose8(v8f *x) {
-    const v8i lo2 = {0, 8, 1, 9, 4, 12, 5, 13}, hi2 = {2, 10, 3, 11, 6, 14, 7, 15};
-    const v8i lo4 = {0, 1, 8, 9, 4, 5, 12, 13}, hi4 = {2, 3, 10, 11, 6, 7, 14, 15};
-    const v8i lo8 = {0, 1, 2, 3, 8, 9, 10, 11}, hi8 = {4, 5, 6, 7, 12, 13, 14, 15};
     v8f t[8], u[8];
-    for (int i = 0; i < 8; i += 2) t[i] = __builtin_shuffle(x[i], x[i + 1], lo2), t[i + 1] = __builtin_shuffle(x[i], x[i + 1], hi2);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = KVB_SHUF(x[i], x[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = KVB_SHUF(x[i], x[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
     for (int i = 0; i < 8; i += 4)
         for (int j = 0; j < 2; j++) {
-            u[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], lo4);
-            u[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], hi4);
+            u[i + 2 * j] = KVB_SHUF(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[i + 2 * j + 1] = KVB_SHUF(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
         }
-    for (int i = 0; i < 4; i++) x[i] = __builtin_shuffle(u[i], u[i + 4], lo8), x[i + 4] = __builtin_shuffle(u[i], u[i + 4], hi8);
+    for (int i = 0; i < 4; i++) {
+        x[i] = KVB_SHUF(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        x[i + 4] = KVB_SHUF(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
 }
 
 /* Lanes j0..j0 + 7 of the block's keys into kt [d][KVB_BLOCK], fp32: the keys of positions ja..jb
@@ -261,8 +271,14 @@ KVB_INLINE void kvb_weights(const kvb_tile *T, int64_t r, int64_t a, int64_t b, 
             for (int i = 0; i < NV; i++) ST(T->acc + (r0 + r) * T->dpad + t0 + i * L, o[r][i]);   \
     }
 
-typedef int32_t v16i __attribute__((vector_size(64)));
-KVB_INLINE v16f splat16(float x) { return __builtin_shuffle((v16f){x}, (v16i){0}); }
+KVB_INLINE v16f splat16(float x) { /* a broadcast: GCC builds the 16-element initialiser lane by lane */
+#ifdef __clang__
+    return (v16f){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+    typedef int32_t v16i __attribute__((vector_size(64)));
+    return __builtin_shuffle((v16f){x}, (v16i){0});
+#endif
+}
 /* Scores: 16 lanes four rows at a time (16 accumulators) or one; 8 lanes one row. Per lane range
  * of 16 to 64 lanes. */
 #define KVB_QKS(SUF, V, LD, ST, SPLAT, R, N1, N2, N3, N4)                                         \
