@@ -59,35 +59,24 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
-KVB_INLINE v8f ld_f32(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-/* bf16 is the top half of an fp32: widening is a shift. */
-KVB_INLINE v8f ld_bf16(const uint16_t *p) {
-    v8h h;
-    memcpy(&h, p, sizeof h);
-    const v8u w = __builtin_convertvector(h, v8u) << 16;
-    v8f f;
-    memcpy(&f, &w, sizeof f);
-    return f;
-}
-KVB_INLINE void st_f32(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-KVB_INLINE v16f ld16_f32(const float *p) {
-    v16f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-KVB_INLINE v16f ld16_bf16(const uint16_t *p) {
-    v16h h;
-    memcpy(&h, p, sizeof h);
-    const v16u w = __builtin_convertvector(h, v16u) << 16;
-    v16f f;
-    memcpy(&f, &w, sizeof f);
-    return f;
-}
-KVB_INLINE void st16_f32(float *p, v16f v) { memcpy(p, &v, sizeof v); }
+/* Loads and stores per vector width (bf16 is the top half of an fp32: widening is a shift). */
+#define KVB_LOADS(F, U, H, LD, LDB, ST)                                \
+    KVB_INLINE F LD(const float *p) {                                  \
+        F v;                                                           \
+        memcpy(&v, p, sizeof v);                                       \
+        return v;                                                      \
+    }                                                                  \
+    KVB_INLINE F LDB(const uint16_t *p) {                              \
+        H h;                                                           \
+        memcpy(&h, p, sizeof h);                                       \
+        const U w = __builtin_convertvector(h, U) << 16;               \
+        F f;                                                           \
+        memcpy(&f, &w, sizeof f);                                      \
+        return f;                                                      \
+    }                                                                  \
+    KVB_INLINE void ST(float *p, F v) { memcpy(p, &v, sizeof v); }
+KVB_LOADS(v8f, v8u, v8h, ld_f32, ld_bf16, st_f32)
+KVB_LOADS(v16f, v16u, v16h, ld16_f32, ld16_bf16, st16_f32)
 KVB_INLINE v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 KVB_INLINE v8f vpick(v8i m, v8f a, v8f b) {
     v8i ai, bi;
