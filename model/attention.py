@@ -7,8 +7,8 @@ implementations of the same arithmetic:
 - the pure-torch path (the CUDA path, and the CPU path under ``KVBENTO_CPU_KERNELS=torch``):
   per sequence, gather its positions' K/V from the pool and run the scores, softmax and
   weighted sum as batched matmuls;
-- the native CPU kernel (``csrc/decode_attention.c``), which walks the block tables directly,
-  one (token, kv head) task per thread slot.
+- the native CPU kernels (``csrc/decode_attention.c``, or AMX tiles for bf16 where the CPU has
+  them), which walk the block tables directly; the pool's key layout says which one reads it.
 
 Both compute every sequence on its own, in an order that does not depend on the rest of the
 batch: a sequence's attention output is the same alone or in any batch (exactness). The HF forward
@@ -46,15 +46,13 @@ def paged_attention(q: torch.Tensor, layer: int, batch: StepBatch, scaling: floa
 def _torch_attention(q: torch.Tensor, layer: int, batch: StepBatch, scaling: float,
                      window: int | None, softcap: float | None) -> torch.Tensor:
     pool = batch.pool
-    keys, values = pool.flat(layer)
     hkv = pool.kv_heads
     t, h, d = q.shape
     g = h // hkv
     out = torch.empty_like(q)
     at = 0
     for slots, q_len, ctx in zip(batch.gather_slots(), batch.q_lens, batch.ctx_lens):
-        k = keys.index_select(0, slots).transpose(0, 1)  # [hkv, ctx, d]
-        v = values.index_select(0, slots).transpose(0, 1)
+        k, v = (x.transpose(0, 1) for x in pool.rows(layer, slots))  # [hkv, ctx, d]
         qi = q[at : at + q_len].view(q_len, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * q_len, d)
         scores = torch.bmm(qi.to(k.dtype), k.transpose(1, 2)).float() * scaling  # [hkv, g*q, ctx]
         if softcap:

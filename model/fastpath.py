@@ -199,13 +199,14 @@ class LlamaStep:
         pool = batch.pool
         if not (batch.native and pool.dtype == self.embed.dtype):
             return False
-        if self.amx:
-            if not kernels.amx_attention_fits(self.heads, self.kv_heads, self.head_dim, pool.block_size):
+        if self.amx:  # its attention reads keys by position
+            if pool.keys_by_dim or not kernels.amx_attention_fits(self.heads, self.kv_heads, self.head_dim,
+                                                                  pool.block_size):
                 return False
             run, attention = self.fused.kvb_amx_layers, ()
         else:  # fp32: the attention kernel is another library's, passed in as a function pointer
             lib = native.ATTENTION.load()
-            if lib is None:
+            if lib is None or not pool.keys_by_dim:
                 return False
             run, attention = self.fused.kvb_f32_layers, (ctypes.cast(lib.kvb_paged_attention, ctypes.c_void_p),)
         if self._pool_ptrs[0] is not pool:
@@ -277,8 +278,9 @@ def _self_check(model: torch.nn.Module, step: LlamaStep, dtype: torch.dtype, nat
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (12,), generator=g).tolist()
     seqs = [tokens[:7], tokens[7:]]
-    pools = [KVPool(cfg.num_hidden_layers, step.kv_heads, step.head_dim, dtype, torch.device("cpu"), 4, 4)
-             for _ in range(2)]
+    by_dim = native and kernels.keys_by_dim(dtype, step.heads, step.kv_heads, step.head_dim, 16)
+    pools = [KVPool(cfg.num_hidden_layers, step.kv_heads, step.head_dim, dtype, torch.device("cpu"), 4, 16,
+                    native_copy=native, keys_by_dim=by_dim) for _ in range(2)]
     tables = [[0, 1], [2, 3]]
     err = scale = 0.0
     for chunks in ([(0, 5), (0, 2)], [(5, 6), (2, 5)]):

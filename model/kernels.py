@@ -277,20 +277,22 @@ def batch_variance(model: torch.nn.Module, rows: tuple[int, ...] = PROBE_ROWS) -
 
 def paged_attention_native(q: torch.Tensor, layer: int, batch, scaling: float, window: int | None,
                            softcap: float | None) -> torch.Tensor | None:
-    """``model.attention.paged_attention`` through a native kernel (AMX tiles for bf16 where the CPU
-    has them and the shapes fit, else ``csrc/decode_attention.c``); None where neither can (no
-    compiler, fp16, too many query heads per KV head): the torch path runs instead. Which kernel
-    runs depends only on the model, the pool and the CPU, never on the batch."""
+    """``model.attention.paged_attention`` through a native kernel: ``csrc/decode_attention.c`` where
+    the pool's keys are laid out for it (``keys_by_dim``), else AMX tiles for bf16 where the CPU has
+    them and the shapes fit; None where neither can (no compiler, fp16, too many query heads per KV
+    head): the torch path runs instead. Which kernel runs depends only on the model, the pool and
+    the CPU, never on the batch."""
     pool = batch.pool
     t, h, d = q.shape
-    amx = native.AMX.load() if pool.dtype == torch.bfloat16 and q.dtype == torch.bfloat16 else None
-    if amx is not None and amx_attention_fits(h, pool.kv_heads, d, pool.block_size):
-        fn, qc = amx.kvb_amx_attention, q.contiguous()
-    else:
+    if pool.keys_by_dim:
         lib = native.ATTENTION.load()
         fn = None if lib is None else {torch.float32: lib.kvb_paged_attention,
                                        torch.bfloat16: lib.kvb_paged_attention_bf16}.get(pool.dtype)
         qc = q.to(torch.float32).contiguous()  # scores and sums in fp32 either way
+    else:
+        amx = native.AMX.load() if pool.dtype == torch.bfloat16 and q.dtype == torch.bfloat16 else None
+        fits = amx is not None and amx_attention_fits(h, pool.kv_heads, d, pool.block_size)
+        fn, qc = (amx.kvb_amx_attention, q.contiguous()) if fits else (None, q)
     if fn is None:
         return None
     seq, pos, tables = batch.native_meta()
@@ -309,6 +311,17 @@ def amx_attention_fits(heads: int, kv_heads: int, head_dim: int, block_size: int
     dimension and blocks in steps of 32)."""
     return heads % kv_heads == 0 and heads // kv_heads <= 16 and head_dim % 32 == 0 and head_dim <= 256 \
         and block_size % 32 == 0
+
+
+def keys_by_dim(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
+    """Whether a pool of this model's K/V, read by the native attention, lays its keys out by
+    dimension (``model.kv.KVPool``): where ``csrc/decode_attention.c`` reads it (blocks of a multiple
+    of 16 positions), not the AMX kernel (bf16 on AMX, which reads keys by position)."""
+    if dtype == torch.bfloat16 and native.AMX.load() is not None \
+            and amx_attention_fits(heads, kv_heads, head_dim, block_size):
+        return False
+    return dtype in (torch.float32, torch.bfloat16) and block_size % 16 == 0 \
+        and native_attention_fits(heads, kv_heads, head_dim) and native.ATTENTION.load() is not None
 
 
 def native_attention_fits(heads: int, kv_heads: int, head_dim: int) -> bool:

@@ -1,8 +1,11 @@
 """The paged KV cache: one pool of fixed-size blocks per layer, and one step's view of it.
 
-Layout: per layer ``keys[l]`` / ``values[l]`` of shape ``[num_blocks, block_size, kv_heads,
-head_dim]``; position ``p`` of a sequence lives in block ``table[p // block_size]`` at offset
-``p % block_size`` (its *slot* is ``block * block_size + offset``). Which blocks a sequence holds
+Layout: per layer ``values[l]`` of shape ``[num_blocks, block_size, kv_heads, head_dim]`` and
+``keys[l]`` the same, or ``[num_blocks, kv_heads, head_dim, block_size]`` where the pool is read
+by ``csrc/decode_attention.c`` (``keys_by_dim``: a block's keys side by side per dimension, the
+operand its scores take, so it never transposes them); position ``p`` of a sequence lives in block
+``table[p // block_size]`` at offset ``p % block_size`` (its *slot* is ``block * block_size +
+offset``). Which blocks a sequence holds
 is ``model.blocks.BlockManager``'s business; this module only moves tensors: a forward writes
 each new token's K/V into its slot, attention reads the block tables (``model.attention``), a
 restored prefix is written into its blocks and a finished sequence's KV is copied out of them.
@@ -32,15 +35,18 @@ class KVPool:
     PREFAULT_AHEAD_BYTES = 256 << 20  # faulted in past the highest block handed out so far
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, num_blocks: int, block_size: int, native_copy: bool = True) -> None:
+                 device: torch.device, num_blocks: int, block_size: int, native_copy: bool = True,
+                 keys_by_dim: bool = False) -> None:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.keys_by_dim = keys_by_dim
         shape = (num_blocks, block_size, kv_heads, head_dim)
+        key_shape = (num_blocks, kv_heads, head_dim, block_size) if keys_by_dim else shape
         # Not zeroed (no reader looks past a sequence's own positions) but faulted in on a thread
         # ahead of the blocks in use: a first touch inside a step cost more than the step's K/V
         # write, and faulting the whole pool in at start took a core for seconds.
-        self.keys = [memory.empty(shape, dtype, device) for _ in range(num_layers)]
+        self.keys = [memory.empty(key_shape, dtype, device) for _ in range(num_layers)]
         self.values = [memory.empty(shape, dtype, device) for _ in range(num_layers)]
         self.prefault = memory.Prefaulter(self.keys + self.values, num_blocks) if device.type == "cpu" else None
         self.blocks_ahead = max(1, self.PREFAULT_AHEAD_BYTES // self.block_bytes)
@@ -65,10 +71,12 @@ class KVPool:
     def block_bytes(self) -> int:
         return self.bytes_per_block(self.num_layers, self.kv_heads, self.head_dim, self.dtype, self.block_size)
 
-    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer``'s pool as ``[slots, kv_heads, head_dim]`` views."""
-        shape = (self.num_blocks * self.block_size, self.kv_heads, self.head_dim)
-        return self.keys[layer].view(shape), self.values[layer].view(shape)
+    def rows(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s K and V at ``slots``, each ``[n, kv_heads, head_dim]`` (copies)."""
+        values = self.values[layer].view(-1, self.kv_heads, self.head_dim).index_select(0, slots)
+        if self.keys_by_dim:
+            return self.keys[layer][slots // self.block_size, :, :, slots % self.block_size], values
+        return self.keys[layer].view(-1, self.kv_heads, self.head_dim).index_select(0, slots), values
 
     def slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
         """Slot indices of positions ``[start, end)`` of a sequence with block table ``table``."""
@@ -79,9 +87,18 @@ class KVPool:
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``keys`` / ``values`` ``[n, kv_heads, head_dim]`` into ``slots``."""
-        k, v = self.flat(layer)
-        k.index_copy_(0, slots, keys.to(self.dtype))
-        v.index_copy_(0, slots, values.to(self.dtype))
+        keys, values = keys.to(self.dtype), values.to(self.dtype)
+        if self._copy is not None:  # one call, no GIL hand-off
+            keys, values, slots = keys.contiguous(), values.contiguous(), slots.contiguous()
+            self._copy.kvb_write_rows(self.keys[layer].data_ptr(), self.values[layer].data_ptr(), slots.data_ptr(),
+                                      slots.shape[0], keys.data_ptr(), values.data_ptr(), self.block_size,
+                                      self.kv_heads, self.head_dim, self.dtype.itemsize, self.keys_by_dim)
+            return
+        self.values[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, values)
+        if self.keys_by_dim:
+            self.keys[layer][slots // self.block_size, :, :, slots % self.block_size] = keys
+        else:
+            self.keys[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, keys)
 
     def copy_block(self, src: int, dst: int) -> None:
         for t in (*self.keys, *self.values):
@@ -114,8 +131,8 @@ class KVPool:
         if self._copy is not None and n:  # one native call: no GIL hand-off per (block, layer)
             table_c = (ctypes.c_int64 * len(table))(*table)
             self._copy.kvb_copy_out(self.num_layers, self._ptrs[0], self._ptrs[1], table_c, start, end,
-                                    self.block_size, self.kv_heads, self.head_dim * self.dtype.itemsize,
-                                    flat.data_ptr())
+                                    self.block_size, self.kv_heads, self.head_dim, self.dtype.itemsize,
+                                    self.keys_by_dim, flat.data_ptr())
             return out[0::2], out[1::2]
         # Block by block, straight from the pool (a gather would allocate, and fault in, a temporary)
         b, at = self.block_size, start
@@ -123,7 +140,9 @@ class KVPool:
             blk, off = table[at // b], at % b
             m = min(end - at, b - off)
             for l in range(self.num_layers):
-                out[2 * l][:, at - start:at - start + m].copy_(self.keys[l][blk, off:off + m].transpose(0, 1))
+                k = self.keys[l][blk, :, :, off:off + m].transpose(1, 2) if self.keys_by_dim \
+                    else self.keys[l][blk, off:off + m].transpose(0, 1)
+                out[2 * l][:, at - start:at - start + m].copy_(k)
                 out[2 * l + 1][:, at - start:at - start + m].copy_(self.values[l][blk, off:off + m].transpose(0, 1))
             at += m
         return out[0::2], out[1::2]

@@ -167,8 +167,10 @@ def _setup_rowops(lib: ctypes.CDLL) -> bool:
 
 def _setup_copy(lib: ctypes.CDLL) -> bool:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.kvb_copy_out.argtypes = [i64, ptr, ptr, ptr] + [i64] * 5 + [ptr]
+    lib.kvb_copy_out.argtypes = [i64, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_int, ptr]
     lib.kvb_copy_out.restype = None
+    lib.kvb_write_rows.argtypes = [ptr, ptr, ptr, i64, ptr, ptr] + [i64] * 4 + [ctypes.c_int]
+    lib.kvb_write_rows.restype = None
     return True
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from model import kernels
 from model.attention import NO_MASK
 from model.kv import KV, KVPool, PagedCache, StepBatch
 from model.loader import LoadedModel
@@ -25,9 +26,18 @@ class ModelRunner:
         self.m = loaded
         self.kv_geometry = self.geometry(loaded)
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-        self.pool = KVPool(*self.kv_geometry, loaded.dtype, loaded.device, num_blocks, block_size,
-                           native_copy=loaded.kernels.get("attention") == "native")
+        self.pool = self.new_pool(loaded, num_blocks, block_size)
         self.num_prefilled_tokens = 0  # prompt positions (but the last) run through a forward, ever
+
+    @classmethod
+    def new_pool(cls, loaded: LoadedModel, num_blocks: int, block_size: int) -> KVPool:
+        """A KV pool for ``loaded``, its keys laid out for the attention kernel that will read it."""
+        native = loaded.kernels.get("attention") == "native" and loaded.device.type == "cpu"
+        layers, kv_heads, head_dim = cls.geometry(loaded)
+        by_dim = native and kernels.keys_by_dim(loaded.dtype, loaded.model.config.num_attention_heads, kv_heads,
+                                                head_dim, block_size)
+        return KVPool(layers, kv_heads, head_dim, loaded.dtype, loaded.device, num_blocks, block_size,
+                      native_copy=native, keys_by_dim=by_dim)
 
     @staticmethod
     def geometry(loaded: LoadedModel) -> tuple[int, int, int]:

@@ -4,14 +4,16 @@
  * q, out: [T, H, D] contiguous, the step's packed query tokens. Token t belongs to sequence
  * seq[t] and sits at position pos[t]; it attends to that sequence's positions
  * [max(0, pos - window + 1), pos] (window 0: from 0), read through the sequence's block table
- * (tables[seq * max_blocks + i] is the pool block of positions [i * bs, (i + 1) * bs)). The pool
- * is [blocks, bs, Hkv, D]: position j of a block is j * Hkv * D elements from its start. Query
- * heads are grouped (H = g * Hkv). softcap > 0 caps the logits (s = cap * tanh(s / cap)).
+ * (tables[seq * max_blocks + i] is the pool block of positions [i * bs, (i + 1) * bs)). The values
+ * are [blocks, bs, Hkv, D]; the keys [blocks, Hkv, D, bs] (bs a multiple of 16): a block's keys
+ * side by side per dimension, the operand the scores take (laid out so when written, not
+ * transposed here for every row that reads them). Query heads are grouped (H = g * Hkv).
+ * softcap > 0 caps the logits (s = cap * tanh(s / cap)).
  *
  * Query tiling: consecutive tokens of one sequence (a prefill chunk) are cut into tiles of up to
  * KVB_TILE_ROWS (token, head) rows; one task per (tile, kv head) walks the keys in blocks of
  * KVB_BLOCK positions, each read once for all its rows (a decode token is a tile of one token).
- * Per block: the keys transposed, every row's scores as a small GEMM (one FMA chain per score
+ * Per block: the keys widened to fp32, every row's scores as a small GEMM (one FMA chain per score
  * over the dimensions), the online softmax step per row (exp by a polynomial), the weighted sums
  * of values (one FMA chain per output over the positions, in order). Rows run the whole block,
  * lanes outside a row's own positions masked (score) or weighted 0 (values).
@@ -50,6 +52,7 @@
 #define KVB_BLOCK 64      /* key positions read once for all rows of a task */
 #define KVB_TILE_ROWS 128 /* (token, head) rows of one task at most */
 #define KVB_TILE_TOKENS 128
+#define KVB_AHEAD 16   /* dimensions of keys asked for ahead of use */
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -116,7 +119,7 @@ static inline float kvb_cap(float x, float softcap) {
 
 /* One task: a tile of rows (token, head), token-major, of one kv head; q0/out0 point at its first
  * token's first head of this kv head. Scratch (64-byte aligned floats): kt [d][KVB_BLOCK] (the
- * block's keys, transposed), w [rows][KVB_BLOCK] (scores, then weights), acc [rows][dpad], m
+ * block's keys by dimension, fp32), w [rows][KVB_BLOCK] (scores, then weights), acc [rows][dpad], m
  * and l [rows] (running max and sum). */
 typedef struct {
     const float *q0;
@@ -135,46 +138,26 @@ static inline void kvb_offsets(const kvb_tile *T, int64_t a, int64_t b, int64_t 
     }
 }
 
-/* Lanes of two 8-lane vectors picked by index (0-7 the first's, 8-15 the second's). */
-#ifdef __clang__
-#define KVB_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define KVB_SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
-#endif
-
-/* An 8 x 8 transpose in place: pairs interleaved, then pairs of pairs, then halves swapped. */
-KVB_INLINE void kvb_transpose8(v8f *x) {
-    v8f t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = KVB_SHUF(x[i], x[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-        t[i + 1] = KVB_SHUF(x[i], x[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+/* Lanes [la, lb) (multiples of 16) of the block at position c0 into kt [d][KVB_BLOCK], fp32, from
+ * the pool's keys (k: this head's part; 16 lanes are consecutive positions of one pool block,
+ * bs being a multiple of 16). Lanes outside a row's positions hold whatever the pool has there:
+ * their scores are masked. */
+#define KVB_KEYS(NAME, KV_T, LOAD)                                                                \
+    KVB_INLINE void NAME(const kvb_tile *T, const KV_T *k, int64_t c0, int64_t la, int64_t lb) {  \
+        const KV_T *src[KVB_BLOCK / 16];                                                          \
+        const int64_t bs = T->bs, d = T->d;                                                       \
+        for (int64_t j0 = la; j0 < lb; j0 += 16)                                                  \
+            src[j0 / 16] = k + T->table[(c0 + j0) / bs] * T->s_blk + (c0 + j0) % bs;             \
+        for (int64_t t = 0; t < d; t++)                                                           \
+            for (int64_t j0 = la; j0 < lb; j0 += 16) {                                            \
+                float *dst = T->kt + t * KVB_BLOCK + j0;                                          \
+                __builtin_prefetch(src[j0 / 16] + (t + KVB_AHEAD) * bs);                          \
+                st_f32(dst, LOAD(src[j0 / 16] + t * bs));                                         \
+                st_f32(dst + 8, LOAD(src[j0 / 16] + t * bs + 8));                                 \
+            }                                                                                     \
     }
-    for (int i = 0; i < 8; i += 4)
-        for (int j = 0; j < 2; j++) {
-            u[i + 2 * j] = KVB_SHUF(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-            u[i + 2 * j + 1] = KVB_SHUF(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-        }
-    for (int i = 0; i < 4; i++) {
-        x[i] = KVB_SHUF(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-        x[i + 4] = KVB_SHUF(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-    }
-}
-
-/* Lanes j0..j0 + 7 of the block's keys into kt [d][KVB_BLOCK], fp32: the keys of positions ja..jb
- * (block lanes; k + off[j - ja] is lane j's row), 0 in the others. */
-#define KVB_TRANSPOSE(NAME, KV_T, LOAD)                                                          \
-    KVB_INLINE void NAME(const kvb_tile *T, const KV_T *k, const int64_t *off, int64_t ja, int64_t jb, \
-                         int64_t j0) {                                                            \
-        for (int64_t t = 0; t < T->d; t += 8) {                                                   \
-            v8f x[8];                                                                             \
-            for (int i = 0; i < 8; i++)                                                           \
-                x[i] = j0 + i >= ja && j0 + i <= jb ? LOAD(k + off[j0 + i - ja] + t) : (v8f){0};  \
-            kvb_transpose8(x);                                                                    \
-            for (int u = 0; u < 8; u++) st_f32(T->kt + (t + u) * KVB_BLOCK + j0, x[u]);           \
-        }                                                                                         \
-    }
-KVB_TRANSPOSE(kvb_transpose_f32, float, ld_f32)
-KVB_TRANSPOSE(kvb_transpose_bf16, uint16_t, ld_bf16)
+KVB_KEYS(kvb_keys_f32, float, ld_f32)
+KVB_KEYS(kvb_keys_bf16, uint16_t, ld_bf16)
 
 /* Scores of R rows (from r0) against the keys in lanes [la, la + NV * L): each score one FMA
  * chain over the dimensions in order, whatever R, NV and the vector type V. */
@@ -322,11 +305,11 @@ KVB_PVS(float, f32, ld_f32, ld16_f32)
 KVB_PVS(uint16_t, bf16, ld_bf16, ld16_bf16)
 
 /* A task: the tiles TT[0..nh) of nh consecutive kv heads (the same rows and positions; k and v
- * point at the first head's part of a pool row, head i's is i * d on). Key blocks of KVB_BLOCK
- * positions aligned to multiples of it (so a row meets the same blocks whatever its tile), each
- * read once for all rows and heads, in order, position-major across the heads (whole pool rows
- * where there are several; the hardware prefetchers do better than asking ahead): the block's
- * keys transposed; per head and group of four rows (two on 8 lanes), over the positions any of
+ * point at the first head's keys of a pool block and values of a pool row; head i's are i * d * bs
+ * and i * d on). Key blocks of KVB_BLOCK positions aligned to multiples of it (so a row meets the
+ * same blocks whatever its tile), each read once for all rows and heads, in order (the keys
+ * KVB_AHEAD dimensions ahead and a task's next values asked for ahead: the hardware prefetchers
+ * alone left a decode row waiting on memory): the block's keys widened; per head and group of four rows (two on 8 lanes), over the positions any of
  * them has in the block (rows are token-major: the group's first row starts earliest, its last
  * ends latest): scores, the softmax step; then the weighted sums of values, eight positions at a
  * time across the heads. At the end each row over its sum into out. WIDE: 16 lanes. */
@@ -347,8 +330,7 @@ KVB_PVS(uint16_t, bf16, ld_bf16, ld16_bf16)
             const int64_t ja = a0 - c0, jb = b0 - c0;                                                     \
             kvb_offsets(T, a0, b0, off);                                                                  \
             for (int64_t j = ja; j <= jb; j++) vp[j] = v + off[j - ja];                                   \
-            for (int64_t j0 = ja & ~(int64_t)15; j0 <= (jb | 15); j0 += 8)                                \
-                for (int64_t i = 0; i < nh; i++) kvb_transpose_##SUF(TT + i, k + i * d, off, ja, jb, j0); \
+            for (int64_t i = 0; i < nh; i++) kvb_keys_##SUF(TT + i, k + i * d * T->bs, c0, ja & ~(int64_t)15, (jb | 15) + 1); \
             for (int64_t G = 0; G < groups; G++) { /* no row of a group with ga > gb has a position here */ \
                 const int64_t r0 = G * step, r1 = r0 + step < rows ? r0 + step : rows;                    \
                 const int64_t first = kvb_first(T->pos[r0 / g], T->window) - c0, last = T->pos[(r1 - 1) / g] - c0; \
@@ -373,6 +355,10 @@ KVB_PVS(uint16_t, bf16, ld_bf16, ld16_bf16)
                     for (int64_t G = 0; G < groups; G++) {                                                \
                         const int64_t r0 = G * step, r1 = r0 + step < rows ? r0 + step : rows;            \
                         const int64_t e = c + chunk - 1 < gb[G] ? c + chunk - 1 : gb[G];                  \
+                        if (nh > 1)                                                                       \
+                            for (int64_t j = c + chunk; j < c + 2 * chunk && j <= jb; j++)                \
+                                for (int64_t x = 0; x < d * (int64_t)sizeof(KV_T); x += 64)               \
+                                    __builtin_prefetch((const char *)(vp[j] + i * d) + x);                \
                         if (ga[G] <= e && c <= gb[G])                                                     \
                             pv_rows_##SUF(TT + i, r0, r1, vp, ga[G] > c ? ga[G] : c, e, WIDE, i * d);     \
                     }                                                                                     \
@@ -427,7 +413,7 @@ static int64_t kvb_tiles(const int64_t *seq, const int64_t *pos, int64_t t, int6
              int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, float scale,             \
              int nthreads) {                                                                             \
         if (hkv <= 0 || h % hkv != 0 || h / hkv > KVB_MAX_GROUP || d > KVB_MAX_DIM || d <= 0 ||        \
-            d % 8 != 0 || bs <= 0 || t <= 0)                                                             \
+            d % 8 != 0 || bs <= 0 || bs % 16 != 0 || t <= 0)                                                             \
             return -1;                                                                                   \
         for (int64_t r = 0; r < t; r++)                                                                  \
             if (pos[r] < 0 || pos[r] >= max_blocks * bs) return -1;                                      \
@@ -481,7 +467,7 @@ static int64_t kvb_tiles(const int64_t *seq, const int64_t *pos, int64_t t, int6
                                      bs, s_pos, s_blk, window, lo, pos[r0 + nq - 1], dpad, scale, softcap};   \
                 TT[i] = Ti;                                                                              \
             }                                                                                            \
-            const KV_T *kk = k + kh * d, *vv = v + kh * d;                                               \
+            const KV_T *kk = k + kh * d * bs, *vv = v + kh * d;                                               \
             wide ? WIDE(TT, nh, kk, vv) : NARROW(TT, nh, kk, vv);                                        \
             free(work);                                                                                  \
         }                                                                                                \

@@ -192,8 +192,8 @@ void kvb_rope(float *x, int64_t t, int64_t heads, int64_t d, const float *cos, c
 
 /* ------------------------------------------------------------------------------------------------
  * A whole decoder stack of the lean Llama step in one call, as kvb_amx_layers does in bf16: per
- * layer RMSNorm, q/k/v, RoPE, the K/V write into the pool, paged attention (csrc/decode_attention.c,
- * passed in: another library), o_proj + residual, RMSNorm, gate (SiLU) and up (times), down_proj
+ * layer RMSNorm, q/k/v, RoPE, the K/V write into the pool (keys by dimension, as csrc/decode_attention.c
+ * reads them: model/kv.py), paged attention (that kernel, passed in: another library), o_proj + residual, RMSNorm, gate (SiLU) and up (times), down_proj
  * + residual. The same kernels in the same order as the per-op step (so the same bits), without
  * ~170 returns to Python a step, each of which waits for the GIL. */
 typedef int (*kvb_attention_fn)(const float *q, const float *k, const float *v, float *out, const int64_t *seq,
@@ -229,8 +229,10 @@ int kvb_f32_layers(int64_t nlayers, const kvb_layer *layers, kvb_attention_fn at
         rc |= kvb_f32_linear(y, t, hidden, hidden, L->wv, nkv, L->bv, NULL, 0, v, L->rows_v, nthreads);
         kvb_rope(q, t, heads, d, cos, sin);
         kvb_rope(k, t, kv_heads, d, cos, sin);
-        for (int64_t i = 0; i < t; i++) {
-            memcpy(kpools[l] + slots[i] * nkv, k + i * nkv, (size_t)nkv * sizeof(float));
+        for (int64_t i = 0; i < t; i++) { /* keys by dimension: [block][head][dim][bs] (model/kv.py) */
+            float *kb = kpools[l] + (slots[i] / bs) * bs * nkv + slots[i] % bs;
+            for (int64_t e = 0; e < nkv; e++)
+                kb[e * bs] = k[i * nkv + e];
             memcpy(vpools[l] + slots[i] * nkv, v + i * nkv, (size_t)nkv * sizeof(float));
         }
         rc |= attention(q, kpools[l], vpools[l], a, seq, pos, tables, max_blocks, t, heads, kv_heads, d, bs, 0, 0.0f,

@@ -99,15 +99,15 @@ def test_a_sequence_alone_equals_it_in_a_batch(loaded_in, loop, tmp_path, size):
 def prefilled_pool(loaded, prompts):
     """A pool holding the lean step's prefill of each prompt but its last token: (pool, block
     tables, lengths, last tokens)."""
-    from model.kv import KVPool, StepBatch
+    from model.kv import StepBatch
     from model.runner import ModelRunner
 
-    pool = KVPool(*ModelRunner.geometry(loaded), loaded.dtype, torch.device("cpu"), 128, 8)
+    pool = ModelRunner.new_pool(loaded, 128, 16)
     tables, lens, last, free = [], [], [], 0
     for text in prompts:
         ids = loaded.tokenizer(text).input_ids
         n = len(ids) - 1
-        table = list(range(free, free + n // 8 + 1))
+        table = list(range(free, free + n // 16 + 1))
         free += len(table)
         batch = StepBatch(pool, [table], [n], [n], True)
         loaded.decode_step(torch.tensor(ids[:-1]), batch.positions, batch, torch.tensor([n - 1]))

@@ -5,7 +5,8 @@ import torch
 
 from model import fastpath, kernels
 from model.attention import NO_MASK
-from model.kv import KVPool, PagedCache, StepBatch
+from model.kv import PagedCache, StepBatch
+from model.runner import ModelRunner
 from tests.integration.rounding import assert_same_greedy
 
 
@@ -37,12 +38,10 @@ def test_lean_step_matches_the_hf_forward_over_mixed_steps(loaded_fp32):
     loaded = loaded_fp32
     if loaded.decode_step is None:
         pytest.skip("lean step not active here")
-    cfg = loaded.model.config
     prompts = ["Hello world, how are you?", "A", "The quick brown fox jumps over the lazy dog again and again"]
     toks = [loaded.tokenizer(t).input_ids for t in prompts]
-    geometry = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
-    pools = [KVPool(*geometry, loaded.dtype, torch.device("cpu"), 24, 4) for _ in range(2)]
-    tables = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
+    pools = [ModelRunner.new_pool(loaded, 6, 16) for _ in range(2)]
+    tables = [list(range(i * 2, i * 2 + 2)) for i in range(3)]
     seqs = [[list(t) for t in toks] for _ in range(2)]
     done = [0, 0, 0]
     for _ in range(6):

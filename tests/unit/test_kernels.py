@@ -19,12 +19,14 @@ def native_expected() -> bool:
     return os.environ.get("CI") == "true" or bool(shutil.which("cc") or shutil.which("gcc"))
 
 
-def make_step(dtype, kv_heads, head_dim, q_lens, ctx_lens, block=4, seed=0, native=False):
+def make_step(dtype, kv_heads, head_dim, q_lens, ctx_lens, block=16, seed=0, native=False, heads=None):
     """A pool (unused slots NaN) holding random K/V for sequences of ``ctx_lens`` positions in
-    shuffled blocks; returns (batch, dense per-sequence K/V [kv_heads, n, d])."""
+    shuffled blocks, its keys laid out as the engine would for ``native`` attention; returns
+    (batch, dense per-sequence K/V [kv_heads, n, d])."""
     g = torch.Generator().manual_seed(seed)
     need = sum(-(-c // block) for c in ctx_lens)
-    pool = KVPool(1, kv_heads, head_dim, dtype, torch.device("cpu"), need + 3, block)
+    by_dim = native and kernels.keys_by_dim(dtype, heads or kv_heads, kv_heads, head_dim, block)
+    pool = KVPool(1, kv_heads, head_dim, dtype, torch.device("cpu"), need + 3, block, keys_by_dim=by_dim)
     pool.keys[0].fill_(float("nan"))
     pool.values[0].fill_(float("nan"))
     ids = torch.randperm(need + 3, generator=g).tolist()
@@ -69,7 +71,7 @@ CASES = [  # (heads, kv_heads, head_dim, q_lens, ctx_lens)
 def test_paged_attention_matches_reference(heads, kv_heads, head_dim, q_lens, ctx_lens, native):
     if native and native_expected():
         assert ATTENTION.load() is not None, "a C compiler is here, the native kernel must load"
-    batch, dense = make_step(torch.float32, kv_heads, head_dim, q_lens, ctx_lens, native=native)
+    batch, dense = make_step(torch.float32, kv_heads, head_dim, q_lens, ctx_lens, native=native, heads=heads)
     q = torch.randn(sum(q_lens), heads, head_dim)
     got = paged_attention(q, 0, batch, head_dim ** -0.5)
     want = reference(q, dense, q_lens, ctx_lens, head_dim ** -0.5)
@@ -78,7 +80,7 @@ def test_paged_attention_matches_reference(heads, kv_heads, head_dim, q_lens, ct
 
 @pytest.mark.parametrize("native", [False, True])
 def test_sliding_window_and_soft_cap(native):
-    batch, dense = make_step(torch.float32, 2, 32, [1, 4], [20, 11], native=native, seed=2)
+    batch, dense = make_step(torch.float32, 2, 32, [1, 4], [20, 11], native=native, seed=2, heads=4)
     q = torch.randn(5, 4, 32) * 4
     got = paged_attention(q, 0, batch, 32 ** -0.5, window=6, softcap=5.0)
     want = reference(q, dense, [1, 4], [20, 11], 32 ** -0.5, window=6, softcap=5.0)
@@ -89,7 +91,7 @@ def test_sliding_window_and_soft_cap(native):
 def test_bf16_pool_matches_reference(native):
     if native and ATTENTION.load() is None:
         pytest.skip("no C compiler here")
-    batch, dense = make_step(torch.bfloat16, 2, 64, [1, 3], [13, 9], native=native, seed=3)
+    batch, dense = make_step(torch.bfloat16, 2, 64, [1, 3], [13, 9], native=native, seed=3, heads=8)
     q = torch.randn(4, 8, 64).to(torch.bfloat16)
     got = paged_attention(q, 0, batch, 64 ** -0.5)
     want = reference(q, dense, [1, 3], [13, 9], 64 ** -0.5)
@@ -99,7 +101,7 @@ def test_bf16_pool_matches_reference(native):
 def test_native_and_torch_paths_agree_and_a_token_does_not_depend_on_its_batch():
     if ATTENTION.load() is None:
         pytest.skip("no C compiler here")
-    batch, _ = make_step(torch.float32, 2, 48, [1, 6, 1], [40, 6, 9], native=True, seed=4)
+    batch, _ = make_step(torch.float32, 2, 48, [1, 6, 1], [40, 6, 9], native=True, seed=4, heads=4)
     q = torch.randn(8, 4, 48)
     native = paged_attention(q, 0, batch, 0.1)
     batch.native = False
@@ -131,7 +133,8 @@ def test_native_query_tiles_give_each_token_the_bits_it_gets_alone(dtype, heads,
             and kernels.amx_attention_fits(heads, kv_heads, head_dim, block):
         assert AMX.load() is not None, "AMX and a compiler are here: the AMX kernel must load"
     ctx, n = 150, 70
-    batch, dense = make_step(dtype, kv_heads, head_dim, [3, n, 1], [70, ctx, 9], block=block, seed=5, native=True)
+    batch, dense = make_step(dtype, kv_heads, head_dim, [3, n, 1], [70, ctx, 9], block=block, seed=5, native=True,
+                             heads=heads)
     pool, table = batch.pool, batch.tables[1]
     g = torch.Generator().manual_seed(6)
     q = (torch.randn(n, heads, head_dim, generator=g) * 3).to(dtype)
@@ -163,7 +166,8 @@ def test_attention_in_16_lane_registers_gives_the_8_lane_codes_bits(dtype):
         pytest.skip("no AVX-512 (or no C compiler) here: only the 8-lane code runs")
     try:
         for heads, kv_heads, head_dim in ((12, 12, 64), (8, 2, 40), (16, 1, 128)):
-            batch, _ = make_step(dtype, kv_heads, head_dim, [3, 70, 1], [70, 150, 9], block=16, seed=7, native=True)
+            batch, _ = make_step(dtype, kv_heads, head_dim, [3, 70, 1], [70, 150, 9], block=16, seed=7, native=True,
+                                 heads=heads)
             q = (torch.randn(74, heads, head_dim) * 3).to(dtype)
             wide = paged_attention(q, 0, batch, head_dim ** -0.5, window=40, softcap=30.0)
             assert lib.kvb_attention_wide(0) == 0
@@ -183,7 +187,7 @@ def test_a_decode_token_gets_the_same_bits_whether_one_task_covers_its_kv_heads_
     threads = torch.get_num_threads()
     for heads, kv_heads, head_dim in ((12, 12, 64), (8, 2, 40)):
         batch, _ = make_step(dtype, kv_heads, head_dim, [1, 1, 1, 1, 5], [90, 7, 150, 64, 70], block=16, seed=8,
-                             native=True)
+                             native=True, heads=heads)
         q = (torch.randn(9, heads, head_dim) * 3).to(dtype)
         try:
             torch.set_num_threads(1)  # 4 decode tokens >= 2 a thread: one task a token
@@ -195,9 +199,10 @@ def test_a_decode_token_gets_the_same_bits_whether_one_task_covers_its_kv_heads_
         assert torch.equal(whole, each), (heads, kv_heads, head_dim)
 
 
+@pytest.mark.parametrize("keys_by_dim", [False, True])
 @pytest.mark.parametrize("native_copy", [True, False])
-def test_pool_load_extract_and_copy_block_round_trip(native_copy):
-    pool = KVPool(2, 2, 3, torch.float32, torch.device("cpu"), 6, 4, native_copy=native_copy)
+def test_pool_load_extract_and_copy_block_round_trip(native_copy, keys_by_dim):
+    pool = KVPool(2, 2, 3, torch.float32, torch.device("cpu"), 6, 4, native_copy=native_copy, keys_by_dim=keys_by_dim)
     assert (pool._copy is not None) == (native_copy and native.COPY.load() is not None)
     table = [4, 1, 3]
     chunks = [([torch.randn(2, n, 3) for _ in range(2)], [torch.randn(2, n, 3) for _ in range(2)]) for n in (4, 5)]
@@ -205,6 +210,8 @@ def test_pool_load_extract_and_copy_block_round_trip(native_copy):
     k, v = pool.extract(table, 2, 9)
     assert torch.equal(k[1], torch.cat([chunks[0][0][1][:, 2:], chunks[1][0][1]], dim=1))
     assert torch.equal(v[0], torch.cat([chunks[0][1][0][:, 2:], chunks[1][1][0]], dim=1))
+    rk, rv = pool.rows(1, pool.slots(table, 2, 9))  # what the torch attention path reads
+    assert torch.equal(rk, k[1].transpose(0, 1)) and torch.equal(rv, v[1].transpose(0, 1))
     pool.copy_block(1, 5)
     assert torch.equal(pool.extract([4, 5], 4, 8)[0][0], pool.extract(table, 4, 8)[0][0])
     k0, _ = pool.extract(table, 3, 3)  # nothing to keep
@@ -212,9 +219,11 @@ def test_pool_load_extract_and_copy_block_round_trip(native_copy):
 
 
 @pytest.mark.skipif(native.COPY.load() is None, reason="no C compiler")
+@pytest.mark.parametrize("keys_by_dim", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_copy_out_gives_the_torch_paths_bytes(dtype):
-    pools = [KVPool(3, 4, 16, dtype, torch.device("cpu"), 20, 8, native_copy=c) for c in (True, False)]
+def test_native_copies_give_the_torch_paths_bytes(dtype, keys_by_dim):
+    pools = [KVPool(3, 4, 16, dtype, torch.device("cpu"), 20, 8, native_copy=c, keys_by_dim=keys_by_dim)
+             for c in (True, False)]
     for x, y in zip(pools[0].keys + pools[0].values, pools[1].keys + pools[1].values):
         x.copy_(torch.randn(x.shape))
         y.copy_(x)
@@ -222,6 +231,11 @@ def test_native_copy_out_gives_the_torch_paths_bytes(dtype):
     for start, end in [(0, 32), (3, 29), (8, 9), (31, 32)]:
         (ka, va), (kb, vb) = (p.extract(table, start, end) for p in pools)
         assert all(torch.equal(a, b) for a, b in zip(ka + va, kb + vb)), (start, end)
+    slots = pools[0].slots(table, 5, 27)
+    k, v = torch.randn(22, 4, 16).to(dtype), torch.randn(22, 4, 16).to(dtype)
+    for p in pools:
+        p.write(2, slots, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(pools[0].keys + pools[0].values, pools[1].keys + pools[1].values))
 
 
 @pytest.mark.skipif(not kernels.onednn_available(), reason="torch built without oneDNN")
@@ -428,7 +442,9 @@ def test_the_layer_stack_in_one_native_call_gives_the_per_op_steps_bits(dtype):
 
     def run(stack) -> list[torch.Tensor]:
         step.stack = stack
-        pool = KVPool(3, 4, 32, dtype, torch.device("cpu"), 16, 64)
+        by_dim = kernels.keys_by_dim(dtype, 8, 4, 32, 64)
+        assert by_dim == (dtype == torch.float32)  # the layout each stack's attention reads
+        pool = KVPool(3, 4, 32, dtype, torch.device("cpu"), 16, 64, keys_by_dim=by_dim)
         for t in pool.keys + pool.values:
             t.fill_(float("nan"))
         out = []
