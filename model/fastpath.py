@@ -6,8 +6,9 @@ microseconds of Python and dispatch, a sizeable share of a decode step on a smal
 tokens and prefill chunks alike) with ~12 calls per layer: fused RMSNorm, the oneDNN linears with
 their activation and residual add fused as post-ops, RoPE on q and k together, the new K/V written
 straight into their pool slots, and paged attention (``model.attention``) over each sequence's
-blocks. Where the linears run on our own GEMMs (bf16 on AMX, fp32 on AVX-512 or AVX2) the whole
-layer stack is one native call (``kvb_amx_layers`` / ``kvb_f32_layers``: the same kernels in the
+blocks. Where the linears run on our own GEMMs (bf16 on AMX or AVX512-BF16, fp32 on AVX-512 or
+AVX2) the whole layer stack is one native call (``kvb_amx_layers`` / ``kvb_bf16_layers`` /
+``kvb_f32_layers``: the same kernels in the
 same order, so the same bits): a step returns to Python, and waits for the GIL the server's event
 loop may hold, once instead of ~12 times a layer.
 
@@ -67,15 +68,16 @@ _PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class _CLayer(ctypes.Structure):
-    """``kvb_layer`` of csrc/amx.c and csrc/gemm_f32.c: one layer's weights for their layer stack."""
+    """``kvb_layer`` of csrc/amx.c, gemm_bf16.c and gemm_f32.c: one layer's weights for their layer stack."""
     _fields_ = ([(n, ctypes.c_void_p) for n in ("ln1", "ln2", *(f"w{p}" for p in _PROJ), *(f"b{p}" for p in _PROJ))]
                 + [("eps1", ctypes.c_float), ("eps2", ctypes.c_float)]
                 + [(f"rows_{p}", ctypes.c_int64) for p in _PROJ])
 
 
 def _stack(model: torch.nn.Module, amx: bool) -> ctypes.Array | None:
-    """Every layer's weights for one ``kvb_amx_layers`` (``amx``) or ``kvb_f32_layers`` call, where
-    all its linears run on that GEMM with no K padding (else None: the per-op path runs)."""
+    """Every layer's weights for one ``kvb_amx_layers`` (``amx``) or ``kvb_bf16_layers`` /
+    ``kvb_f32_layers`` call, where all its linears run on that GEMM with no K padding (else None:
+    the per-op path runs)."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if amx and any(n % 32 for n in (cfg.hidden_size, cfg.num_attention_heads * head_dim, cfg.intermediate_size)):
@@ -126,16 +128,14 @@ class LlamaStep:
             x.gate, x.up, x.down = _linear(m.gate_proj, "swish"), _linear(m.up_proj), _linear_add(m.down_proj)
             x.mlp = self._mlp(x, m.up_proj)
             self.layers.append(x)
-        # Our GEMMs (bf16 on AMX, fp32 on AVX-512/AVX2): RMSNorm, RoPE and the MLP's product from
-        # the same library, one pass each; and where every shape fits, the whole layer stack in one
-        # call (``_run_stack``). bf16 with AVX512-BF16 but no AMX: RMSNorm and RoPE from rowops.c.
+        # Our GEMMs (bf16 on AMX or AVX512-BF16, fp32 on AVX-512/AVX2): RMSNorm, RoPE and the MLP's
+        # product from the same library, one pass each; and where every shape fits, the whole layer
+        # stack in one call (``_run_stack``).
         packed = [mod for mod in model.modules() if isinstance(mod, kernels.PackedLinear)]
         own = packed[0].native if packed and all(mod.own and mod.native is packed[0].native for mod in packed) else None
-        self.fused = own.load() if own is not None else None
+        self.fused = self.rowops = own.load() if own is not None else None
         self.amx = own is native.AMX
         self.stack = _stack(model, self.amx) if self.fused is not None else None
-        rowops = own or (native.ROWOPS if self.embed.dtype == torch.bfloat16 else None)
-        self.rowops = rowops.load() if rowops is not None else None
         self._pool_ptrs: tuple = (None, None)
 
     def _mlp(self, L: _Layer, up: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -194,8 +194,8 @@ class LlamaStep:
         return None
 
     def _run_stack(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch) -> bool:
-        """All layers in one native call (``kvb_amx_layers`` / ``kvb_f32_layers``) on ``x`` in place;
-        False where the pool or the shapes do not fit it (nothing has changed then)."""
+        """All layers in one native call (``kvb_amx_layers`` / ``kvb_bf16_layers`` / ``kvb_f32_layers``)
+        on ``x`` in place; False where the pool or the shapes do not fit it (nothing has changed then)."""
         pool = batch.pool
         if not (batch.native and pool.dtype == self.embed.dtype):
             return False
@@ -204,11 +204,14 @@ class LlamaStep:
                                                                   pool.block_size):
                 return False
             run, attention = self.fused.kvb_amx_layers, ()
-        else:  # fp32: the attention kernel is another library's, passed in as a function pointer
+        else:  # the attention kernel is another library's, passed in as a function pointer
             lib = native.ATTENTION.load()
             if lib is None or not pool.keys_by_dim:
                 return False
-            run, attention = self.fused.kvb_f32_layers, (ctypes.cast(lib.kvb_paged_attention, ctypes.c_void_p),)
+            bf16 = pool.dtype == torch.bfloat16
+            kernel = lib.kvb_paged_attention_bf16 if bf16 else lib.kvb_paged_attention
+            run = self.fused.kvb_bf16_layers if bf16 else self.fused.kvb_f32_layers
+            attention = (ctypes.cast(kernel, ctypes.c_void_p),)
         if self._pool_ptrs[0] is not pool:
             arrays = [(ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts]) for ts in (pool.keys, pool.values)]
             self._pool_ptrs = (pool, arrays)

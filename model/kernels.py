@@ -54,12 +54,8 @@ class PackedLinear(torch.nn.Module):
         # A lone row goes through oneDNN's GEMV path, which sums in another order than any GEMM
         # (fp32 on AVX-512: a 2048-wide input); padded to two rows it gets the GEMM's bits.
         self.pad_single = False
-        self.native = native.AMX if self.dtype == torch.bfloat16 else native.F32
-        lib = self.native.load()
-        if lib is None and self.dtype == torch.float32:
-            self.native = native.F32_AVX2
-            lib = self.native.load()
-        self.amx = lib is not None and self.dtype == torch.bfloat16
+        self.native, lib = own_gemm(self.dtype)
+        self.amx = self.native is native.AMX
         self.own = lib is not None  # our kernel: one sum order at any row count, no chunks
         self.k_pad = 0
         if self.amx:
@@ -68,6 +64,13 @@ class PackedLinear(torch.nn.Module):
             self.packed = torch.empty(blocks * 512, dtype=torch.bfloat16)
             lib.kvb_amx_pack(weight.contiguous().data_ptr(), self.out_features, self.in_features,
                              self.in_features + self.k_pad, self.packed.data_ptr())
+        elif self.native is native.BF16:
+            self.k_pad, self.isa = self.in_features % 2, "avx512bf16"  # the kernel steps K by pairs
+            panel = lib.kvb_bf16_panel()
+            self.packed = torch.empty((self.out_features + panel - 1) // panel * panel
+                                      * (self.in_features + self.k_pad), dtype=torch.bfloat16)
+            lib.kvb_bf16_pack(weight.contiguous().data_ptr(), self.out_features, self.in_features,
+                              self.in_features + self.k_pad, self.packed.data_ptr())
         elif self.own:
             panel = lib.kvb_f32_panel()
             self.isa = "avx512" if lib.kvb_f32_isa() == 512 else "avx2"
@@ -82,7 +85,8 @@ class PackedLinear(torch.nn.Module):
             k_bytes = (self.in_features + self.k_pad) * self.dtype.itemsize
             budget = (3 << 19) if self.amx else (3 << 18)
             self.block_rows = max(128 if self.amx else 32, min(512, budget // k_bytes // 32 * 32))
-            self._run = lib.kvb_amx_linear if self.amx else lib.kvb_f32_linear
+            self._run = lib.kvb_amx_linear if self.amx else lib.kvb_bf16_linear if self.dtype == torch.bfloat16 \
+                else lib.kvb_f32_linear
 
     def gemm(self, x: torch.Tensor, act: str = "none", res: torch.Tensor | None = None) -> torch.Tensor:
         """One library call on 2-D ``x``: ``act(x W^T + b) + res`` (act "none" or "swish"), or with
@@ -124,6 +128,17 @@ class PackedLinear(torch.nn.Module):
     @property
     def kernel(self) -> str:
         return "amx" if self.amx else self.isa if self.own else "onednn"
+
+
+def own_gemm(dtype: torch.dtype) -> tuple[native.Native | None, object | None]:
+    """Our GEMM for ``dtype`` on this CPU and its library: bf16 on AMX, else on AVX512-BF16; fp32
+    on AVX-512, else on AVX2+FMA; (None, None) where none runs (oneDNN then)."""
+    libs = {torch.bfloat16: (native.AMX, native.BF16), torch.float32: (native.F32, native.F32_AVX2)}
+    for kernel in libs.get(dtype, ()):
+        lib = kernel.load()
+        if lib is not None:
+            return kernel, lib
+    return None, None
 
 
 def onednn_packs(dtype: torch.dtype) -> str | None:

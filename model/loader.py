@@ -96,8 +96,6 @@ def install_kernels(model: torch.nn.Module, dtype: torch.dtype, max_context: int
         ident = f"paged:onednn={packed}:native={kernel}:step={step is not None}"
         if linear is not None and linear.own:
             ident += f":{linear.kernel}={linear.native.name()}"
-        if step is not None and step.rowops is not None and step.fused is None:
-            ident += f":rowops={native.ROWOPS.name()}"
         if chunks:
             ident += ":rows=" + ",".join(f"{i}x{o}:{c}{'p' if p else ''}" for (i, o), (c, p) in sorted(chunks.items()))
     bad = kernels.batch_variance(model)

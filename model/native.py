@@ -142,6 +142,12 @@ def _setup_amx(lib: ctypes.CDLL) -> bool:
     return lib.kvb_amx_init() == 0  # the kernel grants the process AMX state, or not
 
 
+# kvb_f32_layers / kvb_bf16_layers: layers, their weights, the attention kernel, the pools, x, shapes,
+# cos/sin, slots, seq, pos, tables, max_blocks, block size, scale, threads.
+_STACK_ARGS = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 6 + [
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+
+
 def _setup_f32(lib: ctypes.CDLL) -> bool:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.kvb_f32_pack.argtypes = [ptr, i64, i64, ptr]
@@ -150,9 +156,19 @@ def _setup_f32(lib: ctypes.CDLL) -> bool:
     lib.kvb_f32_linear.restype = ctypes.c_int
     lib.kvb_f32_isa.restype = lib.kvb_f32_panel.restype = ctypes.c_int
     _setup_rowops(lib)  # its fp32 RMSNorm and RoPE: the same signatures, float rows
-    lib.kvb_f32_layers.argtypes = [i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 6 + [ptr] * 6 + [i64, i64, ctypes.c_float,
-                                                                                         ctypes.c_int]
-    lib.kvb_f32_layers.restype = ctypes.c_int
+    lib.kvb_f32_layers.argtypes, lib.kvb_f32_layers.restype = _STACK_ARGS, ctypes.c_int
+    return True
+
+
+def _setup_bf16(lib: ctypes.CDLL) -> bool:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.kvb_bf16_pack.argtypes = [ptr, i64, i64, i64, ptr]
+    lib.kvb_bf16_pack.restype = None
+    lib.kvb_bf16_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
+    lib.kvb_bf16_linear.restype = ctypes.c_int
+    lib.kvb_bf16_panel.restype = ctypes.c_int
+    _setup_rowops(lib)
+    lib.kvb_bf16_layers.argtypes, lib.kvb_bf16_layers.restype = _STACK_ARGS, ctypes.c_int
     return True
 
 
@@ -214,13 +230,13 @@ AMX = Native("amx.c", (
 F32 = Native("gemm_f32.c", ((("-O3", "-fPIC", "-fopenmp", "-mavx512f"), ("-lm",)),), _setup_f32, _has_avx512)
 F32_AVX2 = Native("gemm_f32.c", ((("-O3", "-fPIC", "-fopenmp", "-mavx2", "-mfma"), ("-lm",)),), _setup_f32,
                   _has_avx2_only)
-# The lean step's RMSNorm and RoPE in bf16 where there is AVX512-BF16 but no AMX (amx.c has them).
-ROWOPS = Native("rowops.c", (
+# bf16 where there is AVX512-BF16 but no AMX: our GEMM (VDPBF16PS), RMSNorm, RoPE, the layer stack.
+BF16 = Native("gemm_bf16.c", (
     (("-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"), ("-lm",)),
-), _setup_rowops, _has_avx512_bf16)
+), _setup_bf16, _has_avx512_bf16)
 # Byte copies only: not part of the model fingerprint (the result has the same bits either way).
 COPY = Native("kvcopy.c", ((("-O3", "-fPIC"), ()),), _setup_copy)
-KERNELS = (ATTENTION, AMX, F32, F32_AVX2, ROWOPS, COPY)
+KERNELS = (ATTENTION, AMX, BF16, F32, F32_AVX2, COPY)
 
 
 if __name__ == "__main__":

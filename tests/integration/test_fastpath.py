@@ -112,6 +112,8 @@ def test_half_precision_models_keep_the_lean_step_and_a_wrong_step_is_still_refu
     err, scale = fastpath._self_check(half.model, step, half.dtype, True)
     tol = 64 * torch.finfo(half.dtype).eps * max(1.0, scale)
     assert err <= tol
-    step.layers = step.layers[::-1]  # the layers in the wrong order
+    step.layers = step.layers[::-1]  # the layers in the wrong order (per op and in the native stack)
+    if step.stack is not None:
+        step.stack = (fastpath._CLayer * len(step.stack))(*list(step.stack)[::-1])
     err, _ = fastpath._self_check(half.model, step, half.dtype, True)
     assert err > tol, (err, tol)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import kernels, native
-from model.native import AMX, ATTENTION, F32, F32_AVX2
+from model.native import AMX, ATTENTION, BF16, F32, F32_AVX2
 from model.precision import cpu_flags
 from model.attention import paged_attention
 from model.kv import KVPool, StepBatch
@@ -320,6 +320,11 @@ def amx_expected() -> bool:
     return "amx_bf16" in cpu_flags() and native_expected()
 
 
+def bf16_expected() -> bool:
+    """Our AVX512-BF16 GEMM (gemm_bf16.c) runs bf16 linears where the CPU has AVX512-BF16 but no AMX."""
+    return "avx512_bf16" in cpu_flags() and "amx_bf16" not in cpu_flags() and native_expected()
+
+
 def f32_expected() -> str | None:
     """Which of our fp32 GEMMs this CPU runs: "avx512", "avx2" (with FMA), or None."""
     flags = cpu_flags(names=("avx512f", "avx2", "fma"))
@@ -331,15 +336,18 @@ def f32_expected() -> str | None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k,n,bias", [(192, 512, False), (512, 192, True), (100, 70, True), (3072, 40, False)])
 def test_own_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(dtype, k, n, bias):
-    """Our GEMMs (bf16 on AMX, fp32 on AVX-512 or AVX2): close to the exact product (plain, fused SiLU,
-    fused residual add, times; a K that is not a multiple of 32 and an N not of 16 or 64 included),
-    and each row the same bits at every row count 1..300 and any thread count, where oneDNN
-    changes a row's bits from 33-37 rows on."""
+    """Our GEMMs (bf16 on AMX or AVX512-BF16, fp32 on AVX-512 or AVX2): close to the exact product
+    (plain, fused SiLU, fused residual add, times; a K that is not a multiple of 32 and an N not of
+    16 or 64 included), and each row the same bits at every row count 1..300 and any thread count,
+    where oneDNN changes a row's bits from 33-37 rows on."""
     isa = f32_expected()
-    expected, lib, name = ((amx_expected(), AMX, "amx") if dtype == torch.bfloat16
-                           else (isa is not None, F32 if isa == "avx512" else F32_AVX2, isa))
+    if dtype == torch.bfloat16:
+        expected, lib, name = (True, AMX, "amx") if amx_expected() else (bf16_expected(), BF16, "avx512bf16")
+    else:
+        expected, lib, name = isa is not None, F32 if isa == "avx512" else F32_AVX2, isa
     if not expected:
-        pytest.skip(f"this CPU has no {'AMX-BF16' if dtype == torch.bfloat16 else 'AVX-512 or AVX2'} (or no C compiler)")
+        pytest.skip(f"this CPU has no {'AMX or AVX512-BF16' if dtype == torch.bfloat16 else 'AVX-512 or AVX2'} "
+                    "(or no C compiler)")
     assert lib.load() is not None, "the CPU and a compiler are here: the kernel must load"
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n, bias=bias).to(dtype)
@@ -369,18 +377,18 @@ def test_own_linear_matches_fp32_and_gives_each_row_its_bits_at_every_row_count(
         assert torch.equal(one, mod.call(x))
 
 
-@pytest.mark.parametrize("kernel", ["amx", "rowops", "f32"])
+@pytest.mark.parametrize("kernel", ["amx", "bf16", "f32"])
 def test_fused_rms_norm_and_rope_match_torch_and_each_row_is_its_own(kernel):
-    """The lean step's fused RMSNorm and RoPE (bf16: csrc/rowops.h, in amx.c with AMX and alone as
-    rowops.c with AVX512-BF16; fp32: in gemm_f32.c): close to the torch ops they replace, and a
+    """The lean step's fused RMSNorm and RoPE (bf16: csrc/rowops.h, in amx.c with AMX and in
+    gemm_bf16.c with AVX512-BF16; fp32: in gemm_f32.c): close to the torch ops they replace, and a
     row's (a token's) bits do not depend on how many come together."""
     if kernel == "amx" and not amx_expected():
         pytest.skip("this CPU has no AMX-BF16 (or no C compiler)")
-    if kernel == "rowops" and not ("avx512_bf16" in cpu_flags() and native_expected()):
+    if kernel == "bf16" and not bf16_expected():
         pytest.skip("this CPU has no AVX512-BF16 (or no C compiler)")
     if kernel == "f32" and f32_expected() is None:
         pytest.skip("this CPU has no AVX-512 or AVX2 (or no C compiler)")
-    lib = {"amx": AMX, "rowops": native.ROWOPS, "f32": F32 if f32_expected() == "avx512" else F32_AVX2}[kernel].load()
+    lib = {"amx": AMX, "bf16": BF16, "f32": F32 if f32_expected() == "avx512" else F32_AVX2}[kernel].load()
     assert lib is not None, f"{kernel} must load where the CPU has it and a compiler is here"
     dtype, tol = (torch.float32, 1e-5) if kernel == "f32" else (torch.bfloat16, 0.01)
     torch.manual_seed(0)
@@ -418,12 +426,12 @@ def test_fused_rms_norm_and_rope_match_torch_and_each_row_is_its_own(kernel):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_layer_stack_in_one_native_call_gives_the_per_op_steps_bits(dtype):
-    """bf16 on AMX (``kvb_amx_layers``) and fp32 on our AVX-512/AVX2 GEMM (``kvb_f32_layers``) run
-    every layer in one call; it must be the per-op lean step's arithmetic exactly (same kernels,
-    same order): logits bit for bit over a step of two prefill chunks, a mixed step and a decode
+    """bf16 on AMX (``kvb_amx_layers``) or AVX512-BF16 (``kvb_bf16_layers``) and fp32 on our
+    AVX-512/AVX2 GEMM (``kvb_f32_layers``) run every layer in one call; it must be the per-op lean
+    step's arithmetic exactly (same kernels, same order): logits bit for bit over a step of two prefill chunks, a mixed step and a decode
     step, on pools whose unused slots are NaN."""
-    if dtype == torch.bfloat16 and not amx_expected():
-        pytest.skip("this CPU has no AMX-BF16 (or no C compiler)")
+    if dtype == torch.bfloat16 and not (amx_expected() or bf16_expected()):
+        pytest.skip("this CPU has no AMX-BF16 or AVX512-BF16 (or no C compiler)")
     if dtype == torch.float32 and f32_expected() is None:
         pytest.skip("this CPU has no AVX-512 or AVX2 (or no C compiler)")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -443,7 +451,7 @@ def test_the_layer_stack_in_one_native_call_gives_the_per_op_steps_bits(dtype):
     def run(stack) -> list[torch.Tensor]:
         step.stack = stack
         by_dim = kernels.keys_by_dim(dtype, 8, 4, 32, 64)
-        assert by_dim == (dtype == torch.float32)  # the layout each stack's attention reads
+        assert by_dim != step.amx  # the layout each stack's attention reads
         pool = KVPool(3, 4, 32, dtype, torch.device("cpu"), 16, 64, keys_by_dim=by_dim)
         for t in pool.keys + pool.values:
             t.fill_(float("nan"))

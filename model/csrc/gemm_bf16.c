@@ -1,0 +1,188 @@
+/* bf16 linear on AVX512-BF16 (no AMX) whose every output row is the same bits whatever else is in
+ * the call: out[m, n] = bf16(act(sum_k x[m, k] w[n, k] + bias[n]) (+ or x) res[m, n]).
+ *
+ * Why our own: oneDNN's bf16 GEMM picks its kernel, K blocking and thread split per call by row
+ * count, so exactness on top of it meant calls of a few dozen rows, each re-reading the weight,
+ * and a step of ~170 oneDNN calls, each a return to Python that waits for the GIL. Here every
+ * output is one fp32 accumulator fed by VDPBF16PS over k = (0, 1), (2, 3), ... in order, whatever
+ * register block, row block or thread its row lands in; the epilogue is the same vector code for
+ * every element (that of amx.c).
+ *
+ * x: [m, k] bf16 rows with stride lda (k even; the caller pads). w: packed by kvb_bf16_pack into
+ * panels of NR columns, pair-major ([ceil(n/NR)][k/2][NR][2], columns past n zero). bias: fp32 [n]
+ * or NULL. res: bf16 [m, n] or NULL. act: 0 none (res added), 1 SiLU (then res added), 2 times res.
+ *
+ * Also the lean step's RMSNorm and RoPE in bf16 (rowops.h) and its whole layer stack in one call.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rowops.h"
+#include "vecmath.h"
+
+#define NV 4         /* 6 x 4 accumulators + 4 weights + 1 broadcast of 32 registers */
+#define NR (16 * NV) /* columns per panel */
+#define MR 6         /* rows per register block */
+
+int kvb_bf16_panel(void) { return NR; }
+
+/* w [n, kw] bf16 row-major -> panels; k >= kw even, pairs past kw zero. */
+void kvb_bf16_pack(const uint16_t *w, int64_t n, int64_t kw, int64_t k, uint16_t *out) {
+    const int64_t panels = (n + NR - 1) / NR;
+    memset(out, 0, (size_t)(panels * k * NR) * sizeof(uint16_t));
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < kw; i++)
+            out[(j / NR) * k * NR + (i / 2) * 2 * NR + (j % NR) * 2 + i % 2] = w[j * kw + i];
+}
+
+static inline void store(__m512 v, int64_t row, int64_t c, int64_t n, const float *bias, const uint16_t *res,
+                         int act, uint16_t *out) {
+    if (c >= n)
+        return;
+    const __mmask16 mask = tail(n - c);
+    if (bias)
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + c));
+    if (act == 1)
+        v = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    if (res) {
+        const __m512 r = bf16x16(res + row * n + c, mask);
+        v = act == 2 ? _mm512_mul_ps(v, r) : _mm512_add_ps(v, r);
+    }
+    _mm256_mask_storeu_epi16(out + row * n + c, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* rows (<= MR) rows of x from a, one panel p of NR columns starting at column c0. Inlined per row
+ * count so the accumulators stay in registers; each accumulator's chain is the same for any rows. */
+static inline __attribute__((always_inline)) void block(const int rows, const uint16_t *a, int64_t lda,
+                                                         const uint16_t *p, int64_t k, int64_t m0, int64_t c0,
+                                                         int64_t n, const float *bias, const uint16_t *res,
+                                                         int act, uint16_t *out, int prefetch) {
+    __m512 acc[MR][NV];
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < NV; v++)
+            acc[i][v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k / 2; j++) {
+        const uint16_t *pj = p + j * 2 * NR;
+        if (prefetch) /* the panel streams from memory on its first row block: ask ahead */
+            for (int v = 0; v < NV; v++)
+                _mm_prefetch((const char *)(pj + 8 * 2 * NR) + 64 * v, _MM_HINT_T0);
+        __m512bh b[NV];
+        for (int v = 0; v < NV; v++)
+            b[v] = (__m512bh)_mm512_loadu_si512(pj + 32 * v);
+        for (int i = 0; i < rows; i++) {
+            int32_t pair;
+            memcpy(&pair, a + i * lda + 2 * j, sizeof pair);
+            const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+            for (int v = 0; v < NV; v++)
+                acc[i][v] = _mm512_dpbf16_ps(acc[i][v], x, b[v]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < NV; v++)
+            store(acc[i][v], m0 + i, c0 + 16 * v, n, bias, res, act, out);
+}
+
+int kvb_bf16_linear(const uint16_t *x, int64_t m, int64_t k, int64_t lda, const uint16_t *w, int64_t n,
+                    const float *bias, const uint16_t *res, int act, uint16_t *out, int64_t block_rows,
+                    int nthreads) {
+    if (m < 0 || k <= 0 || k % 2 || block_rows < MR)
+        return -1;
+    const int64_t panels = (n + NR - 1) / NR;
+    /* Rows of x kept hot in L2 while every panel passes over them (a cache choice only). */
+    for (int64_t mb = 0; mb < m; mb += block_rows) {
+        const int64_t me = mb + block_rows < m ? mb + block_rows : m;
+        /* dynamic: a core the server's other threads take a while from does fewer panels (a
+         * panel's bits do not depend on its thread) */
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 2)
+        for (int64_t u = 0; u < panels; u++) {
+            const uint16_t *p = w + u * k * NR;
+            for (int64_t m0 = mb; m0 < me; m0 += MR) {
+                const uint16_t *a = x + m0 * lda;
+                const int pf = m0 == mb;
+                switch (me - m0 >= MR ? MR : (int)(me - m0)) {
+                case 6: block(6, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
+                case 5: block(5, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
+                case 4: block(4, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
+                case 3: block(3, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
+                case 2: block(2, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
+                default: block(1, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * A whole decoder stack of the lean Llama step in one call, as kvb_amx_layers does on AMX: per
+ * layer RMSNorm, q/k/v, RoPE, the K/V write into the pool (keys by dimension, as
+ * csrc/decode_attention.c reads them: model/kv.py), paged attention (that kernel, passed in: another
+ * library; the query widened to fp32, the output rounded to bf16 as the per-op step does),
+ * o_proj + residual, RMSNorm, gate (SiLU) and up (times), down_proj + residual. The same kernels
+ * in the same order as the per-op step (so the same bits), without ~170 returns to Python a step. */
+typedef int (*kvb_attention_fn)(const float *q, const uint16_t *k, const uint16_t *v, float *out, const int64_t *seq,
+                                const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t t, int64_t h,
+                                int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, float scale,
+                                int nthreads);
+
+typedef struct {
+    const uint16_t *ln1, *ln2, *wq, *wk, *wv, *wo, *wgate, *wup, *wdown;
+    const float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown;
+    float eps1, eps2;
+    int64_t rows_q, rows_k, rows_v, rows_o, rows_gate, rows_up, rows_down; /* block_rows per linear */
+} kvb_layer;
+
+static void widen(const uint16_t *in, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i += 16)
+        _mm512_mask_storeu_ps(out + i, tail(n - i), bf16x16(in + i, tail(n - i)));
+}
+
+static void narrow(const float *in, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i += 16)
+        _mm256_mask_storeu_epi16(out + i, tail(n - i), (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail(n - i), in + i)));
+}
+
+int kvb_bf16_layers(int64_t nlayers, const kvb_layer *layers, kvb_attention_fn attention, uint16_t *const *kpools,
+                    uint16_t *const *vpools, uint16_t *x, int64_t t, int64_t hidden, int64_t heads, int64_t kv_heads,
+                    int64_t d, int64_t inter, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
+                    const int64_t *seq, const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t bs,
+                    float scale, int nthreads) {
+    const int64_t nq = heads * d, nkv = kv_heads * d;
+    const size_t elems = (size_t)t * (size_t)(2 * hidden + 2 * nq + 2 * nkv + 2 * inter);
+    uint16_t *buf = (uint16_t *)aligned_alloc(64, ((elems * 2 + (size_t)t * nq * 8) + 63) & ~(size_t)63);
+    if (!buf)
+        return -1;
+    uint16_t *y = buf, *x2 = y + t * hidden, *q = x2 + t * hidden, *k = q + t * nq, *v = k + t * nkv,
+             *a = v + t * nkv, *g = a + t * nq, *u = g + t * inter;
+    float *q32 = (float *)(u + t * inter), *att = q32 + t * nq;
+    int rc = 0;
+    for (int64_t l = 0; l < nlayers && !rc; l++) {
+        const kvb_layer *L = layers + l;
+        kvb_rms_norm(x, t, hidden, L->ln1, L->eps1, y, nthreads);
+        rc |= kvb_bf16_linear(y, t, hidden, hidden, L->wq, nq, L->bq, NULL, 0, q, L->rows_q, nthreads);
+        rc |= kvb_bf16_linear(y, t, hidden, hidden, L->wk, nkv, L->bk, NULL, 0, k, L->rows_k, nthreads);
+        rc |= kvb_bf16_linear(y, t, hidden, hidden, L->wv, nkv, L->bv, NULL, 0, v, L->rows_v, nthreads);
+        kvb_rope(q, t, heads, d, cos, sin);
+        kvb_rope(k, t, kv_heads, d, cos, sin);
+        for (int64_t i = 0; i < t; i++) {
+            uint16_t *kb = kpools[l] + (slots[i] / bs) * bs * nkv + slots[i] % bs;
+            for (int64_t e = 0; e < nkv; e++)
+                kb[e * bs] = k[i * nkv + e];
+            memcpy(vpools[l] + slots[i] * nkv, v + i * nkv, (size_t)nkv * 2);
+        }
+        widen(q, t * nq, q32);
+        rc |= attention(q32, kpools[l], vpools[l], att, seq, pos, tables, max_blocks, t, heads, kv_heads, d, bs, 0,
+                        0.0f, scale, nthreads);
+        narrow(att, t * nq, a);
+        rc |= kvb_bf16_linear(a, t, nq, nq, L->wo, hidden, L->bo, x, 0, x2, L->rows_o, nthreads);
+        kvb_rms_norm(x2, t, hidden, L->ln2, L->eps2, y, nthreads);
+        rc |= kvb_bf16_linear(y, t, hidden, hidden, L->wgate, inter, L->bgate, NULL, 1, g, L->rows_gate, nthreads);
+        rc |= kvb_bf16_linear(y, t, hidden, hidden, L->wup, inter, L->bup, g, 2, u, L->rows_up, nthreads);
+        rc |= kvb_bf16_linear(u, t, inter, inter, L->wdown, hidden, L->bdown, x2, 0, x, L->rows_down, nthreads);
+    }
+    free(buf);
+    return rc ? -1 : 0;
+}
