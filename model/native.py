@@ -127,15 +127,21 @@ def _setup_attention(lib: ctypes.CDLL) -> bool:
     return True
 
 
+def _setup_gemm(lib: ctypes.CDLL, name: str, pack_args: int) -> None:
+    """Our GEMM ``kvb_<name>_pack`` / ``kvb_<name>_linear``, with the RMSNorm and RoPE built beside it."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    pack, linear = getattr(lib, f"kvb_{name}_pack"), getattr(lib, f"kvb_{name}_linear")
+    pack.argtypes, pack.restype = [ptr] + [i64] * (pack_args - 2) + [ptr], None
+    linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
+    linear.restype = ctypes.c_int
+    _setup_rowops(lib)
+
+
 def _setup_amx(lib: ctypes.CDLL) -> bool:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.kvb_amx_pack.argtypes = [ptr, i64, i64, i64, ptr]
-    lib.kvb_amx_pack.restype = None
-    lib.kvb_amx_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
-    lib.kvb_amx_linear.restype = ctypes.c_int
+    _setup_gemm(lib, "amx", 5)
     lib.kvb_amx_attention.argtypes = [ptr] * 7 + [i64] * 7 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
     lib.kvb_amx_attention.restype = ctypes.c_int
-    _setup_rowops(lib)
     lib.kvb_amx_layers.argtypes = [i64, ptr, ptr, ptr, ptr] + [i64] * 6 + [ptr] * 6 + [i64, i64, ctypes.c_float,
                                                                                      ctypes.c_int]
     lib.kvb_amx_layers.restype = ctypes.c_int
@@ -149,25 +155,15 @@ _STACK_ARGS = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + 
 
 
 def _setup_f32(lib: ctypes.CDLL) -> bool:
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.kvb_f32_pack.argtypes = [ptr, i64, i64, ptr]
-    lib.kvb_f32_pack.restype = None
-    lib.kvb_f32_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
-    lib.kvb_f32_linear.restype = ctypes.c_int
+    _setup_gemm(lib, "f32", 4)  # its RMSNorm and RoPE in fp32: the same signatures, float rows
     lib.kvb_f32_isa.restype = lib.kvb_f32_panel.restype = ctypes.c_int
-    _setup_rowops(lib)  # its fp32 RMSNorm and RoPE: the same signatures, float rows
     lib.kvb_f32_layers.argtypes, lib.kvb_f32_layers.restype = _STACK_ARGS, ctypes.c_int
     return True
 
 
 def _setup_bf16(lib: ctypes.CDLL) -> bool:
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.kvb_bf16_pack.argtypes = [ptr, i64, i64, i64, ptr]
-    lib.kvb_bf16_pack.restype = None
-    lib.kvb_bf16_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int]
-    lib.kvb_bf16_linear.restype = ctypes.c_int
+    _setup_gemm(lib, "bf16", 5)
     lib.kvb_bf16_panel.restype = ctypes.c_int
-    _setup_rowops(lib)
     lib.kvb_bf16_layers.argtypes, lib.kvb_bf16_layers.restype = _STACK_ARGS, ctypes.c_int
     return True
 

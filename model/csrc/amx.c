@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "rowops.h"
+#include "stack.h"
 #include "vecmath.h"
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -414,19 +415,7 @@ int kvb_amx_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, f
  * (times), down_proj + residual. The same kernels in the same order as the step's per-op path
  * (so the same bits), without ~170 returns to Python a step: each one waits for the GIL, which
  * the server's event loop holds part of the time. */
-typedef struct {
-    const uint16_t *ln1, *ln2, *wq, *wk, *wv, *wo, *wgate, *wup, *wdown;
-    const float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown;
-    float eps1, eps2;
-    int64_t rows_q, rows_k, rows_v, rows_o, rows_gate, rows_up, rows_down; /* block_rows per linear */
-} kvb_layer;
-
-static inline void bf16_from_f32(const float *in, int64_t n, uint16_t *out) {
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, in + i)));
-    }
-}
+KVB_LAYER_STRUCT(uint16_t)
 
 int kvb_amx_layers(int64_t nlayers, const kvb_layer *layers, uint16_t *const *kpools, uint16_t *const *vpools,
                    uint16_t *x, int64_t t, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t d, int64_t inter,
@@ -446,24 +435,11 @@ int kvb_amx_layers(int64_t nlayers, const kvb_layer *layers, uint16_t *const *kp
     int rc = 0;
     for (int64_t l = 0; l < nlayers && !rc; l++) {
         const kvb_layer *L = layers + l;
-        kvb_rms_norm(x, t, hidden, L->ln1, L->eps1, y, nthreads);
-        rc |= kvb_amx_linear(y, t, hidden, hidden, L->wq, nq, L->bq, NULL, 0, q, L->rows_q, nthreads);
-        rc |= kvb_amx_linear(y, t, hidden, hidden, L->wk, nkv, L->bk, NULL, 0, k, L->rows_k, nthreads);
-        rc |= kvb_amx_linear(y, t, hidden, hidden, L->wv, nkv, L->bv, NULL, 0, v, L->rows_v, nthreads);
-        kvb_rope(q, t, heads, d, cos, sin);
-        kvb_rope(k, t, kv_heads, d, cos, sin);
-        for (int64_t i = 0; i < t; i++) {
-            memcpy(kpools[l] + slots[i] * nkv, k + i * nkv, (size_t)nkv * 2);
-            memcpy(vpools[l] + slots[i] * nkv, v + i * nkv, (size_t)nkv * 2);
-        }
-        rc |= kvb_amx_attention(q, kpools[l], vpools[l], att, seq, pos, tables, max_blocks, t, heads, kv_heads, d, bs,
-                                0, 0.0f, scale, nthreads);
-        bf16_from_f32(att, t * nq, a);
-        rc |= kvb_amx_linear(a, t, nq, nq, L->wo, hidden, L->bo, x, 0, x2, L->rows_o, nthreads);
-        kvb_rms_norm(x2, t, hidden, L->ln2, L->eps2, y, nthreads);
-        rc |= kvb_amx_linear(y, t, hidden, hidden, L->wgate, inter, L->bgate, NULL, 1, g, L->rows_gate, nthreads);
-        rc |= kvb_amx_linear(y, t, hidden, hidden, L->wup, inter, L->bup, g, 2, u, L->rows_up, nthreads);
-        rc |= kvb_amx_linear(u, t, inter, inter, L->wdown, hidden, L->bdown, x2, 0, x, L->rows_down, nthreads);
+        KVB_LAYER(kvb_amx_linear, KVB_WRITE_KV(0), {
+            rc |= kvb_amx_attention(q, kpools[l], vpools[l], att, seq, pos, tables, max_blocks, t, heads, kv_heads, d,
+                                    bs, 0, 0.0f, scale, nthreads);
+            bf16_from_f32(att, t * nq, a);
+        });
     }
     free(buf);
     return rc ? -1 : 0;

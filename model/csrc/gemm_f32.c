@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "stack.h"
 #include "vecmath.h"
 
 #if defined(__AVX512F__)
@@ -117,29 +118,7 @@ int kvb_f32_linear(const float *x, int64_t m, int64_t k, int64_t lda, const floa
                    int nthreads) {
     if (m < 0 || k <= 0 || block_rows < MR)
         return -1;
-    const int64_t panels = (n + NR - 1) / NR;
-    /* Rows of x kept hot in L2 while every panel passes over them (a cache choice only). */
-    for (int64_t mb = 0; mb < m; mb += block_rows) {
-        const int64_t me = mb + block_rows < m ? mb + block_rows : m;
-        /* dynamic: a core the server's other threads take a while from does fewer panels, instead of
-         * the whole call waiting for its share (a panel's bits do not depend on its thread) */
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 2)
-        for (int64_t u = 0; u < panels; u++) {
-            const float *p = w + u * k * NR;
-            for (int64_t m0 = mb; m0 < me; m0 += MR) {
-                const float *a = x + m0 * lda;
-                const int pf = m0 == mb;
-                switch (me - m0 >= MR ? MR : (int)(me - m0)) {
-                case 6: block(6, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
-                case 5: block(5, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
-                case 4: block(4, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
-                case 3: block(3, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
-                case 2: block(2, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
-                default: block(1, a, lda, p, k, m0, u * NR, n, bias, res, act, out, pf); break;
-                }
-            }
-        }
-    }
+    KVB_PANELS()
     return 0;
 }
 
@@ -201,12 +180,7 @@ typedef int (*kvb_attention_fn)(const float *q, const float *k, const float *v, 
                                 int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, float scale,
                                 int nthreads);
 
-typedef struct {
-    const float *ln1, *ln2, *wq, *wk, *wv, *wo, *wgate, *wup, *wdown;
-    const float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown;
-    float eps1, eps2;
-    int64_t rows_q, rows_k, rows_v, rows_o, rows_gate, rows_up, rows_down; /* block_rows per linear */
-} kvb_layer;
+KVB_LAYER_STRUCT(float)
 
 int kvb_f32_layers(int64_t nlayers, const kvb_layer *layers, kvb_attention_fn attention, float *const *kpools,
                    float *const *vpools, float *x, int64_t t, int64_t hidden, int64_t heads, int64_t kv_heads,
@@ -223,25 +197,9 @@ int kvb_f32_layers(int64_t nlayers, const kvb_layer *layers, kvb_attention_fn at
     int rc = 0;
     for (int64_t l = 0; l < nlayers && !rc; l++) {
         const kvb_layer *L = layers + l;
-        kvb_rms_norm(x, t, hidden, L->ln1, L->eps1, y, nthreads);
-        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wq, nq, L->bq, NULL, 0, q, L->rows_q, nthreads);
-        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wk, nkv, L->bk, NULL, 0, k, L->rows_k, nthreads);
-        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wv, nkv, L->bv, NULL, 0, v, L->rows_v, nthreads);
-        kvb_rope(q, t, heads, d, cos, sin);
-        kvb_rope(k, t, kv_heads, d, cos, sin);
-        for (int64_t i = 0; i < t; i++) { /* keys by dimension: [block][head][dim][bs] (model/kv.py) */
-            float *kb = kpools[l] + (slots[i] / bs) * bs * nkv + slots[i] % bs;
-            for (int64_t e = 0; e < nkv; e++)
-                kb[e * bs] = k[i * nkv + e];
-            memcpy(vpools[l] + slots[i] * nkv, v + i * nkv, (size_t)nkv * sizeof(float));
-        }
-        rc |= attention(q, kpools[l], vpools[l], a, seq, pos, tables, max_blocks, t, heads, kv_heads, d, bs, 0, 0.0f,
-                        scale, nthreads);
-        rc |= kvb_f32_linear(a, t, nq, nq, L->wo, hidden, L->bo, x, 0, x2, L->rows_o, nthreads);
-        kvb_rms_norm(x2, t, hidden, L->ln2, L->eps2, y, nthreads);
-        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wgate, inter, L->bgate, NULL, 1, g, L->rows_gate, nthreads);
-        rc |= kvb_f32_linear(y, t, hidden, hidden, L->wup, inter, L->bup, g, 2, u, L->rows_up, nthreads);
-        rc |= kvb_f32_linear(u, t, inter, inter, L->wdown, hidden, L->bdown, x2, 0, x, L->rows_down, nthreads);
+        KVB_LAYER(kvb_f32_linear, KVB_WRITE_KV(1),
+                  rc |= attention(q, kpools[l], vpools[l], a, seq, pos, tables, max_blocks, t, heads, kv_heads, d, bs,
+                                  0, 0.0f, scale, nthreads));
     }
     free(buf);
     return rc ? -1 : 0;

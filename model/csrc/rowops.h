@@ -1,7 +1,6 @@
 /* The lean step's elementwise parts in bf16 on AVX512-BF16, one pass each (torch runs them as
  * several bf16 ops with a rounding after each). Every row / token is the same code whatever the
- * call's size. Included by amx.c (its layer stack calls them) and built alone as rowops.c for
- * CPUs with AVX512-BF16 but no AMX. */
+ * call's size. Included by amx.c and gemm_bf16.c (their layer stacks call them). */
 #ifndef KVB_ROWOPS_H
 #define KVB_ROWOPS_H
 
@@ -15,6 +14,17 @@ static inline __m512 bf16x16(const uint16_t *p, __mmask16 m) {
 
 static inline __mmask16 tail(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* n floats to bf16 (round to nearest even, as torch's .to(bfloat16)) and back. */
+static inline void bf16_from_f32(const float *in, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i += 16)
+        _mm256_mask_storeu_epi16(out + i, tail(n - i), (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail(n - i), in + i)));
+}
+
+static inline void f32_from_bf16(const uint16_t *in, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i += 16)
+        _mm512_mask_storeu_ps(out + i, tail(n - i), bf16x16(in + i, tail(n - i)));
 }
 
 /* out = w * bf16(x / sqrt(mean(x^2) + eps)) per row, as HF's RMSNorm rounds (fp32 inside). */
