@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     # 256: measured on CPU (BENCHMARKS.md, issue 26) — prefill throughput no higher above it, a
     # decoding row's gap while a long prompt prefills grows with it. GPUs want thousands.
     max_batch_tokens: int = Field(default=256, ge=16)
+    # A step that carries prefill chunks gets the tokens it can run in about this long (from the
+    # cost per token of the engine's recent such steps; at most max_batch_tokens): a decoding row
+    # waits one whole step per token, so this bounds the gap a joining prompt adds on a slow CPU
+    # as on a fast one. 150 ms: measured (BENCHMARKS.md, issue 26): 128-token steps on a CPU
+    # without AMX, the whole 256 on an AMX one. 0: always max_batch_tokens.
+    step_target_ms: float = Field(default=150.0, ge=0)
     # Bytes of the paged KV pool (blocks of cache_block_tokens positions, shared between requests
     # with a common prefix); 0 = kv_cache_share of the memory available at start, at most a full
     # batch of max-context sequences. A request that finds no free block waits (or is preempted).

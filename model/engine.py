@@ -29,7 +29,7 @@ from model.kv import KVPool, pool_blocks
 from model.loader import LoadedModel
 from model.postprocess import Postprocessor
 from model.runner import ModelRunner
-from model.scheduler import Scheduler, SeqStatus
+from model.scheduler import Scheduler, SeqStatus, StepBudget
 from model.sequence import Sequence
 from model.types import Delta, EngineClosed, EngineRequest, Finished, InvalidRequest, QueueFull, Usage
 
@@ -54,6 +54,7 @@ class EngineConfig:
     max_new_tokens_limit: int = 4096
     grammar_compile_timeout: float = 10.0  # seconds an output constraint may take to compile
     max_batch_tokens: int = 256  # positions of all sequences per step (decode tokens first)
+    step_target_ms: float = 0.0  # fewer positions where steps carrying prefill take longer (0: off)
     block_tokens: int = 64  # positions per KV block: the store's block
     kv_cache_bytes: int = 0  # the pool's size; 0 = kv_cache_share of available memory
     kv_cache_share: float = 0.25
@@ -159,6 +160,7 @@ class Engine:
                                  c.max_batch_size, c.kv_cache_bytes, c.kv_cache_share)
         self.blocks = BlockManager(num_blocks, c.block_tokens)
         self.scheduler = Scheduler(c.max_batch_size, c.max_queue, self.blocks, c.max_batch_tokens, c.prefill_chunk)
+        self.budget = StepBudget(c.step_target_ms / 1000, self.scheduler.max_batch_tokens, c.max_batch_size + 32)
         self.runner = ModelRunner(loaded, self.blocks.num_blocks, c.block_tokens)
         self.grammars = GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids,
                                         c.grammar_compile_timeout)
@@ -368,7 +370,10 @@ class Engine:
         self.runner.pool.prefault_ahead(self.blocks.high_water)
         for seq in sched.beams:
             self._run_beams(seq)
+        started = time.perf_counter()
         done, logits = self.runner.step(sched)
+        self.budget.observe(sched, time.perf_counter() - started)
+        self.scheduler.step_tokens = self.budget.tokens()
         for seq, _, _ in sched.chunks:
             self._register(seq)
         if not done:

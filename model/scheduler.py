@@ -4,7 +4,8 @@ fake sequences (the block bookkeeping is ``model.blocks.BlockManager``, pure as 
 A sequence moves WAITING -> RUNNING -> FINISHED (and back to WAITING when preempted). Every step
 is one forward over: one token of each running sequence that decodes (never starved), then
 prefill chunks of the running sequences still prefilling, then the first chunks of waiting
-sequences admitted in order, under ``max_batch_tokens`` and while the batch has fewer than
+sequences admitted in order, under the step's token budget (``max_batch_tokens``, less where
+``StepBudget`` finds the steps slow) and while the batch has fewer than
 ``max_batch_size`` sequences and the pool has blocks for them. A request whose prefix blocks are
 in the pool takes references to them and prefills only the rest. When a decoding sequence needs
 a block and none is free, the most recently admitted sequence is preempted: its blocks go back
@@ -61,6 +62,31 @@ class Schedule:
         return sum(end - start for _, start, end in self.chunks)
 
 
+class StepBudget:
+    """Tokens a step may carry so that it takes about ``target`` seconds, from the cost per token of
+    the recent steps that carried prefill chunks (a decoding row waits one whole step per token, so
+    this bounds the gap a joining prompt adds, on a slow CPU as on a fast one); never more than
+    ``cap``, never fewer than ``floor``. ``target`` 0: always ``cap``."""
+
+    MIN_PREFILL = 32  # steps with fewer prefill tokens are mostly the weights' read, not a cost per token
+    WEIGHT = 0.25  # of each new step in the running estimate
+
+    def __init__(self, target: float, cap: int, floor: int) -> None:
+        self.target, self.cap, self.floor = target, cap, min(floor, cap)
+        self.per_token: float | None = None  # seconds
+
+    def observe(self, sched: Schedule, seconds: float) -> None:
+        tokens = sched.num_tokens
+        if tokens - sum(1 for _, a, b in sched.chunks if b - a == 1) >= self.MIN_PREFILL and seconds > 0:
+            rate = seconds / tokens
+            self.per_token = rate if self.per_token is None else (1 - self.WEIGHT) * self.per_token + self.WEIGHT * rate
+
+    def tokens(self) -> int:
+        if not self.target or self.per_token is None:
+            return self.cap
+        return max(self.floor, min(self.cap, int(self.target / self.per_token)))
+
+
 class Scheduler:
     def __init__(self, max_batch_size: int, max_queue: int, blocks: BlockManager,
                  max_batch_tokens: int = 256, prefill_chunk: int = 512) -> None:
@@ -69,6 +95,7 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_batch_tokens = max(max_batch_tokens, max_batch_size)  # a full batch's decode tokens
+        self.step_tokens = self.max_batch_tokens  # this step's budget (``StepBudget``), at most the above
         self.prefill_chunk = prefill_chunk
         self.blocks = blocks
         self.waiting: deque[Schedulable] = deque()
@@ -149,7 +176,7 @@ class Scheduler:
 
     def _schedule(self) -> Schedule:
         out = Schedule()
-        budget = self.max_batch_tokens
+        budget = max(min(self.step_tokens, self.max_batch_tokens), self.max_batch_size)
         for seq in self._decoding(out):
             out.chunks.append((seq, seq.num_computed, seq.num_computed + 1))
             budget -= 1

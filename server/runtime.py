@@ -59,7 +59,7 @@ class Runtime:
             EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                          prefill_chunk=settings.prefill_chunk,
                          grammar_compile_timeout=settings.grammar_compile_timeout,
-                         max_batch_tokens=settings.max_batch_tokens,
+                         max_batch_tokens=settings.max_batch_tokens, step_target_ms=settings.step_target_ms,
                          block_tokens=settings.cache_block_tokens, kv_cache_bytes=settings.kv_cache_bytes,
                          kv_cache_share=settings.kv_cache_share),
             observer,

@@ -3,7 +3,7 @@
 import pytest
 
 from model.blocks import BlockManager
-from model.scheduler import Scheduler, SeqStatus
+from model.scheduler import Schedule, Scheduler, SeqStatus, StepBudget
 
 
 class FakeSeq:
@@ -52,20 +52,57 @@ def test_short_prompts_prefill_together_and_decode_rides_with_a_long_one():
     assert all(x.status is SeqStatus.RUNNING for x in (a, b, c))
 
 
+def two_decoding_then_a_long_prompt(s, budget=None):
+    """Rows a and b decode after one step; a 40-token prompt c then waits (the step budget set first)."""
+    for x in (FakeSeq("a", 1), FakeSeq("b", 1)):
+        s.add(x)
+    step(s)
+    if budget is not None:
+        s.step_tokens = budget
+    s.add(FakeSeq("c", 40))
+
+
 def test_decode_is_never_starved_by_a_long_prefill():
     s = sched(batch=4, tokens=4, chunk=16)
-    a, b = FakeSeq("a", 1), FakeSeq("b", 1)
-    s.add(a)
-    s.add(b)
-    step(s)
-    c = FakeSeq("c", 40)
-    s.add(c)
+    two_decoding_then_a_long_prompt(s)
     for i in range(3):
         assert names(step(s)) == [("a", 1 + i, 2 + i), ("b", 1 + i, 2 + i), ("c", 2 * i, 2 * i + 2)]
 
 
 def test_the_budget_is_at_least_one_token_per_batch_slot():
     assert sched(batch=8, tokens=2).max_batch_tokens == 8
+
+
+def test_a_slow_step_budget_gives_the_next_steps_fewer_prefill_tokens_and_decode_keeps_its_slots():
+    s = sched(batch=4, tokens=40, chunk=64)
+    two_decoding_then_a_long_prompt(s, budget=10)  # what StepBudget said after slow steps
+    assert names(step(s)) == [("a", 1, 2), ("b", 1, 2), ("c", 0, 8)]
+    s.step_tokens = 1  # never below one token per batch slot: decode rows keep theirs
+    assert names(step(s)) == [("a", 2, 3), ("b", 2, 3), ("c", 8, 10)]
+
+
+def chunks(decode: int, prefill: int) -> Schedule:
+    rows = [(object(), i, i + 1) for i in range(decode)]
+    return Schedule(chunks=rows + ([(object(), 0, prefill)] if prefill else []))
+
+
+def test_step_budget_follows_the_cost_per_token_of_steps_that_prefill():
+    budget = StepBudget(target=0.150, cap=256, floor=48)
+    assert budget.tokens() == 256  # nothing measured yet
+    budget.observe(chunks(16, 0), 0.050)  # decode only: the weights' read, says nothing per token
+    budget.observe(chunks(16, 8), 0.060)  # too little prefill to tell
+    assert budget.tokens() == 256
+    budget.observe(chunks(16, 112), 0.160)  # 1.25 ms a token
+    assert budget.tokens() == 120
+    for _ in range(30):  # a CPU four times as fast: the cap
+        budget.observe(chunks(16, 240), 0.080)
+    assert budget.tokens() == 256
+    for _ in range(30):  # very slow steps: never below the floor
+        budget.observe(chunks(16, 112), 2.0)
+    assert budget.tokens() == 48
+    off = StepBudget(target=0, cap=256, floor=48)
+    off.observe(chunks(16, 112), 2.0)
+    assert off.tokens() == 256
 
 
 def test_batch_bound_and_fifo_with_aborted_waiters_skipped():
