@@ -422,17 +422,10 @@ int kvb_amx_layers(int64_t nlayers, const kvb_layer *layers, uint16_t *const *kp
                    const uint16_t *cos, const uint16_t *sin, const int64_t *slots, const int64_t *seq,
                    const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t bs, float scale,
                    int nthreads) {
-    const int64_t nq = heads * d, nkv = kv_heads * d;
-    if (hidden % 32 || nq % 32 || inter % 32)
+    if (hidden % 32 || (heads * d) % 32 || inter % 32)
         return -1;
-    const size_t elems = (size_t)t * (size_t)(2 * hidden + nq + 2 * nkv + nq + 2 * inter);
-    uint16_t *buf = (uint16_t *)aligned_alloc(64, ((elems * 2 + (size_t)t * nq * 4) + 63) & ~(size_t)63);
-    if (!buf)
-        return -1;
-    uint16_t *y = buf, *x2 = y + t * hidden, *q = x2 + t * hidden, *k = q + t * nq, *v = k + t * nkv,
-             *a = v + t * nkv, *g = a + t * nq, *u = g + t * inter;
-    float *att = (float *)(u + t * inter);
-    int rc = 0;
+    KVB_STACK_BUFFERS(uint16_t, (size_t)t * (size_t)(heads * d) * 4) /* attention's fp32 output */
+    float *att = (float *)extra;
     for (int64_t l = 0; l < nlayers && !rc; l++) {
         const kvb_layer *L = layers + l;
         KVB_LAYER(kvb_amx_linear, KVB_WRITE_KV(0), {

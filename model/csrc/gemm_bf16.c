@@ -102,27 +102,12 @@ int kvb_bf16_linear(const uint16_t *x, int64_t m, int64_t k, int64_t lda, const 
  * library; the query widened to fp32, the output rounded to bf16 as the per-op step does),
  * o_proj + residual, RMSNorm, gate (SiLU) and up (times), down_proj + residual. The same kernels
  * in the same order as the per-op step (so the same bits), without ~170 returns to Python a step. */
-typedef int (*kvb_attention_fn)(const float *q, const uint16_t *k, const uint16_t *v, float *out, const int64_t *seq,
-                                const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t t, int64_t h,
-                                int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, float scale,
-                                int nthreads);
-
 KVB_LAYER_STRUCT(uint16_t)
+KVB_ATTENTION_FN(uint16_t)
 
-int kvb_bf16_layers(int64_t nlayers, const kvb_layer *layers, kvb_attention_fn attention, uint16_t *const *kpools,
-                    uint16_t *const *vpools, uint16_t *x, int64_t t, int64_t hidden, int64_t heads, int64_t kv_heads,
-                    int64_t d, int64_t inter, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
-                    const int64_t *seq, const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t bs,
-                    float scale, int nthreads) {
-    const int64_t nq = heads * d, nkv = kv_heads * d;
-    const size_t elems = (size_t)t * (size_t)(2 * hidden + 2 * nq + 2 * nkv + 2 * inter);
-    uint16_t *buf = (uint16_t *)aligned_alloc(64, ((elems * 2 + (size_t)t * nq * 8) + 63) & ~(size_t)63);
-    if (!buf)
-        return -1;
-    uint16_t *y = buf, *x2 = y + t * hidden, *q = x2 + t * hidden, *k = q + t * nq, *v = k + t * nkv,
-             *a = v + t * nkv, *g = a + t * nq, *u = g + t * inter;
-    float *q32 = (float *)(u + t * inter), *att = q32 + t * nq;
-    int rc = 0;
+int kvb_bf16_layers(KVB_STACK_PARAMS(uint16_t)) {
+    KVB_STACK_BUFFERS(uint16_t, (size_t)t * (size_t)(heads * d) * 8) /* the query and the output in fp32 */
+    float *q32 = (float *)extra, *att = q32 + t * nq;
     for (int64_t l = 0; l < nlayers && !rc; l++) {
         const kvb_layer *L = layers + l;
         KVB_LAYER(kvb_bf16_linear, KVB_WRITE_KV(1), {

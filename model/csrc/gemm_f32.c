@@ -175,26 +175,12 @@ void kvb_rope(float *x, int64_t t, int64_t heads, int64_t d, const float *cos, c
  * reads them: model/kv.py), paged attention (that kernel, passed in: another library), o_proj + residual, RMSNorm, gate (SiLU) and up (times), down_proj
  * + residual. The same kernels in the same order as the per-op step (so the same bits), without
  * ~170 returns to Python a step, each of which waits for the GIL. */
-typedef int (*kvb_attention_fn)(const float *q, const float *k, const float *v, float *out, const int64_t *seq,
-                                const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t t, int64_t h,
-                                int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, float scale,
-                                int nthreads);
-
 KVB_LAYER_STRUCT(float)
+KVB_ATTENTION_FN(float)
 
-int kvb_f32_layers(int64_t nlayers, const kvb_layer *layers, kvb_attention_fn attention, float *const *kpools,
-                   float *const *vpools, float *x, int64_t t, int64_t hidden, int64_t heads, int64_t kv_heads,
-                   int64_t d, int64_t inter, const float *cos, const float *sin, const int64_t *slots,
-                   const int64_t *seq, const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t bs,
-                   float scale, int nthreads) {
-    const int64_t nq = heads * d, nkv = kv_heads * d;
-    const size_t elems = (size_t)t * (size_t)(2 * hidden + 2 * nq + 2 * nkv + 2 * inter);
-    float *buf = (float *)aligned_alloc(64, (elems * sizeof(float) + 63) & ~(size_t)63);
-    if (!buf)
-        return -1;
-    float *y = buf, *x2 = y + t * hidden, *q = x2 + t * hidden, *k = q + t * nq, *v = k + t * nkv,
-          *a = v + t * nkv, *g = a + t * nq, *u = g + t * inter;
-    int rc = 0;
+int kvb_f32_layers(KVB_STACK_PARAMS(float)) {
+    KVB_STACK_BUFFERS(float, 0)
+    (void)extra;
     for (int64_t l = 0; l < nlayers && !rc; l++) {
         const kvb_layer *L = layers + l;
         KVB_LAYER(kvb_f32_linear, KVB_WRITE_KV(1),

@@ -16,6 +16,33 @@
         int64_t rows_q, rows_k, rows_v, rows_o, rows_gate, rows_up, rows_down; /* block_rows */   \
     } kvb_layer;
 
+/* The attention kernel a layer stack is passed (csrc/decode_attention.c's, K/V of type KT), and
+ * the parameters of such a stack over activations of type T. */
+#define KVB_ATTENTION_FN(KT)                                                                      \
+    typedef int (*kvb_attention_fn)(const float *q, const KT *k, const KT *v, float *out, const int64_t *seq, \
+                                    const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t t, \
+                                    int64_t h, int64_t hkv, int64_t d, int64_t bs, int64_t window, float softcap, \
+                                    float scale, int nthreads);
+#define KVB_STACK_PARAMS(T)                                                                                 \
+    int64_t nlayers, const kvb_layer *layers, kvb_attention_fn attention, T *const *kpools, T *const *vpools, \
+        T *x, int64_t t, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t d, int64_t inter,          \
+        const T *cos, const T *sin, const int64_t *slots, const int64_t *seq, const int64_t *pos,            \
+        const int64_t *tables, int64_t max_blocks, int64_t bs, float scale, int nthreads
+
+/* A layer stack's scratch, of type T: y, x2 [t, hidden], q, a [t, heads * d], k, v [t, kv_heads * d],
+ * g, u [t, inter], then EXTRA bytes at `extra`; returns -1 from the enclosing function when there
+ * is no memory. Declares nq, nkv, buf (freed by the caller) and rc. */
+#define KVB_STACK_BUFFERS(T, EXTRA)                                                                \
+    const int64_t nq = heads * d, nkv = kv_heads * d;                                             \
+    const size_t elems = (size_t)t * (size_t)(2 * hidden + 2 * nq + 2 * nkv + 2 * inter);         \
+    T *buf = (T *)aligned_alloc(64, (elems * sizeof(T) + (size_t)(EXTRA) + 63) & ~(size_t)63);    \
+    if (!buf)                                                                                     \
+        return -1;                                                                                \
+    T *y = buf, *x2 = y + t * hidden, *q = x2 + t * hidden, *k = q + t * nq, *v = k + t * nkv,    \
+      *a = v + t * nkv, *g = a + t * nq, *u = g + t * inter;                                      \
+    void *extra = u + t * inter;                                                                  \
+    int rc = 0;
+
 /* A GEMM's body: rows of x in blocks of block_rows (kept hot in L2 while every panel passes over
  * them: a cache choice only), panels of NR columns split over the threads (dynamic: a core the
  * server's other threads take a while from does fewer panels; a panel's bits do not depend on
