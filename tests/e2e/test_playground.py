@@ -194,12 +194,22 @@ def _stop_mid_stream(d, srv):
     d.find_element("css selector", "#new-conv").click()
     stop_id = current_request_id(d)
     set_value(d, "#max-tokens", "2000")
+    # Watched and clicked by the page itself, every 5 ms (for at most 60 s): a WebDriver poll can
+    # come a second late on a busy machine, when the tiny model (greedy: ~780 tokens, then its EOS,
+    # streamed at ~700 tok/s or more) may have ended the answer by itself.
+    d.execute_script(f"""window.kvbStopped = false;
+        const watch = setInterval(() => {{
+            const a = {LAST_ANSWER};
+            if (a && Number(a.querySelector('.stats').dataset.completion) >= 20
+                    && !document.querySelector('#stop').disabled) {{
+                document.querySelector('#stop').click();
+                window.kvbStopped = true;
+                clearInterval(watch);
+            }}
+        }}, 5);
+        setTimeout(() => clearInterval(watch), 60000);""")
     send(d, "Write a very long story.")
-    # Clicked in the same page task as the check: a WebDriver click can come a second later, when
-    # a fast model (the tiny one streams ~700 tok/s) may have ended the answer by itself.
-    wait_for(d, f"{LAST_ANSWER} && Number({LAST_ANSWER}.querySelector('.stats').dataset.completion) >= 20"
-                " && !document.querySelector('#stop').disabled && (document.querySelector('#stop').click(), true)",
-             what="the long answer to start, then Stop")
+    wait_for(d, "window.kvbStopped", what="the long answer to start, then Stop")
     wait_for(d, f"{IDLE} && {LAST_ANSWER}.querySelector('.stats').dataset.stored", what="the stop")
     stopped = answer_stats(d)
     assert stopped["stopped"] == "true" and 20 <= int(stopped["completion"]) < 2000
